@@ -1,0 +1,95 @@
+//! Conversions between tfsd.v1 messages and domain types, in one place.
+
+use std::time::SystemTime;
+
+use prost_types::Timestamp;
+
+use crate::memory::MemoryUsage;
+use crate::proto::tfsd::v1 as api;
+use crate::session::{EventKind, ResetOutcome, SessionEvent, SessionSnapshot, SessionState};
+
+pub fn memory(usage: MemoryUsage) -> api::MemoryUsage {
+    api::MemoryUsage {
+        rss_bytes: usage.rss_bytes,
+        private_bytes: usage.private_bytes,
+    }
+}
+
+fn timestamp(time: SystemTime) -> Timestamp {
+    Timestamp::from(time)
+}
+
+fn state(state: SessionState) -> api::SessionState {
+    match state {
+        SessionState::Ready => api::SessionState::Ready,
+        SessionState::Restoring => api::SessionState::Restoring,
+        SessionState::Broken => api::SessionState::Broken,
+        SessionState::Closed => api::SessionState::Closed,
+    }
+}
+
+pub fn session(snapshot: SessionSnapshot) -> api::SessionInfo {
+    api::SessionInfo {
+        session_id: snapshot.id,
+        labels: snapshot.labels.into_iter().collect(),
+        state: state(snapshot.state) as i32,
+        worker_pid: snapshot.worker_pid,
+        memory: Some(memory(snapshot.memory)),
+        graph_version: snapshot.graph_version,
+        run_count: snapshot.run_count,
+        graph_reset_count: snapshot.graph_reset_count,
+        purge_count: snapshot.purge_count,
+        recycle_count: snapshot.recycle_count,
+        worker_restart_count: snapshot.worker_restart_count,
+        created_at: Some(timestamp(snapshot.created_at)),
+        last_used_at: Some(timestamp(snapshot.last_used_at)),
+    }
+}
+
+pub fn reset(outcome: ResetOutcome) -> api::ResetResponse {
+    api::ResetResponse {
+        session: Some(session(outcome.session)),
+        memory_before: Some(memory(outcome.memory_before)),
+        memory_after: Some(memory(outcome.memory_after)),
+        duration_us: outcome.duration.as_micros() as u64,
+        worker_pid_before: outcome.worker_pid_before,
+        worker_pid_after: outcome.worker_pid_after,
+        variables_preserved: outcome.variables_preserved,
+    }
+}
+
+fn event_kind(kind: EventKind) -> api::EventKind {
+    match kind {
+        EventKind::Created => api::EventKind::Created,
+        EventKind::Extended => api::EventKind::Extended,
+        EventKind::GraphReset => api::EventKind::GraphReset,
+        EventKind::VariablesPurged => api::EventKind::VariablesPurged,
+        EventKind::Recycled => api::EventKind::Recycled,
+        EventKind::WorkerExited => api::EventKind::WorkerExited,
+        EventKind::Restored => api::EventKind::Restored,
+        EventKind::Closed => api::EventKind::Closed,
+    }
+}
+
+pub fn event(event: SessionEvent) -> api::SessionEvent {
+    api::SessionEvent {
+        session_id: event.session_id,
+        kind: event_kind(event.kind) as i32,
+        reason: event.reason,
+        worker_pid: event.worker_pid,
+        memory_before: event.memory_before.map(memory),
+        memory_after: event.memory_after.map(memory),
+        graph_version: event.graph_version,
+        at: Some(timestamp(event.at)),
+    }
+}
+
+/// The event a subscriber gets in place of the `missed` events it fell too far behind for.
+pub fn lagged(missed: u64) -> api::SessionEvent {
+    api::SessionEvent {
+        kind: api::EventKind::Lagged as i32,
+        reason: format!("this subscriber fell behind and missed {missed} events"),
+        at: Some(timestamp(SystemTime::now())),
+        ..api::SessionEvent::default()
+    }
+}

@@ -1,0 +1,193 @@
+//! tfsd.v1.SessionService: each handler validates, converts, calls the `SessionManager`,
+//! and converts back. No domain logic lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::proto::tfsd::v1 as api;
+use crate::session::{RunSpec, SessionManager};
+
+#[derive(Debug)]
+pub struct SessionService {
+    manager: Arc<SessionManager>,
+}
+
+impl SessionService {
+    pub fn new(manager: Arc<SessionManager>) -> Self {
+        SessionService { manager }
+    }
+}
+
+fn required_id(id: &str) -> Result<&str, Status> {
+    if id.is_empty() {
+        Err(Status::invalid_argument("session_id is required"))
+    } else {
+        Ok(id)
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<api::SessionEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl api::session_service_server::SessionService for SessionService {
+    async fn create_session(
+        &self,
+        request: Request<api::CreateSessionRequest>,
+    ) -> Result<Response<api::CreateSessionResponse>, Status> {
+        let request = request.into_inner();
+        let snapshot = self
+            .manager
+            .create(
+                request.graph_def.into(),
+                request.config.into(),
+                request.labels.into_iter().collect(),
+            )
+            .await?;
+        Ok(Response::new(api::CreateSessionResponse {
+            session: Some(convert::session(snapshot)),
+        }))
+    }
+
+    async fn extend_graph(
+        &self,
+        request: Request<api::ExtendGraphRequest>,
+    ) -> Result<Response<api::ExtendGraphResponse>, Status> {
+        let request = request.into_inner();
+        let id = required_id(&request.session_id)?;
+        if request.graph_def.is_empty() {
+            return Err(Status::invalid_argument(
+                "graph_def is empty: ExtendGraph needs the new nodes",
+            ));
+        }
+        let new_graph_version = self
+            .manager
+            .extend(id, request.graph_def.into(), request.current_graph_version)
+            .await?;
+        Ok(Response::new(api::ExtendGraphResponse {
+            new_graph_version,
+        }))
+    }
+
+    async fn run(
+        &self,
+        request: Request<api::RunRequest>,
+    ) -> Result<Response<api::RunResponse>, Status> {
+        let request = request.into_inner();
+        let id = required_id(&request.session_id)?;
+        if request.fetches.is_empty() && request.targets.is_empty() {
+            return Err(Status::invalid_argument(
+                "a run needs at least one fetch or target",
+            ));
+        }
+        let spec = RunSpec {
+            feeds: request.feeds.into_iter().collect(),
+            fetches: request.fetches,
+            targets: request.targets,
+            timeout: (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms)),
+        };
+        let outputs = self.manager.run(id, spec).await?;
+        Ok(Response::new(api::RunResponse { outputs }))
+    }
+
+    async fn reset_graph(
+        &self,
+        request: Request<api::ResetGraphRequest>,
+    ) -> Result<Response<api::ResetResponse>, Status> {
+        let id = required_id(&request.get_ref().session_id)?;
+        let outcome = self.manager.reset_graph(id).await?;
+        Ok(Response::new(convert::reset(outcome)))
+    }
+
+    async fn purge_variables(
+        &self,
+        request: Request<api::PurgeVariablesRequest>,
+    ) -> Result<Response<api::ResetResponse>, Status> {
+        let id = required_id(&request.get_ref().session_id)?;
+        let outcome = self.manager.purge_variables(id).await?;
+        Ok(Response::new(convert::reset(outcome)))
+    }
+
+    async fn recycle_session(
+        &self,
+        request: Request<api::RecycleSessionRequest>,
+    ) -> Result<Response<api::ResetResponse>, Status> {
+        let request = request.into_inner();
+        let id = required_id(&request.session_id)?;
+        let outcome = self.manager.recycle(id, request.preserve_variables).await?;
+        Ok(Response::new(convert::reset(outcome)))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<api::CloseSessionRequest>,
+    ) -> Result<Response<api::CloseSessionResponse>, Status> {
+        let id = required_id(&request.get_ref().session_id)?;
+        self.manager.close(id).await?;
+        Ok(Response::new(api::CloseSessionResponse {}))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<api::GetSessionRequest>,
+    ) -> Result<Response<api::SessionInfo>, Status> {
+        let id = required_id(&request.get_ref().session_id)?;
+        Ok(Response::new(convert::session(self.manager.session(id)?)))
+    }
+
+    async fn list_sessions(
+        &self,
+        _request: Request<api::ListSessionsRequest>,
+    ) -> Result<Response<api::ListSessionsResponse>, Status> {
+        let sessions = self
+            .manager
+            .list()
+            .into_iter()
+            .map(convert::session)
+            .collect();
+        Ok(Response::new(api::ListSessionsResponse { sessions }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<api::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let only = request.into_inner().session_id;
+        let mut events = self.manager.subscribe();
+        let stream = async_stream(move |yield_event| async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) if only.is_empty() || event.session_id == only => {
+                        convert::event(event)
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(missed)) => convert::lagged(missed),
+                    Err(RecvError::Closed) => break,
+                };
+                if yield_event.send(Ok(event)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a producer task through a small bounded channel; the task ends when the
+/// client goes away (the channel closes).
+fn async_stream<F, Fut>(producer: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<api::SessionEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(producer(sender));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
+}

@@ -1,0 +1,149 @@
+//! The `tfsd` binary: the boot sequence of the daemon, and nothing else.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use tfsd::config::{Config, LogFormat};
+use tfsd::session::SessionManager;
+use tfsd::worker::{WarmPool, WorkerSpec};
+
+/// How long in-flight work may take to finish after SIGTERM before workers are killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Parser)]
+#[command(name = "tfsd", version, about = "TensorFlow session daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// The config file (TOML); without one, every default applies.
+        #[arg(long, env = "TFSD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Overrides server.listen; port 0 picks a free port. The daemon prints
+        /// "tfsd listening on ADDRESS" on stdout once it accepts connections.
+        #[arg(long, env = "TFSD_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Validate a config file and print what it resolves to.
+    CheckConfig {
+        #[arg(long, env = "TFSD_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve { config, listen } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::defaults()?,
+            };
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            tokio::runtime::Runtime::new()
+                .context("start the tokio runtime")?
+                .block_on(serve(config))
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            println!("{config:#?}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    init_logging(&config)?;
+    if !config.workers.binary.is_file() {
+        bail!(
+            "the worker binary {} does not exist (build it with `cargo build --workspace`, \
+             or set workers.binary)",
+            config.workers.binary.display()
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("bind {}", config.listen))?;
+    let address = listener.local_addr().context("read the bound address")?;
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let spec = WorkerSpec {
+        binary: config.workers.binary.clone(),
+        env: config.workers.env.clone(),
+        library_dir: config.workers.library_dir.clone(),
+        start_timeout: config.workers.start_timeout,
+    };
+    let pool = WarmPool::start(spec, config.workers.pool_size, &tracker, shutdown.clone());
+    let manager = SessionManager::new(pool, tracker.clone(), shutdown.clone());
+    let server = tokio::spawn(tfsd::grpc::serve(
+        listener,
+        manager.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(%address, pool_size = config.workers.pool_size, "tfsd serving tfsd.v1");
+    println!("tfsd listening on {address}");
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new work; closing sessions");
+    tokio::spawn(async {
+        if wait_for_signal().await.is_ok() {
+            tracing::warn!("second signal: exiting now (workers die with the daemon)");
+            std::process::exit(130);
+        }
+    });
+    shutdown.cancel();
+    drain(manager, tracker).await;
+    match server.await {
+        Ok(result) => result.context("the gRPC server failed")?,
+        Err(error) => bail!("the gRPC server task failed: {error}"),
+    }
+    tracing::info!("tfsd stopped; every worker reaped");
+    Ok(())
+}
+
+async fn drain(manager: Arc<SessionManager>, tracker: TaskTracker) {
+    manager.shutdown(SHUTDOWN_GRACE).await;
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) if !filter.is_empty() => EnvFilter::try_new(filter),
+        _ => EnvFilter::try_new(&config.log.filter),
+    }
+    .context("log.filter is not a valid filter")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match config.log.format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|error| anyhow::anyhow!("start logging: {error}"))
+}

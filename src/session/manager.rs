@@ -1,0 +1,527 @@
+//! `SessionManager`: the registry of sessions and every operation on them.
+//!
+//! Operations that change a session (create, extend, resets, close, restore) run as tasks on
+//! the manager's `TaskTracker`; the caller awaits the task. A gRPC handler dropped because its
+//! client went away therefore never leaves a session half-reset, and shutdown waits for them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    EventBus, EventKind, ResetOutcome, RunSpec, Session, SessionCore, SessionEvent,
+    SessionSnapshot, SessionState,
+};
+use crate::error::{Error, Result, TfCode};
+use crate::proto::tensorflow::TensorProto;
+use crate::proto::tfsd::worker::v1 as wire;
+use crate::tensor;
+use crate::worker::{WarmPool, WorkerError, WorkerProcess};
+use wire::{worker_request::Kind, worker_response::Result as Reply};
+
+#[derive(Debug)]
+pub struct SessionManager {
+    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    pool: Arc<WarmPool>,
+    events: EventBus,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl SessionManager {
+    pub fn new(
+        pool: Arc<WarmPool>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<SessionManager> {
+        Arc::new(SessionManager {
+            sessions: RwLock::new(HashMap::new()),
+            pool,
+            events: EventBus::default(),
+            tracker,
+            shutdown,
+        })
+    }
+
+    pub fn pool(&self) -> &Arc<WarmPool> {
+        &self.pool
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
+        self.events.subscribe()
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Session>> {
+        self.sessions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::SessionNotFound(id.to_string()))
+    }
+
+    pub fn session(&self, id: &str) -> Result<SessionSnapshot> {
+        Ok(self.get(id)?.snapshot())
+    }
+
+    pub fn list(&self) -> Vec<SessionSnapshot> {
+        let sessions: Vec<_> = self
+            .sessions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut snapshots: Vec<_> = sessions.iter().map(|s| s.snapshot()).collect();
+        snapshots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        snapshots
+    }
+
+    /// Runs `operation` to completion even if the caller stops waiting.
+    async fn detached<T: Send + 'static>(
+        &self,
+        operation: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        self.tracker
+            .spawn(operation)
+            .await
+            .map_err(|error| Error::Protocol(format!("session operation panicked: {error}")))?
+    }
+
+    pub async fn create(
+        self: &Arc<Self>,
+        graph_def: Bytes,
+        config: Bytes,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SessionSnapshot> {
+        let manager = self.clone();
+        self.detached(async move {
+            let worker = manager.start_worker(&graph_def, &config).await?;
+            let id = format!("s-{}", uuid::Uuid::new_v4().simple());
+            let session = Arc::new(Session::new(
+                id.clone(),
+                labels,
+                worker.clone(),
+                graph_def.to_vec(),
+                config,
+            ));
+            manager
+                .sessions
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone(), session.clone());
+            manager.watch_worker(&session, &worker);
+            manager
+                .events
+                .publish(SessionEvent::new(&id, EventKind::Created, worker.pid(), 0));
+            Ok(session.snapshot())
+        })
+        .await
+    }
+
+    /// A worker from the pool with the graph loaded; the worker is stopped if loading fails.
+    async fn start_worker(&self, graph_def: &[u8], config: &Bytes) -> Result<Arc<WorkerProcess>> {
+        let worker = self
+            .pool
+            .take()
+            .await
+            .map_err(|error| Error::WorkerStart(error.to_string()))?;
+        let load = Kind::Load(wire::Load {
+            graph_def: graph_def.to_vec(),
+            config: config.to_vec(),
+        });
+        match expect_done(&worker, worker.call(load).await) {
+            Ok(()) => Ok(worker),
+            Err(error) => {
+                worker.stop().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Restores the session in a fresh worker if this worker dies without being asked to.
+    fn watch_worker(self: &Arc<Self>, session: &Arc<Session>, worker: &Arc<WorkerProcess>) {
+        let exited = worker.exit_signal();
+        let manager = Arc::downgrade(self);
+        let session = Arc::downgrade(session);
+        let worker = Arc::downgrade(worker);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = exited => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let (Some(manager), Some(session), Some(worker)) =
+                (manager.upgrade(), session.upgrade(), worker.upgrade())
+            else {
+                return;
+            };
+            if !worker.exit_was_expected() {
+                manager.restore_after_crash(session, worker).await;
+            }
+        });
+    }
+
+    async fn restore_after_crash(self: Arc<Self>, session: Arc<Session>, dead: Arc<WorkerProcess>) {
+        let how = dead.exited().await;
+        let graph_version = session.stats().graph_version;
+        self.events.publish(
+            SessionEvent::new(
+                session.id(),
+                EventKind::WorkerExited,
+                dead.pid(),
+                graph_version,
+            )
+            .reason(format!("worker pid {} {how}", dead.pid())),
+        );
+        session.touch(|stats| stats.state = SessionState::Restoring);
+        let mut core = session.core.write().await;
+        let is_current = core
+            .worker
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, &dead));
+        if core.closed || !is_current {
+            return;
+        }
+        match self.start_worker(&core.graph_def, &core.config).await {
+            Ok(worker) => {
+                core.worker = Some(worker.clone());
+                self.watch_worker(&session, &worker);
+                session.touch(|stats| {
+                    stats.state = SessionState::Ready;
+                    stats.worker_pid = worker.pid();
+                    stats.worker_restart_count += 1;
+                });
+                self.events.publish(
+                    SessionEvent::new(
+                        session.id(),
+                        EventKind::Restored,
+                        worker.pid(),
+                        graph_version,
+                    )
+                    .reason(format!(
+                        "graph restored in a fresh worker after worker pid {} {how}; \
+                             variables were lost",
+                        dead.pid()
+                    )),
+                );
+            }
+            Err(error) => {
+                core.worker = None;
+                session.touch(|stats| {
+                    stats.state = SessionState::Broken;
+                    stats.worker_pid = 0;
+                });
+                tracing::error!(session_id = %session.id(), %error, "could not restore session");
+            }
+        }
+    }
+
+    pub async fn extend(
+        self: &Arc<Self>,
+        id: &str,
+        graph_def: Bytes,
+        current_version: u64,
+    ) -> Result<u64> {
+        let session = self.get(id)?;
+        let manager = self.clone();
+        self.detached(async move {
+            let mut core = session.core.write().await;
+            let worker = usable_worker(&session, &core)?;
+            let actual = session.stats().graph_version;
+            if actual != current_version {
+                return Err(Error::GraphVersionMismatch {
+                    actual,
+                    requested: current_version,
+                });
+            }
+            let extend = Kind::Extend(wire::Extend {
+                graph_def: graph_def.to_vec(),
+            });
+            expect_done(&worker, worker.call(extend).await)?;
+            core.graph_def.extend_from_slice(&graph_def);
+            let version = actual + 1;
+            session.touch(|stats| stats.graph_version = version);
+            manager.events.publish(SessionEvent::new(
+                session.id(),
+                EventKind::Extended,
+                worker.pid(),
+                version,
+            ));
+            Ok(version)
+        })
+        .await
+    }
+
+    pub async fn run(&self, id: &str, spec: RunSpec) -> Result<Vec<TensorProto>> {
+        let session = self.get(id)?;
+        for (name, tensor) in &spec.feeds {
+            tensor::validate(tensor)
+                .map_err(|error| Error::InvalidArgument(format!("feed {name:?}: {error}")))?;
+        }
+        let core = session.core.read().await;
+        let worker = usable_worker(&session, &core)?;
+        let run = Kind::Run(wire::Run {
+            feeds: spec.feeds.into_iter().collect(),
+            fetches: spec.fetches,
+            targets: spec.targets,
+            timeout_ms: spec
+                .timeout
+                .map_or(0, |timeout| timeout.as_millis().max(1) as u64),
+        });
+        let reply = worker.call(run).await;
+        drop(core);
+        session.touch(|stats| stats.run_count += 1);
+        match reply {
+            Ok(Reply::Run(result)) => Ok(result.outputs),
+            other => Err(unexpected(&worker, other)),
+        }
+    }
+
+    /// ResetGraph: an empty graph and a new TensorFlow session in the same worker.
+    pub async fn reset_graph(self: &Arc<Self>, id: &str) -> Result<ResetOutcome> {
+        self.in_place_reset(id, EventKind::GraphReset).await
+    }
+
+    /// PurgeVariables: the same graph in a new TensorFlow session, so every variable is
+    /// uninitialised. Each worker hosts exactly one session, so no other session is touched.
+    pub async fn purge_variables(self: &Arc<Self>, id: &str) -> Result<ResetOutcome> {
+        self.in_place_reset(id, EventKind::VariablesPurged).await
+    }
+
+    async fn in_place_reset(self: &Arc<Self>, id: &str, kind: EventKind) -> Result<ResetOutcome> {
+        let session = self.get(id)?;
+        let manager = self.clone();
+        self.detached(async move {
+            let started = Instant::now();
+            let mut core = session.core.write().await;
+            let worker = usable_worker(&session, &core)?;
+            let before = worker.memory();
+            let request = match kind {
+                EventKind::GraphReset => Kind::ResetGraph(wire::ResetGraph {}),
+                _ => Kind::PurgeVariables(wire::PurgeVariables {}),
+            };
+            expect_done(&worker, worker.call(request).await)?;
+            if kind == EventKind::GraphReset {
+                core.graph_def.clear();
+            }
+            let after = worker.memory();
+            session.touch(|stats| match kind {
+                EventKind::GraphReset => {
+                    stats.graph_reset_count += 1;
+                    stats.graph_version = 0;
+                }
+                _ => stats.purge_count += 1,
+            });
+            let snapshot = session.snapshot();
+            manager.events.publish(
+                SessionEvent::new(session.id(), kind, worker.pid(), snapshot.graph_version)
+                    .memory(before, after),
+            );
+            Ok(ResetOutcome {
+                session: snapshot,
+                memory_before: before,
+                memory_after: after,
+                duration: started.elapsed(),
+                worker_pid_before: worker.pid(),
+                worker_pid_after: worker.pid(),
+                variables_preserved: 0,
+            })
+        })
+        .await
+    }
+
+    /// RecycleSession: the session moves to a fresh worker with its graph re-imported (and
+    /// its variables copied over when asked); the old worker is killed and reaped.
+    pub async fn recycle(
+        self: &Arc<Self>,
+        id: &str,
+        preserve_variables: bool,
+    ) -> Result<ResetOutcome> {
+        let session = self.get(id)?;
+        let manager = self.clone();
+        self.detached(async move {
+            let started = Instant::now();
+            let mut core = session.core.write().await;
+            if core.closed {
+                return Err(Error::SessionNotFound(session.id().to_string()));
+            }
+            let old = core.worker.clone();
+            let before = old.as_ref().map(|w| w.memory()).unwrap_or_default();
+            let variables = match (&old, preserve_variables) {
+                (Some(old), true) => {
+                    match old
+                        .call(Kind::ExportVariables(wire::ExportVariables {}))
+                        .await
+                    {
+                        Ok(Reply::Variables(variables)) => variables.variables,
+                        other => return Err(unexpected(old, other)),
+                    }
+                }
+                (None, true) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "session {} has no live worker to preserve variables from; recycle \
+                         without preserve_variables",
+                        session.id()
+                    )));
+                }
+                (_, false) => Vec::new(),
+            };
+            let variables_preserved = variables.len() as u32;
+            let fresh = manager.start_worker(&core.graph_def, &core.config).await?;
+            if !variables.is_empty() {
+                let import = Kind::ImportVariables(wire::ImportVariables { variables });
+                if let Err(error) = expect_done(&fresh, fresh.call(import).await) {
+                    fresh.stop().await;
+                    return Err(error);
+                }
+            }
+            core.worker = Some(fresh.clone());
+            manager.watch_worker(&session, &fresh);
+            if let Some(old) = &old {
+                old.stop().await;
+            }
+            let after = fresh.memory();
+            session.touch(|stats| {
+                stats.state = SessionState::Ready;
+                stats.worker_pid = fresh.pid();
+                stats.recycle_count += 1;
+            });
+            let snapshot = session.snapshot();
+            let old_pid = old.as_ref().map_or(0, |w| w.pid());
+            manager.events.publish(
+                SessionEvent::new(
+                    session.id(),
+                    EventKind::Recycled,
+                    fresh.pid(),
+                    snapshot.graph_version,
+                )
+                .reason(format!(
+                    "moved from worker pid {old_pid} to {}; {variables_preserved} variables \
+                     preserved",
+                    fresh.pid()
+                ))
+                .memory(before, after),
+            );
+            Ok(ResetOutcome {
+                session: snapshot,
+                memory_before: before,
+                memory_after: after,
+                duration: started.elapsed(),
+                worker_pid_before: old_pid,
+                worker_pid_after: fresh.pid(),
+                variables_preserved,
+            })
+        })
+        .await
+    }
+
+    pub async fn close(self: &Arc<Self>, id: &str) -> Result<()> {
+        let session = self
+            .sessions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+        let manager = self.clone();
+        self.tracker
+            .spawn(async move { manager.close_session(session, "closed by the client").await })
+            .await
+            .map_err(|error| Error::Protocol(format!("close panicked: {error}")))
+    }
+
+    async fn close_session(&self, session: Arc<Session>, reason: &str) {
+        let mut core = session.core.write().await;
+        core.closed = true;
+        let worker = core.worker.take();
+        let pid = worker.as_ref().map_or(0, |w| w.pid());
+        if let Some(worker) = worker {
+            worker.stop().await;
+        }
+        let graph_version = session.stats().graph_version;
+        session.touch(|stats| {
+            stats.state = SessionState::Closed;
+            stats.worker_pid = 0;
+        });
+        self.events.publish(
+            SessionEvent::new(session.id(), EventKind::Closed, pid, graph_version).reason(reason),
+        );
+    }
+
+    /// Closes every session and reaps every worker, waiting at most `grace` for in-flight
+    /// operations to finish before their workers are killed anyway.
+    pub async fn shutdown(&self, grace: Duration) {
+        let sessions: Vec<_> = self
+            .sessions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, session)| session)
+            .collect();
+        for session in sessions {
+            let closed = self.close_session(session.clone(), "the daemon is shutting down");
+            if tokio::time::timeout(grace, closed).await.is_err() {
+                // A step outlived the grace period: kill the worker under it.
+                let worker = session.core.try_read().ok().and_then(|c| c.worker.clone());
+                if let Some(worker) = worker {
+                    worker.stop().await;
+                }
+            }
+        }
+        self.pool.drain().await;
+    }
+}
+
+/// The session's worker, or why it cannot take requests.
+fn usable_worker(session: &Session, core: &SessionCore) -> Result<Arc<WorkerProcess>> {
+    if core.closed {
+        return Err(Error::SessionNotFound(session.id().to_string()));
+    }
+    core.worker
+        .clone()
+        .ok_or_else(|| Error::SessionBroken(session.id().to_string()))
+}
+
+fn expect_done(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Result<()> {
+    match reply {
+        Ok(Reply::Done(_)) => Ok(()),
+        other => Err(unexpected(worker, other)),
+    }
+}
+
+/// Turns any answer but the expected one into the domain error.
+fn unexpected(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Error {
+    match reply {
+        Ok(Reply::Error(error)) => Error::Tensorflow {
+            code: TfCode(error.code),
+            message: error.message,
+        },
+        Ok(other) => Error::Protocol(format!(
+            "worker pid {} sent an unexpected answer: {}",
+            worker.pid(),
+            reply_name(&other)
+        )),
+        Err(WorkerError::Died { pid, how }) => Error::WorkerDied { pid, how },
+        Err(error @ WorkerError::Start { .. }) => Error::WorkerStart(error.to_string()),
+        Err(WorkerError::Protocol(message)) => Error::Protocol(message),
+    }
+}
+
+fn reply_name(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Error(_) => "error",
+        Reply::Done(_) => "done",
+        Reply::Run(_) => "run result",
+        Reply::Variables(_) => "variables",
+        Reply::Ready(_) => "ready",
+    }
+}

@@ -1,0 +1,183 @@
+//! Sessions: what a client created, independent of the worker process that hosts it now.
+//!
+//! A `Session` owns its definition (graph, config, labels) and a handle to its current
+//! worker. The worker can change (recycle, restore after a crash); the id, the graph and the
+//! counters do not. `SessionManager` holds every session and performs the operations.
+//!
+//! Locking: `Session::core` is a tokio `RwLock`. Runs take it shared, so they run
+//! concurrently; anything that changes the worker's graph, variables or process takes it
+//! exclusively, so a reset never interleaves with a step. The counters in `Session::stats`
+//! sit behind a plain mutex so that GetSession/ListSessions never wait behind a long step.
+
+mod events;
+mod manager;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+pub use events::{EVENT_BUFFER, EventBus, EventKind, SessionEvent};
+pub use manager::SessionManager;
+
+use crate::memory::MemoryUsage;
+use crate::proto::tensorflow::TensorProto;
+use crate::worker::WorkerProcess;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Ready,
+    /// The worker died; a fresh one is being started with the session's graph.
+    Restoring,
+    /// Restoring failed; RecycleSession tries again.
+    Broken,
+    Closed,
+}
+
+/// A point-in-time view of a session, for GetSession, ListSessions and reset answers.
+#[derive(Debug, Clone)]
+pub struct SessionSnapshot {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: SessionState,
+    pub worker_pid: u32,
+    pub memory: MemoryUsage,
+    pub graph_version: u64,
+    pub run_count: u64,
+    pub graph_reset_count: u64,
+    pub purge_count: u64,
+    pub recycle_count: u64,
+    pub worker_restart_count: u64,
+    pub created_at: SystemTime,
+    pub last_used_at: SystemTime,
+}
+
+/// What a reset, purge or recycle did.
+#[derive(Debug, Clone)]
+pub struct ResetOutcome {
+    pub session: SessionSnapshot,
+    pub memory_before: MemoryUsage,
+    pub memory_after: MemoryUsage,
+    pub duration: Duration,
+    pub worker_pid_before: u32,
+    pub worker_pid_after: u32,
+    pub variables_preserved: u32,
+}
+
+/// One step's inputs, as the client sent them.
+#[derive(Debug, Clone, Default)]
+pub struct RunSpec {
+    pub feeds: Vec<(String, TensorProto)>,
+    pub fetches: Vec<String>,
+    pub targets: Vec<String>,
+    pub timeout: Option<Duration>,
+}
+
+/// The session's definition and current worker; see the module doc for the locking rule.
+#[derive(Debug)]
+struct SessionCore {
+    /// `None` only while broken (restoring failed) or after close.
+    worker: Option<Arc<WorkerProcess>>,
+    /// Every GraphDef the session received since its last graph reset, concatenated.
+    /// Concatenated serialized protobufs parse as their merge, so this is one GraphDef
+    /// holding every node: what a fresh worker imports on recycle or restore.
+    graph_def: Vec<u8>,
+    config: Bytes,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct SessionStats {
+    state: SessionState,
+    worker_pid: u32,
+    graph_version: u64,
+    run_count: u64,
+    graph_reset_count: u64,
+    purge_count: u64,
+    recycle_count: u64,
+    worker_restart_count: u64,
+    last_used_at: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    id: String,
+    labels: BTreeMap<String, String>,
+    created_at: SystemTime,
+    core: tokio::sync::RwLock<SessionCore>,
+    stats: Mutex<SessionStats>,
+}
+
+impl Session {
+    fn new(
+        id: String,
+        labels: BTreeMap<String, String>,
+        worker: Arc<WorkerProcess>,
+        graph_def: Vec<u8>,
+        config: Bytes,
+    ) -> Session {
+        let now = SystemTime::now();
+        Session {
+            id,
+            labels,
+            created_at: now,
+            stats: Mutex::new(SessionStats {
+                state: SessionState::Ready,
+                worker_pid: worker.pid(),
+                graph_version: 0,
+                run_count: 0,
+                graph_reset_count: 0,
+                purge_count: 0,
+                recycle_count: 0,
+                worker_restart_count: 0,
+                last_used_at: now,
+            }),
+            core: tokio::sync::RwLock::new(SessionCore {
+                worker: Some(worker),
+                graph_def,
+                config,
+                closed: false,
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, SessionStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Updates the counters and marks the session used now.
+    fn touch(&self, update: impl FnOnce(&mut SessionStats)) {
+        let mut stats = self.stats();
+        update(&mut stats);
+        stats.last_used_at = SystemTime::now();
+    }
+
+    pub fn snapshot(&self) -> SessionSnapshot {
+        let stats = self.stats();
+        let memory = if stats.worker_pid == 0 {
+            MemoryUsage::default()
+        } else {
+            crate::memory::process_memory(stats.worker_pid).unwrap_or_default()
+        };
+        SessionSnapshot {
+            id: self.id.clone(),
+            labels: self.labels.clone(),
+            state: stats.state,
+            worker_pid: stats.worker_pid,
+            memory,
+            graph_version: stats.graph_version,
+            run_count: stats.run_count,
+            graph_reset_count: stats.graph_reset_count,
+            purge_count: stats.purge_count,
+            recycle_count: stats.recycle_count,
+            worker_restart_count: stats.worker_restart_count,
+            created_at: self.created_at,
+            last_used_at: stats.last_used_at,
+        }
+    }
+}

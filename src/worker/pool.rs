@@ -1,0 +1,134 @@
+//! The warm pool: workers started ahead of time, so that creating or recycling a session
+//! does not wait for TensorFlow to load (~0.25 s and ~280 MiB per process, FACTS §2).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{WorkerError, WorkerProcess, WorkerSpec};
+
+/// Pause after a failed background start, so a broken installation does not spin.
+const REFILL_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// Ready workers plus a background task that keeps `target` of them.
+#[derive(Debug)]
+pub struct WarmPool {
+    spec: WorkerSpec,
+    target: usize,
+    ready: Mutex<VecDeque<Arc<WorkerProcess>>>,
+    wake_refill: Notify,
+    /// Signalled whenever a worker joins the pool (tests and start-up wait on it).
+    filled: Notify,
+}
+
+impl WarmPool {
+    /// Creates the pool and starts its refill task on `tracker`, stopped by `shutdown`.
+    pub fn start(
+        spec: WorkerSpec,
+        target: usize,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<WarmPool> {
+        let pool = Arc::new(WarmPool {
+            spec,
+            target,
+            ready: Mutex::new(VecDeque::new()),
+            wake_refill: Notify::new(),
+            filled: Notify::new(),
+        });
+        tracker.spawn(pool.clone().refill_loop(shutdown));
+        pool
+    }
+
+    pub fn spec(&self) -> &WorkerSpec {
+        &self.spec
+    }
+
+    /// Number of ready workers now.
+    pub fn ready_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// A ready worker from the pool, or a freshly started one when the pool is empty.
+    pub async fn take(&self) -> Result<Arc<WorkerProcess>, WorkerError> {
+        loop {
+            let worker = self.lock().pop_front();
+            self.wake_refill.notify_one();
+            match worker {
+                // A pooled worker may have died while it waited; skip it.
+                Some(worker) if worker.exit_description().is_none() => return Ok(worker),
+                Some(_) => continue,
+                None => return WorkerProcess::spawn(&self.spec).await,
+            }
+        }
+    }
+
+    /// Stops every pooled worker and waits until each is reaped.
+    pub async fn drain(&self) {
+        let workers: Vec<_> = self.lock().drain(..).collect();
+        for worker in workers {
+            worker.stop().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<WorkerProcess>>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn refill_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            self.lock()
+                .retain(|worker| worker.exit_description().is_none());
+            if self.ready_count() < self.target {
+                let started = tokio::select! {
+                    started = WorkerProcess::spawn(&self.spec) => started,
+                    _ = shutdown.cancelled() => break,
+                };
+                match started {
+                    Ok(worker) => {
+                        tracing::debug!(worker_pid = worker.pid(), "warm worker ready");
+                        // A pooled worker that dies is replaced at once, not at the next take.
+                        let exited = worker.exit_signal();
+                        let pool = Arc::downgrade(&self);
+                        tokio::spawn(async move {
+                            exited.await;
+                            if let Some(pool) = pool.upgrade() {
+                                pool.wake_refill.notify_one();
+                            }
+                        });
+                        self.lock().push_back(worker);
+                        self.filled.notify_waiters();
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "could not start a warm worker; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(REFILL_RETRY_DELAY) => continue,
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.wake_refill.notified() => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        self.drain().await;
+    }
+
+    /// Waits until the pool holds `target` ready workers.
+    pub async fn wait_until_full(&self) {
+        loop {
+            let filled = self.filled.notified();
+            if self.ready_count() >= self.target {
+                return;
+            }
+            filled.await;
+        }
+    }
+}

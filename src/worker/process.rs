@@ -1,0 +1,437 @@
+//! One worker process: spawn, request/response over the socketpair, exit watching, kill.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::memory::{self, MemoryUsage};
+use crate::proto::tfsd::worker::v1::{
+    WorkerRequest, WorkerResponse, worker_request, worker_response,
+};
+
+/// The fd number the worker finds its end of the socketpair on.
+pub const WORKER_FD: i32 = 3;
+/// Largest frame either side accepts: big tensors travel in one frame.
+const MAX_FRAME_BYTES: usize = 2 << 30;
+
+/// How to start a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub binary: PathBuf,
+    pub env: BTreeMap<String, String>,
+    pub library_dir: Option<PathBuf>,
+    pub start_timeout: Duration,
+}
+
+/// How a worker process ended, in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitDescription(String);
+
+impl ExitDescription {
+    fn from_status(status: ExitStatus) -> ExitDescription {
+        if let Some(signal) = status.signal() {
+            let name = signal_name(signal);
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            ExitDescription(format!("killed by signal {signal} ({name}{core})"))
+        } else {
+            ExitDescription(format!(
+                "exited with code {}",
+                status.code().unwrap_or_default()
+            ))
+        }
+    }
+}
+
+impl fmt::Display for ExitDescription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGINT => "SIGINT",
+        _ => "signal",
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker pid {pid} died: {how}")]
+    Died { pid: u32, how: ExitDescription },
+    #[error("could not start worker {binary}: {reason}")]
+    Start { binary: String, reason: String },
+    #[error("worker protocol error: {0}")]
+    Protocol(String),
+}
+
+type Reply = Result<worker_response::Result, WorkerError>;
+
+/// Requests waiting for their response. `None` once the worker has exited: a request made
+/// after that fails at once instead of waiting for an answer that cannot come.
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+/// A running worker. Cheap to share (`Arc`); the process is killed when the last handle
+/// goes, and always reaped by its exit watcher.
+pub struct WorkerProcess {
+    pid: u32,
+    tensorflow_version: String,
+    writer: tokio::sync::Mutex<FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>>,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+    exit: watch::Receiver<Option<ExitDescription>>,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+    /// Set before the supervisor kills the worker on purpose, so that the exit is not
+    /// reported as a crash.
+    expected_exit: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for WorkerProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerProcess")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerProcess {
+    /// Starts a worker and waits (up to the spec's start timeout) until it says it is ready.
+    pub async fn spawn(spec: &WorkerSpec) -> Result<Arc<WorkerProcess>, WorkerError> {
+        let start_error = |reason: String| WorkerError::Start {
+            binary: spec.binary.display().to_string(),
+            reason,
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|error| start_error(format!("socketpair: {error}")))?;
+        let theirs = OwnedFd::from(theirs);
+        let their_fd = theirs.as_raw_fd();
+
+        let mut command = Command::new(&spec.binary);
+        command
+            .envs(&spec.env)
+            .env("TFSD_WORKER_FD", WORKER_FD.to_string())
+            .env("TFSD_SUPERVISOR_PID", std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = &spec.library_dir {
+            let mut path = dir.as_os_str().to_owned();
+            if let Some(existing) = std::env::var_os("LD_LIBRARY_PATH") {
+                path.push(":");
+                path.push(existing);
+            }
+            command.env("LD_LIBRARY_PATH", path);
+        }
+        // SAFETY: the closure runs in the child between fork and exec and calls only
+        // async-signal-safe functions (dup2, fcntl, prctl, setpgid, getppid, kill).
+        unsafe {
+            let parent = libc::getpid();
+            command.pre_exec(move || {
+                if their_fd == WORKER_FD {
+                    // dup2 onto itself would keep FD_CLOEXEC; clear it by hand.
+                    if libc::fcntl(WORKER_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(their_fd, WORKER_FD) < 0 {
+                    // dup2 clears FD_CLOEXEC on the new descriptor, so fd 3 survives exec.
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Die with the supervisor, even if it is killed with SIGKILL.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                // Own process group: a Ctrl-C at the daemon's terminal reaches the supervisor,
+                // which then stops workers in order, instead of killing them mid-step.
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|error| start_error(error.to_string()))?;
+        drop(theirs);
+        let pid = child.id().unwrap_or_default();
+
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(forward_stderr(pid, stderr));
+        }
+
+        ours.set_nonblocking(true)
+            .map_err(|error| start_error(error.to_string()))?;
+        let stream = UnixStream::from_std(ours).map_err(|error| start_error(error.to_string()))?;
+        let (read_half, write_half) = stream.into_split();
+        let codec = || {
+            LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME_BYTES)
+                .new_codec()
+        };
+        let mut reader = FramedRead::new(read_half, codec());
+        let writer = FramedWrite::new(write_half, codec());
+
+        let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let expected_exit = Arc::new(AtomicBool::new(false));
+        tokio::spawn(watch_exit(child, pid, kill_rx, pending.clone(), exit_tx));
+
+        // The first frame is Ready, sent once TensorFlow is loaded.
+        let mut exit_for_start = exit_rx.clone();
+        let ready = tokio::time::timeout(spec.start_timeout, async {
+            tokio::select! {
+                frame = reader.next() => Ok(frame),
+                _ = exit_for_start.wait_for(Option::is_some) => Err(()),
+            }
+        })
+        .await;
+        let kill_now = |tx: oneshot::Sender<()>| {
+            let _ = tx.send(());
+        };
+        let ready = match ready {
+            Ok(Ok(Some(Ok(frame)))) => {
+                WorkerResponse::decode(frame.freeze())
+                    .ok()
+                    .and_then(|response| match response.result {
+                        Some(worker_response::Result::Ready(ready)) => Some(ready),
+                        _ => None,
+                    })
+            }
+            Err(_) => {
+                kill_now(kill_tx);
+                return Err(start_error(format!(
+                    "not ready after {:?} (raise workers.start_timeout if TensorFlow loads slowly)",
+                    spec.start_timeout
+                )));
+            }
+            _ => None,
+        };
+        let Some(ready) = ready else {
+            let how = exit_rx
+                .clone()
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|exit| exit.clone());
+            kill_now(kill_tx);
+            let how = how.map_or_else(|| "it sent no ready message".to_string(), |how| how.0);
+            return Err(start_error(format!(
+                "the worker {how} before it was ready (its stderr is in the daemon's log)"
+            )));
+        };
+
+        tokio::spawn(read_responses(reader, pending.clone()));
+        tracing::debug!(worker_pid = pid, tensorflow = %ready.tensorflow_version, "worker ready");
+        Ok(Arc::new(WorkerProcess {
+            pid,
+            tensorflow_version: ready.tensorflow_version,
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            next_id: AtomicU64::new(1),
+            exit: exit_rx,
+            kill: Mutex::new(Some(kill_tx)),
+            expected_exit,
+        }))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn tensorflow_version(&self) -> &str {
+        &self.tensorflow_version
+    }
+
+    /// The worker's memory now; zeros once it is gone.
+    pub fn memory(&self) -> MemoryUsage {
+        memory::process_memory(self.pid).unwrap_or_default()
+    }
+
+    /// How the worker ended, if it has.
+    pub fn exit_description(&self) -> Option<ExitDescription> {
+        self.exit.borrow().clone()
+    }
+
+    /// Waits until the process has exited and been reaped.
+    pub async fn exited(&self) -> ExitDescription {
+        let mut exit = self.exit.clone();
+        match exit.wait_for(Option::is_some).await {
+            Ok(description) => description.clone().unwrap_or_else(unknown_exit),
+            // The watcher is gone only after it published the exit.
+            Err(_) => self.exit_description().unwrap_or_else(unknown_exit),
+        }
+    }
+
+    /// A future that completes when the process has exited, without holding the worker.
+    pub fn exit_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut exit = self.exit.clone();
+        async move {
+            let _ = exit.wait_for(Option::is_some).await;
+        }
+    }
+
+    /// True when the supervisor stopped this worker on purpose.
+    pub fn exit_was_expected(&self) -> bool {
+        self.expected_exit.load(Ordering::SeqCst)
+    }
+
+    /// Sends one request and waits for its response. A TensorFlow error is a normal response
+    /// (`worker_response::Result::Error`); `Err` means the worker or the protocol failed.
+    pub async fn call(&self, kind: worker_request::Kind) -> Reply {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.as_mut() {
+                Some(map) => {
+                    map.insert(id, tx);
+                }
+                None => return Err(self.died()),
+            }
+        }
+        let frame = WorkerRequest {
+            id,
+            kind: Some(kind),
+        }
+        .encode_to_vec();
+        let sent = self.writer.lock().await.send(Bytes::from(frame)).await;
+        if sent.is_err() {
+            // The socket is gone: the worker died or is dying. Its exit watcher answers this
+            // request with the exit status, which says more than the write error.
+            return match rx.await {
+                Ok(reply) => reply,
+                Err(_) => Err(self.died()),
+            };
+        }
+        match rx.await {
+            Ok(reply) => reply,
+            Err(_) => Err(self.died()),
+        }
+    }
+
+    fn died(&self) -> WorkerError {
+        WorkerError::Died {
+            pid: self.pid,
+            how: self.exit_description().unwrap_or_else(unknown_exit),
+        }
+    }
+
+    /// Kills the worker on purpose and waits until it is reaped.
+    pub async fn stop(&self) -> ExitDescription {
+        self.expected_exit.store(true, Ordering::SeqCst);
+        self.signal_kill();
+        self.exited().await
+    }
+
+    fn signal_kill(&self) {
+        let sender = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(());
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // The watcher task kills and reaps; it outlives this handle.
+        self.expected_exit.store(true, Ordering::SeqCst);
+        self.signal_kill();
+    }
+}
+
+fn unknown_exit() -> ExitDescription {
+    ExitDescription("exited".to_string())
+}
+
+/// Owns the child: reaps it when it exits on its own, or kills then reaps it when asked.
+/// Then fails every pending request with the exit status and publishes the exit.
+async fn watch_exit(
+    mut child: Child,
+    pid: u32,
+    kill: oneshot::Receiver<()>,
+    pending: Arc<Pending>,
+    exit: watch::Sender<Option<ExitDescription>>,
+) {
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = kill => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    let description = match status {
+        Ok(status) => ExitDescription::from_status(status),
+        Err(error) => ExitDescription(format!("could not be waited for: {error}")),
+    };
+    tracing::debug!(worker_pid = pid, how = %description, "worker reaped");
+    let waiting = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+    for (_, reply) in waiting.into_iter().flatten() {
+        let _ = reply.send(Err(WorkerError::Died {
+            pid,
+            how: description.clone(),
+        }));
+    }
+    let _ = exit.send(Some(description));
+}
+
+/// Routes each response frame to the request waiting for it.
+async fn read_responses(
+    mut reader: FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>,
+    pending: Arc<Pending>,
+) {
+    while let Some(Ok(frame)) = reader.next().await {
+        let response = match WorkerResponse::decode(frame.freeze()) {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::error!(%error, "undecodable frame from a worker");
+                continue;
+            }
+        };
+        let waiter = pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .and_then(|map| map.remove(&response.id));
+        if let Some(waiter) = waiter {
+            let reply = response
+                .result
+                .ok_or_else(|| WorkerError::Protocol("a response without a result".into()));
+            let _ = waiter.send(reply);
+        }
+    }
+}
+
+/// Forwards TensorFlow's stderr lines to the daemon's log, tagged with the worker's pid.
+async fn forward_stderr(pid: u32, stderr: tokio::process::ChildStderr) {
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "tfsd::worker_stderr", worker_pid = pid, "{line}");
+    }
+}

@@ -1,0 +1,473 @@
+//! The worker's one TensorFlow graph and session, and every operation on them.
+//!
+//! Runs share the state (`RwLock` read); load, extend, resets and variable transfer take it
+//! exclusively. A worker hosts exactly one tfsd session, so "purge this session's variables"
+//! is "open a new TensorFlow session on the same graph": a DirectSession owns its devices and
+//! their resource managers, and nothing else in the process is touched. `TF_Reset` is never
+//! used (it closes every session in the process, FACTS §3).
+
+use std::collections::HashSet;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use prost::Message;
+use tensorflow::{
+    DataType, Graph, ImportGraphDefOptions, Operation, Session, SessionOptions, SessionRunArgs,
+};
+use tfsd::proto::tensorflow::TensorProto;
+use tfsd::proto::tfsd::worker::v1 as wire;
+use tfsd::tensor;
+
+use crate::failure::Failure;
+use crate::tensors::{AnyTensor, data_type_of, dtype_of};
+
+/// Prefix of the nodes the worker adds to read and assign variables during a recycle.
+const INTERNAL_PREFIX: &str = "_tfsd";
+
+struct Loaded {
+    // Field order matters: the session must go before the graph it runs.
+    session: Session,
+    graph: Graph,
+    config: Vec<u8>,
+}
+
+pub struct Runtime {
+    state: RwLock<Loaded>,
+}
+
+/// `tensorflow.RunOptions`, only the field tfsd sets.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RunOptions {
+    #[prost(int64, tag = "2")]
+    timeout_in_ms: i64,
+}
+
+/// The parts of `tensorflow.GraphDef` the worker reads to extend a live graph.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GraphDefNodes {
+    #[prost(message, repeated, tag = "1")]
+    node: Vec<NodeDefNames>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct NodeDefNames {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, repeated, tag = "3")]
+    input: Vec<String>,
+}
+
+fn new_session(graph: &Graph, config: &[u8]) -> Result<Session, Failure> {
+    let mut options = SessionOptions::new();
+    if !config.is_empty() {
+        options.set_config(config).map_err(|status| {
+            Failure::invalid_argument(format!("config: {}", Failure::from(status).message))
+        })?;
+    }
+    Ok(Session::new(&options, graph)?)
+}
+
+fn import(
+    graph: &mut Graph,
+    graph_def: &[u8],
+    options: &ImportGraphDefOptions,
+) -> Result<(), Failure> {
+    if graph_def.is_empty() {
+        return Ok(());
+    }
+    graph
+        .import_graph_def(graph_def, options)
+        .map_err(|status| {
+            let failure = Failure::from(status);
+            Failure::new(
+                failure.code,
+                format!("GraphDef rejected by TensorFlow: {}", failure.message),
+            )
+        })
+}
+
+/// Splits "name:index" (index defaults to 0).
+fn parse_endpoint(endpoint: &str) -> (&str, i32) {
+    if let Some((name, index)) = endpoint.rsplit_once(':')
+        && let Ok(index) = index.parse::<i32>()
+    {
+        return (name, index);
+    }
+    (endpoint, 0)
+}
+
+fn resolve_output(graph: &Graph, endpoint: &str, role: &str) -> Result<(Operation, i32), Failure> {
+    let (name, index) = parse_endpoint(endpoint);
+    let operation = graph
+        .operation_by_name(name)
+        .map_err(|_| {
+            Failure::invalid_argument(format!("{role} {endpoint:?}: not a valid node name"))
+        })?
+        .ok_or_else(|| {
+            Failure::invalid_argument(format!(
+                "{role} {endpoint:?}: the session's graph has no node named {name:?}"
+            ))
+        })?;
+    let outputs = operation.num_outputs();
+    if index < 0 || index as usize >= outputs {
+        return Err(Failure::invalid_argument(format!(
+            "{role} {endpoint:?}: node {name:?} has {outputs} outputs"
+        )));
+    }
+    Ok((operation, index))
+}
+
+fn close(mut session: Session) {
+    // Closing can only fail for a session that is already closed.
+    let _ = session.close();
+}
+
+impl Runtime {
+    /// An empty graph in a default session. Loads TensorFlow's kernels on first use.
+    pub fn new() -> Result<Runtime, Failure> {
+        let graph = Graph::new();
+        let session = new_session(&graph, &[])?;
+        Ok(Runtime {
+            state: RwLock::new(Loaded {
+                session,
+                graph,
+                config: Vec::new(),
+            }),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Loaded> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Loaded> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces graph and session. Nothing changes if the graph or config is rejected.
+    pub fn load(&self, graph_def: &[u8], config: &[u8]) -> Result<(), Failure> {
+        let mut graph = Graph::new();
+        import(&mut graph, graph_def, &ImportGraphDefOptions::new())?;
+        let session = new_session(&graph, config)?;
+        let mut state = self.write();
+        let old = std::mem::replace(
+            &mut *state,
+            Loaded {
+                session,
+                graph,
+                config: config.to_vec(),
+            },
+        );
+        close(old.session);
+        Ok(())
+    }
+
+    /// Imports more nodes into the live graph. Inputs naming nodes that already exist are
+    /// mapped onto them, as TensorFlow's ExtendSession does; the session sees the new nodes
+    /// at its next run.
+    pub fn extend(&self, graph_def: &[u8]) -> Result<(), Failure> {
+        let nodes = GraphDefNodes::decode(graph_def).map_err(|error| {
+            Failure::invalid_argument(format!("graph_def is not a GraphDef: {error}"))
+        })?;
+        let mut state = self.write();
+        let new_names: HashSet<&str> = nodes.node.iter().map(|n| n.name.as_str()).collect();
+        let mut options = ImportGraphDefOptions::new();
+        let mut mapped = HashSet::new();
+        for input in nodes.node.iter().flat_map(|node| &node.input) {
+            let (is_control, endpoint) = match input.strip_prefix('^') {
+                Some(name) => (true, name),
+                None => (false, input.as_str()),
+            };
+            let (name, index) = parse_endpoint(endpoint);
+            if new_names.contains(name) || !mapped.insert(input.clone()) {
+                continue;
+            }
+            let Ok(Some(existing)) = state.graph.operation_by_name(name) else {
+                continue; // TensorFlow reports the missing input with its own message.
+            };
+            let result = if is_control {
+                options.remap_control_dependency(name, &existing)
+            } else {
+                let output = tensorflow::Output {
+                    operation: existing,
+                    index,
+                };
+                options.add_input_mapping(name, index as usize, &output)
+            };
+            result.map_err(|_| {
+                Failure::invalid_argument(format!("input {input:?} is not a valid name"))
+            })?;
+        }
+        import(&mut state.graph, graph_def, &options)
+    }
+
+    pub fn run(&self, run: wire::Run) -> Result<Vec<TensorProto>, Failure> {
+        let state = self.read();
+        let graph = &state.graph;
+        let mut feeds = Vec::with_capacity(run.feeds.len());
+        for (name, proto) in &run.feeds {
+            let dense = tensor::decode(proto)
+                .map_err(|error| Failure::invalid_argument(format!("feed {name:?}: {error}")))?;
+            let (operation, index) = resolve_output(graph, name, "feed")?;
+            feeds.push((operation, index, AnyTensor::from_dense(name, &dense)?));
+        }
+        let mut args = SessionRunArgs::new();
+        for (operation, index, tensor) in &feeds {
+            tensor.feed(&mut args, operation, *index);
+        }
+        let mut fetches = Vec::with_capacity(run.fetches.len());
+        for name in &run.fetches {
+            let (operation, index) = resolve_output(graph, name, "fetch")?;
+            let data_type = operation.output_type(index as usize);
+            let dtype = dtype_of(data_type).ok_or_else(|| {
+                Failure::invalid_argument(format!(
+                    "fetch {name:?}: its type {data_type} cannot be returned to a client"
+                ))
+            })?;
+            fetches.push((args.request_fetch(&operation, index), dtype));
+        }
+        for name in &run.targets {
+            let name = name.strip_prefix('^').unwrap_or(name);
+            let (operation, _) = resolve_target(graph, name)?;
+            args.add_target(&operation);
+        }
+        if run.timeout_ms > 0 {
+            let options = RunOptions {
+                timeout_in_ms: i64::try_from(run.timeout_ms).unwrap_or(i64::MAX),
+            };
+            args.set_run_options(&options.encode_to_vec());
+        }
+        state.session.run(&mut args)?;
+        fetches
+            .into_iter()
+            .map(|(token, dtype)| {
+                AnyTensor::take(&mut args, token, dtype).map(|t| tensor::encode(t.into_dense()))
+            })
+            .collect()
+    }
+
+    /// An empty graph and a new session with the same config.
+    pub fn reset_graph(&self) -> Result<(), Failure> {
+        let config = self.read().config.clone();
+        self.load(&[], &config)
+    }
+
+    /// The same graph in a new session: every variable is uninitialised.
+    pub fn purge_variables(&self) -> Result<(), Failure> {
+        let mut state = self.write();
+        let session = new_session(&state.graph, &state.config)?;
+        let old = std::mem::replace(&mut state.session, session);
+        close(old);
+        Ok(())
+    }
+
+    /// The value of every initialised variable (VariableV2 and resource variables).
+    /// Uninitialised variables are skipped: they stay uninitialised after a recycle.
+    pub fn export_variables(&self) -> Result<Vec<wire::NamedTensor>, Failure> {
+        let mut state = self.write();
+        let mut reads = Vec::new();
+        for variable in variables(&state.graph) {
+            let output = match variable.kind {
+                VariableKind::Reference => (variable.operation.clone(), 0),
+                VariableKind::Resource => {
+                    let name = format!("{INTERNAL_PREFIX}/export/{}", variable.name);
+                    let read = match state.graph.operation_by_name(&name) {
+                        Ok(Some(read)) => read,
+                        _ => {
+                            let mut op = state.graph.new_operation("ReadVariableOp", &name)?;
+                            op.add_input(tensorflow::Output {
+                                operation: variable.operation.clone(),
+                                index: 0,
+                            });
+                            op.set_attr_type("dtype", variable.data_type)?;
+                            op.finish()?
+                        }
+                    };
+                    (read, 0)
+                }
+            };
+            reads.push((variable, output));
+        }
+        let state = RwLockWriteGuard::downgrade(state);
+        let dtype = |v: &Variable| {
+            dtype_of(v.data_type).ok_or_else(|| {
+                Failure::internal(format!(
+                    "variable {:?} has unsupported type {}",
+                    v.name, v.data_type
+                ))
+            })
+        };
+        // One run for all; if some are uninitialised, one run each to find the others.
+        let read_all = || -> Result<Vec<wire::NamedTensor>, Failure> {
+            let mut args = SessionRunArgs::new();
+            let mut tokens = Vec::new();
+            for (variable, (operation, index)) in &reads {
+                tokens.push((variable, args.request_fetch(operation, *index)));
+            }
+            state.session.run(&mut args)?;
+            tokens
+                .into_iter()
+                .map(|(variable, token)| {
+                    named(
+                        variable,
+                        AnyTensor::take(&mut args, token, dtype(variable)?)?,
+                    )
+                })
+                .collect()
+        };
+        match read_all() {
+            Ok(values) => Ok(values),
+            Err(_) => {
+                let mut values = Vec::new();
+                for (variable, (operation, index)) in &reads {
+                    let mut args = SessionRunArgs::new();
+                    let token = args.request_fetch(operation, *index);
+                    if state.session.run(&mut args).is_ok() {
+                        values.push(named(
+                            variable,
+                            AnyTensor::take(&mut args, token, dtype(variable)?)?,
+                        )?);
+                    }
+                }
+                Ok(values)
+            }
+        }
+    }
+
+    /// Assigns each named variable its value (the output of `export_variables` elsewhere).
+    pub fn import_variables(&self, values: Vec<wire::NamedTensor>) -> Result<(), Failure> {
+        let mut state = self.write();
+        let mut feeds = Vec::new();
+        let mut targets = Vec::new();
+        for value in &values {
+            let variable = variables(&state.graph)
+                .into_iter()
+                .find(|v| v.name == value.name)
+                .ok_or_else(|| {
+                    Failure::new(
+                        Failure::NOT_FOUND,
+                        format!("no variable named {:?} in the graph", value.name),
+                    )
+                })?;
+            let proto = value.tensor.clone().unwrap_or_default();
+            let dense = tensor::decode(&proto).map_err(|error| {
+                Failure::invalid_argument(format!("variable {:?}: {error}", value.name))
+            })?;
+            let prefix = format!("{INTERNAL_PREFIX}/import/{}", value.name);
+            let placeholder = match state.graph.operation_by_name(&format!("{prefix}/value")) {
+                Ok(Some(op)) => op,
+                _ => {
+                    let mut op = state
+                        .graph
+                        .new_operation("Placeholder", &format!("{prefix}/value"))?;
+                    op.set_attr_type("dtype", data_type_of(dense.dtype))?;
+                    op.finish()?
+                }
+            };
+            let assign = match state.graph.operation_by_name(&format!("{prefix}/assign")) {
+                Ok(Some(op)) => op,
+                _ => {
+                    let (op_type, type_attr) = match variable.kind {
+                        VariableKind::Reference => ("Assign", "T"),
+                        VariableKind::Resource => ("AssignVariableOp", "dtype"),
+                    };
+                    let mut op = state
+                        .graph
+                        .new_operation(op_type, &format!("{prefix}/assign"))?;
+                    op.add_input(tensorflow::Output {
+                        operation: variable.operation.clone(),
+                        index: 0,
+                    });
+                    op.add_input(tensorflow::Output {
+                        operation: placeholder.clone(),
+                        index: 0,
+                    });
+                    op.set_attr_type(type_attr, variable.data_type)?;
+                    op.finish()?
+                }
+            };
+            feeds.push((placeholder, AnyTensor::from_dense(&value.name, &dense)?));
+            targets.push(assign);
+        }
+        let state = RwLockWriteGuard::downgrade(state);
+        let mut args = SessionRunArgs::new();
+        for (placeholder, tensor) in &feeds {
+            tensor.feed(&mut args, placeholder, 0);
+        }
+        for target in &targets {
+            args.add_target(target);
+        }
+        state.session.run(&mut args)?;
+        Ok(())
+    }
+}
+
+fn resolve_target(graph: &Graph, name: &str) -> Result<(Operation, i32), Failure> {
+    let operation = graph
+        .operation_by_name(name)
+        .map_err(|_| Failure::invalid_argument(format!("target {name:?}: not a valid node name")))?
+        .ok_or_else(|| {
+            Failure::invalid_argument(format!(
+                "target {name:?}: the session's graph has no node named {name:?}"
+            ))
+        })?;
+    Ok((operation, 0))
+}
+
+fn named(variable: &Variable, value: AnyTensor) -> Result<wire::NamedTensor, Failure> {
+    Ok(wire::NamedTensor {
+        name: variable.name.clone(),
+        tensor: Some(tensor::encode(value.into_dense())),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VariableKind {
+    /// `VariableV2` (TF1 `tf.Variable` with `use_resource=False`): a reference output.
+    Reference,
+    /// `VarHandleOp` (resource variables, TF2's default): read with ReadVariableOp.
+    Resource,
+}
+
+struct Variable {
+    name: String,
+    operation: Operation,
+    kind: VariableKind,
+    data_type: DataType,
+}
+
+/// Every variable in the graph, skipping the nodes tfsd added itself.
+fn variables(graph: &Graph) -> Vec<Variable> {
+    graph
+        .operation_iter()
+        .filter_map(|operation| {
+            let kind = match operation.op_type().ok()?.as_str() {
+                "VariableV2" | "Variable" => VariableKind::Reference,
+                "VarHandleOp" => VariableKind::Resource,
+                _ => return None,
+            };
+            let name = operation.name().ok()?;
+            if name.starts_with(INTERNAL_PREFIX) {
+                return None;
+            }
+            let data_type = operation.get_attr_type("dtype").ok()?;
+            Some(Variable {
+                name,
+                operation,
+                kind,
+                data_type,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_endpoint;
+
+    #[test]
+    fn endpoints_default_to_output_zero() {
+        assert_eq!(parse_endpoint("x"), ("x", 0));
+        assert_eq!(parse_endpoint("scope/y:2"), ("scope/y", 2));
+        assert_eq!(parse_endpoint("odd:name"), ("odd:name", 0));
+    }
+}

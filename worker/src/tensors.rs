@@ -1,0 +1,220 @@
+//! Between tfsd's dense tensors (decoded from TensorProto by `tfsd::tensor`) and the
+//! `tensorflow` crate's typed `Tensor<T>`: one enum arm per supported element type.
+
+use half::f16;
+use tensorflow::{BFloat16, DataType, FetchToken, Operation, SessionRunArgs, Tensor, TensorType};
+use tfsd::tensor::{DType, DenseData, DenseTensor};
+
+use crate::failure::Failure;
+
+/// A TensorFlow tensor of any supported element type.
+#[derive(Debug)]
+pub enum AnyTensor {
+    Float(Tensor<f32>),
+    Double(Tensor<f64>),
+    Int32(Tensor<i32>),
+    UInt8(Tensor<u8>),
+    Int16(Tensor<i16>),
+    Int8(Tensor<i8>),
+    String(Tensor<String>),
+    Int64(Tensor<i64>),
+    Bool(Tensor<bool>),
+    BFloat16(Tensor<BFloat16>),
+    UInt16(Tensor<u16>),
+    Half(Tensor<f16>),
+    UInt32(Tensor<u32>),
+    UInt64(Tensor<u64>),
+}
+
+/// Applies `$body` to the typed tensor inside an `AnyTensor`, whatever its type.
+macro_rules! with_tensor {
+    ($any:expr, $tensor:ident => $body:expr) => {
+        match $any {
+            AnyTensor::Float($tensor) => $body,
+            AnyTensor::Double($tensor) => $body,
+            AnyTensor::Int32($tensor) => $body,
+            AnyTensor::UInt8($tensor) => $body,
+            AnyTensor::Int16($tensor) => $body,
+            AnyTensor::Int8($tensor) => $body,
+            AnyTensor::String($tensor) => $body,
+            AnyTensor::Int64($tensor) => $body,
+            AnyTensor::Bool($tensor) => $body,
+            AnyTensor::BFloat16($tensor) => $body,
+            AnyTensor::UInt16($tensor) => $body,
+            AnyTensor::Half($tensor) => $body,
+            AnyTensor::UInt32($tensor) => $body,
+            AnyTensor::UInt64($tensor) => $body,
+        }
+    };
+}
+
+/// Maps the crate's `DataType` (reference types included) to tfsd's.
+pub fn dtype_of(data_type: DataType) -> Option<DType> {
+    Some(match data_type {
+        DataType::Float => DType::Float,
+        DataType::Double => DType::Double,
+        DataType::Int32 => DType::Int32,
+        DataType::UInt8 => DType::UInt8,
+        DataType::Int16 => DType::Int16,
+        DataType::Int8 => DType::Int8,
+        DataType::String => DType::String,
+        DataType::Int64 => DType::Int64,
+        DataType::Bool => DType::Bool,
+        DataType::BFloat16 => DType::BFloat16,
+        DataType::UInt16 => DType::UInt16,
+        DataType::Half => DType::Half,
+        DataType::UInt32 => DType::UInt32,
+        DataType::UInt64 => DType::UInt64,
+        // Reference types (a VariableV2's output) are their base type plus 100.
+        DataType::UnrecognizedEnumValue(value) if value > 100 => {
+            return DType::from_proto(value as i32).ok();
+        }
+        _ => return None,
+    })
+}
+
+/// The crate's `DataType` for a tfsd type.
+pub fn data_type_of(dtype: DType) -> DataType {
+    match dtype {
+        DType::Float => DataType::Float,
+        DType::Double => DataType::Double,
+        DType::Int32 => DataType::Int32,
+        DType::UInt8 => DataType::UInt8,
+        DType::Int16 => DataType::Int16,
+        DType::Int8 => DataType::Int8,
+        DType::String => DataType::String,
+        DType::Int64 => DataType::Int64,
+        DType::Bool => DataType::Bool,
+        DType::BFloat16 => DataType::BFloat16,
+        DType::UInt16 => DataType::UInt16,
+        DType::Half => DataType::Half,
+        DType::UInt32 => DataType::UInt32,
+        DType::UInt64 => DataType::UInt64,
+    }
+}
+
+fn numeric<T: TensorType, const N: usize>(
+    dims: &[u64],
+    bytes: &[u8],
+    from_le: impl Fn([u8; N]) -> T,
+) -> Tensor<T> {
+    let mut tensor = Tensor::<T>::new(dims);
+    for (slot, chunk) in tensor.iter_mut().zip(bytes.chunks_exact(N)) {
+        let mut raw = [0u8; N];
+        raw.copy_from_slice(chunk);
+        *slot = from_le(raw);
+    }
+    tensor
+}
+
+impl AnyTensor {
+    /// Builds a TensorFlow tensor from a validated dense tensor. `name` is for errors.
+    pub fn from_dense(name: &str, dense: &DenseTensor) -> Result<AnyTensor, Failure> {
+        let dims = &dense.dims;
+        let bytes = match &dense.data {
+            DenseData::Bytes(bytes) => bytes.as_ref(),
+            DenseData::Strings(strings) => {
+                let mut tensor = Tensor::<String>::new(dims);
+                for (slot, value) in tensor.iter_mut().zip(strings) {
+                    *slot = String::from_utf8(value.clone()).map_err(|_| {
+                        Failure::invalid_argument(format!(
+                            "string feed {name:?} holds bytes that are not UTF-8; tfsd \
+                             carries string tensors as UTF-8 text"
+                        ))
+                    })?;
+                }
+                return Ok(AnyTensor::String(tensor));
+            }
+        };
+        Ok(match dense.dtype {
+            DType::Float => AnyTensor::Float(numeric(dims, bytes, f32::from_le_bytes)),
+            DType::Double => AnyTensor::Double(numeric(dims, bytes, f64::from_le_bytes)),
+            DType::Int32 => AnyTensor::Int32(numeric(dims, bytes, i32::from_le_bytes)),
+            DType::UInt8 => AnyTensor::UInt8(numeric(dims, bytes, u8::from_le_bytes)),
+            DType::Int16 => AnyTensor::Int16(numeric(dims, bytes, i16::from_le_bytes)),
+            DType::Int8 => AnyTensor::Int8(numeric(dims, bytes, i8::from_le_bytes)),
+            DType::Int64 => AnyTensor::Int64(numeric(dims, bytes, i64::from_le_bytes)),
+            // `tfsd::tensor::decode` normalises bools to 0 or 1.
+            DType::Bool => AnyTensor::Bool(numeric(dims, bytes, |[b]: [u8; 1]| b != 0)),
+            DType::BFloat16 => AnyTensor::BFloat16(numeric(dims, bytes, |raw: [u8; 2]| {
+                BFloat16::from(f32::from_bits(u32::from(u16::from_le_bytes(raw)) << 16))
+            })),
+            DType::UInt16 => AnyTensor::UInt16(numeric(dims, bytes, u16::from_le_bytes)),
+            DType::Half => AnyTensor::Half(numeric(dims, bytes, |raw: [u8; 2]| {
+                f16::from_bits(u16::from_le_bytes(raw))
+            })),
+            DType::UInt32 => AnyTensor::UInt32(numeric(dims, bytes, u32::from_le_bytes)),
+            DType::UInt64 => AnyTensor::UInt64(numeric(dims, bytes, u64::from_le_bytes)),
+            DType::String => unreachable!("string tensors carry DenseData::Strings"),
+        })
+    }
+
+    /// Adds this tensor as a feed of `operation:index`.
+    pub fn feed<'a>(&'a self, args: &mut SessionRunArgs<'a>, operation: &Operation, index: i32) {
+        with_tensor!(self, tensor => args.add_feed(operation, index, tensor))
+    }
+
+    /// Takes a fetched output of type `dtype` out of a finished run.
+    pub fn take(
+        args: &mut SessionRunArgs<'_>,
+        token: FetchToken,
+        dtype: DType,
+    ) -> Result<AnyTensor, Failure> {
+        Ok(match dtype {
+            DType::Float => AnyTensor::Float(args.fetch(token)?),
+            DType::Double => AnyTensor::Double(args.fetch(token)?),
+            DType::Int32 => AnyTensor::Int32(args.fetch(token)?),
+            DType::UInt8 => AnyTensor::UInt8(args.fetch(token)?),
+            DType::Int16 => AnyTensor::Int16(args.fetch(token)?),
+            DType::Int8 => AnyTensor::Int8(args.fetch(token)?),
+            DType::String => AnyTensor::String(args.fetch(token)?),
+            DType::Int64 => AnyTensor::Int64(args.fetch(token)?),
+            DType::Bool => AnyTensor::Bool(args.fetch(token)?),
+            DType::BFloat16 => AnyTensor::BFloat16(args.fetch(token)?),
+            DType::UInt16 => AnyTensor::UInt16(args.fetch(token)?),
+            DType::Half => AnyTensor::Half(args.fetch(token)?),
+            DType::UInt32 => AnyTensor::UInt32(args.fetch(token)?),
+            DType::UInt64 => AnyTensor::UInt64(args.fetch(token)?),
+        })
+    }
+
+    /// The dense form, for encoding into a TensorProto.
+    pub fn into_dense(self) -> DenseTensor {
+        fn le<T: TensorType + Copy, const N: usize>(
+            tensor: &Tensor<T>,
+            to_le: impl Fn(T) -> [u8; N],
+        ) -> DenseData {
+            let mut out = Vec::with_capacity(tensor.len() * N);
+            for value in tensor.iter() {
+                out.extend_from_slice(&to_le(*value));
+            }
+            DenseData::Bytes(out.into())
+        }
+        let dims = with_tensor!(&self, tensor => tensor.dims().to_vec());
+        let (dtype, data) = match &self {
+            AnyTensor::Float(t) => (DType::Float, le(t, f32::to_le_bytes)),
+            AnyTensor::Double(t) => (DType::Double, le(t, f64::to_le_bytes)),
+            AnyTensor::Int32(t) => (DType::Int32, le(t, i32::to_le_bytes)),
+            AnyTensor::UInt8(t) => (DType::UInt8, le(t, u8::to_le_bytes)),
+            AnyTensor::Int16(t) => (DType::Int16, le(t, i16::to_le_bytes)),
+            AnyTensor::Int8(t) => (DType::Int8, le(t, i8::to_le_bytes)),
+            AnyTensor::Int64(t) => (DType::Int64, le(t, i64::to_le_bytes)),
+            AnyTensor::Bool(t) => (DType::Bool, le(t, |b: bool| [u8::from(b)])),
+            AnyTensor::BFloat16(t) => (
+                DType::BFloat16,
+                le(t, |v: BFloat16| {
+                    ((f32::from(v).to_bits() >> 16) as u16).to_le_bytes()
+                }),
+            ),
+            AnyTensor::UInt16(t) => (DType::UInt16, le(t, u16::to_le_bytes)),
+            AnyTensor::Half(t) => (DType::Half, le(t, |v: f16| v.to_bits().to_le_bytes())),
+            AnyTensor::UInt32(t) => (DType::UInt32, le(t, u32::to_le_bytes)),
+            AnyTensor::UInt64(t) => (DType::UInt64, le(t, u64::to_le_bytes)),
+            AnyTensor::String(t) => (
+                DType::String,
+                DenseData::Strings(t.iter().map(|s| s.as_bytes().to_vec()).collect()),
+            ),
+        };
+        DenseTensor { dtype, dims, data }
+    }
+}
