@@ -1,6 +1,9 @@
 //! Compiles `proto/` into Rust with protox (a pure-Rust protobuf compiler, so no system
 //! `protoc` is needed) and tonic-prost-build. The file descriptor set is also written out for
 //! gRPC server reflection.
+//!
+//! The daemon itself never links libtensorflow, but its integration tests build graphs with
+//! the `tensorflow` crate: they get an rpath to the libtensorflow found through pkg-config.
 
 use std::path::PathBuf;
 
@@ -21,5 +24,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .bytes(".tensorflow.TensorProto.tensor_content")
         .compile_fds(descriptors)?;
+    if let Ok(library) = pkg_config::Config::new()
+        .cargo_metadata(false)
+        .probe("tensorflow")
+    {
+        for dir in library.link_paths {
+            println!("cargo:rustc-link-arg-tests=-Wl,-rpath,{}", dir.display());
+        }
+    }
+    println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
     Ok(())
 }

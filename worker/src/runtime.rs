@@ -21,7 +21,7 @@ use crate::failure::Failure;
 use crate::tensors::{AnyTensor, data_type_of, dtype_of};
 
 /// Prefix of the nodes the worker adds to read and assign variables during a recycle.
-const INTERNAL_PREFIX: &str = "_tfsd";
+const INTERNAL_PREFIX: &str = "tfsd_internal";
 
 struct Loaded {
     // Field order matters: the session must go before the graph it runs.
@@ -469,5 +469,82 @@ mod tests {
         assert_eq!(parse_endpoint("x"), ("x", 0));
         assert_eq!(parse_endpoint("scope/y:2"), ("scope/y", 2));
         assert_eq!(parse_endpoint("odd:name"), ("odd:name", 0));
+    }
+}
+
+#[cfg(test)]
+mod variable_tests {
+    use super::*;
+    use tensorflow::{Shape, Tensor};
+
+    fn graph_with_variables() -> Vec<u8> {
+        let mut graph = Graph::new();
+        let mut w = graph.new_operation("VariableV2", "w").expect("op");
+        w.set_attr_type("dtype", DataType::Float).expect("dtype");
+        w.set_attr_shape("shape", &Shape::from(Some(Vec::new())))
+            .expect("shape");
+        let w = w.finish().expect("w");
+        let mut three = graph.new_operation("Const", "three").expect("op");
+        three
+            .set_attr_type("dtype", DataType::Float)
+            .expect("dtype");
+        three
+            .set_attr_tensor(
+                "value",
+                Tensor::<f32>::new(&[]).with_values(&[3.0]).expect("value"),
+            )
+            .expect("value");
+        let three = three.finish().expect("three");
+        let mut init = graph.new_operation("Assign", "w_init").expect("op");
+        init.add_input(w.clone());
+        init.add_input(three.clone());
+        init.finish().expect("init");
+        let mut v = graph.new_operation("VarHandleOp", "v").expect("op");
+        v.set_attr_type("dtype", DataType::Float).expect("dtype");
+        v.set_attr_shape("shape", &Shape::from(Some(Vec::new())))
+            .expect("shape");
+        let v = v.finish().expect("v");
+        let mut init = graph
+            .new_operation("AssignVariableOp", "v_init")
+            .expect("op");
+        init.add_input(v);
+        init.add_input(three);
+        init.set_attr_type("dtype", DataType::Float).expect("dtype");
+        init.finish().expect("init");
+        graph.graph_def().expect("graph_def")
+    }
+
+    fn run_targets(runtime: &Runtime, targets: &[&str]) {
+        runtime
+            .run(wire::Run {
+                targets: targets.iter().map(|t| t.to_string()).collect(),
+                ..wire::Run::default()
+            })
+            .expect("run");
+    }
+
+    #[test]
+    fn variables_move_between_runtimes() {
+        let source = Runtime::new().expect("runtime");
+        source.load(&graph_with_variables(), &[]).expect("load");
+        assert!(
+            source.export_variables().expect("export").is_empty(),
+            "nothing initialised yet"
+        );
+        run_targets(&source, &["w_init", "v_init"]);
+        let exported = source.export_variables().expect("export");
+        let names: Vec<_> = exported.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+
+        let target = Runtime::new().expect("runtime");
+        target.load(&graph_with_variables(), &[]).expect("load");
+        target.import_variables(exported).expect("import");
+        let outputs = target
+            .run(wire::Run {
+                fetches: vec!["w".into()],
+                ..wire::Run::default()
+            })
+            .expect("read w");
+        assert_eq!(outputs[0].tensor_content.as_ref(), 3.0f32.to_le_bytes());
     }
 }
