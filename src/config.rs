@@ -233,6 +233,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tfsd.toml");
+        let config = Config::load(&path).expect("config/tfsd.toml");
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.workers.env["TF_ENABLE_ONEDNN_OPTS"], "0");
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let error = Config::parse("[workers]\npool_sise = 2\n", Path::new(".")).expect_err("typo");
         assert!(format!("{error:#}").contains("pool_sise"), "{error:#}");
