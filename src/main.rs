@@ -87,10 +87,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         start_timeout: config.workers.start_timeout,
     };
     let pool = WarmPool::start(spec, config.workers.pool_size, &tracker, shutdown.clone());
+    let (health, health_service) = tfsd::grpc::health().await;
+    tracker.spawn(follow_worker_health(
+        pool.startable(),
+        health.clone(),
+        shutdown.clone(),
+    ));
     let manager = SessionManager::new(pool, tracker.clone(), shutdown.clone());
     let server = tokio::spawn(tfsd::grpc::serve(
         listener,
         manager.clone(),
+        health_service,
         shutdown.clone(),
     ));
     tracing::info!(%address, pool_size = config.workers.pool_size, "tfsd serving tfsd.v1");
@@ -104,6 +111,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             std::process::exit(130);
         }
     });
+    health.set_draining().await;
     shutdown.cancel();
     drain(manager, tracker).await;
     match server.await {
@@ -112,6 +120,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("tfsd stopped; every worker reaped");
     Ok(())
+}
+
+/// tfsd.v1 is SERVING while workers can be started, NOT_SERVING (with the reason in the
+/// log) while they cannot, e.g. when libtensorflow is missing.
+async fn follow_worker_health(
+    mut startable: tokio::sync::watch::Receiver<Option<bool>>,
+    health: tfsd::grpc::Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let state = *startable.borrow_and_update();
+        if let Some(serving) = state {
+            if !serving {
+                tracing::error!("workers cannot be started: tfsd.v1 reports NOT_SERVING");
+            }
+            health.set_sessions_serving(serving).await;
+        }
+        tokio::select! {
+            changed = startable.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn drain(manager: Arc<SessionManager>, tracker: TaskTracker) {

@@ -1,15 +1,23 @@
 //! The gRPC transport: tonic services over the domain. Only this module (and `proto`)
 //! knows prost types of the public API; handlers stay thin (see `session_service.rs`).
+//!
+//! Besides tfsd.v1 the server answers `grpc.health.v1.Health` (overall and per service)
+//! and server reflection in both v1 and v1alpha (grpcurl 1.8 asks for v1alpha), so
+//! operators can use grpcurl with no proto files at hand.
 
 mod convert;
 mod session_service;
 mod status;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::proto::tfsd::v1::session_service_server::SessionServiceServer;
 use crate::session::SessionManager;
@@ -18,18 +26,88 @@ use crate::session::SessionManager;
 /// travel in one message.
 pub const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
 
-/// Serves tfsd.v1 on `listener` until `shutdown` is cancelled, then lets in-flight calls end.
+/// The fully qualified name of the tfsd.v1 service, as health checks name it.
+pub const SESSION_SERVICE: &str = "tfsd.v1.SessionService";
+
+/// Health of the overall server ("") and of tfsd.v1, as the daemon's state changes.
+#[derive(Debug, Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    /// Once draining, nothing reports SERVING again.
+    draining: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Whether tfsd.v1 can take work: false while no worker can be started or while draining.
+    pub async fn set_sessions_serving(&self, serving: bool) {
+        let status = if serving && !self.draining.load(Ordering::SeqCst) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter
+            .set_service_status(SESSION_SERVICE, status)
+            .await;
+    }
+
+    /// Draining: everything reports NOT_SERVING.
+    pub async fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.set_sessions_serving(false).await;
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Serves tfsd.v1, health and reflection on `listener` until `shutdown` is cancelled, then
+/// lets in-flight calls end.
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<SessionManager>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let sessions = SessionServiceServer::new(session_service::SessionService::new(manager))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .context("build the v1 reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("build the v1alpha reflection service")?;
     tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(sessions)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
+}
+
+/// A health reporter with tfsd.v1 NOT_SERVING until the first worker is ready, and the
+/// service that answers health checks from it.
+pub async fn health() -> (
+    Health,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let health = Health {
+        reporter,
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+    health.set_sessions_serving(false).await;
+    (health, service)
 }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,6 +23,8 @@ pub struct WarmPool {
     wake_refill: Notify,
     /// Signalled whenever a worker joins the pool (tests and start-up wait on it).
     filled: Notify,
+    /// Whether the last attempt to start a worker succeeded (None before the first).
+    startable: watch::Sender<Option<bool>>,
 }
 
 impl WarmPool {
@@ -39,6 +41,7 @@ impl WarmPool {
             ready: Mutex::new(VecDeque::new()),
             wake_refill: Notify::new(),
             filled: Notify::new(),
+            startable: watch::channel(None).0,
         });
         tracker.spawn(pool.clone().refill_loop(shutdown));
         pool
@@ -62,9 +65,21 @@ impl WarmPool {
                 // A pooled worker may have died while it waited; skip it.
                 Some(worker) if worker.exit_description().is_none() => return Ok(worker),
                 Some(_) => continue,
-                None => return WorkerProcess::spawn(&self.spec).await,
+                None => return self.spawn().await,
             }
         }
+    }
+
+    async fn spawn(&self) -> Result<Arc<WorkerProcess>, WorkerError> {
+        let started = WorkerProcess::spawn(&self.spec).await;
+        self.startable.send_replace(Some(started.is_ok()));
+        started
+    }
+
+    /// Follows whether workers can be started: `Some(false)` after a failed start (e.g.
+    /// libtensorflow missing), `Some(true)` after a successful one.
+    pub fn startable(&self) -> watch::Receiver<Option<bool>> {
+        self.startable.subscribe()
     }
 
     /// Stops every pooled worker and waits until each is reaped.
@@ -85,7 +100,7 @@ impl WarmPool {
                 .retain(|worker| worker.exit_description().is_none());
             if self.ready_count() < self.target {
                 let started = tokio::select! {
-                    started = WorkerProcess::spawn(&self.spec) => started,
+                    started = self.spawn() => started,
                     _ = shutdown.cancelled() => break,
                 };
                 match started {
