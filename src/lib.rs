@@ -3,20 +3,24 @@
 //!
 //! Layout (see `docs/ARCHITECTURE.md` for the invariants):
 //! - `config`: the TOML config, validated into `Config`.
+//! - `daemon`: the daemon's life: start, serve, drain on a signal, reap.
 //! - `grpc`: the tonic services (tfsd.v1), thin over the domain.
 //! - `session`: sessions, their operations (`SessionManager`) and lifecycle events.
 //! - `worker`: worker processes (spawn, protocol, death, reaping) and the warm pool.
 //! - `tensor`: TensorFlow's TensorProto, validated and decoded (shared with the worker).
 //! - `memory`: a process's RSS and private memory from `/proc`.
+//! - `system`: system-wide memory (sysinfo).
 //! - `proto`: generated code.
 //!
 //! This crate never links libtensorflow: only the `tfsd-worker` binary (in `worker/`) does.
 
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod grpc;
 pub mod memory;
 pub mod proto;
 pub mod session;
+pub mod system;
 pub mod tensor;
 pub mod worker;

@@ -6,7 +6,9 @@ use prost_types::Timestamp;
 
 use crate::memory::MemoryUsage;
 use crate::proto::tfsd::v1 as api;
-use crate::session::{EventKind, ResetOutcome, SessionEvent, SessionSnapshot, SessionState};
+use crate::session::{
+    DaemonStatus, EventKind, ResetOutcome, SessionEvent, SessionSnapshot, SessionState,
+};
 
 pub fn memory(usage: MemoryUsage) -> api::MemoryUsage {
     api::MemoryUsage {
@@ -91,5 +93,24 @@ pub fn lagged(missed: u64) -> api::SessionEvent {
         reason: format!("this subscriber fell behind and missed {missed} events"),
         at: Some(timestamp(SystemTime::now())),
         ..api::SessionEvent::default()
+    }
+}
+
+pub fn daemon_status(status: DaemonStatus) -> api::DaemonStatus {
+    api::DaemonStatus {
+        version: status.version.to_string(),
+        tensorflow_version: status.tensorflow_version,
+        pid: status.pid,
+        memory: Some(memory(status.memory)),
+        started_at: Some(timestamp(status.started_at)),
+        session_count: status.session_count as u32,
+        warm_workers: status.warm_workers as u32,
+        warm_pool_size: status.warm_pool_size as u32,
+        system: Some(api::SystemMemory {
+            total_bytes: status.system.total_bytes,
+            available_bytes: status.system.available_bytes,
+            cgroup_limit_bytes: status.system.cgroup_limit_bytes,
+        }),
+        draining: status.draining,
     }
 }

@@ -153,6 +153,13 @@ impl api::session_service_server::SessionService for SessionService {
         Ok(Response::new(api::ListSessionsResponse { sessions }))
     }
 
+    async fn get_daemon_status(
+        &self,
+        _request: Request<api::GetDaemonStatusRequest>,
+    ) -> Result<Response<api::DaemonStatus>, Status> {
+        Ok(Response::new(convert::daemon_status(self.manager.status())))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    EventBus, EventKind, ResetOutcome, RunSpec, Session, SessionCore, SessionEvent,
+    DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Session, SessionCore, SessionEvent,
     SessionSnapshot, SessionState,
 };
 use crate::error::{Error, Result, TfCode};
@@ -27,6 +27,7 @@ use wire::{worker_request::Kind, worker_response::Result as Reply};
 
 #[derive(Debug)]
 pub struct SessionManager {
+    started_at: std::time::SystemTime,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     pool: Arc<WarmPool>,
     events: EventBus,
@@ -41,6 +42,7 @@ impl SessionManager {
         shutdown: CancellationToken,
     ) -> Arc<SessionManager> {
         Arc::new(SessionManager {
+            started_at: std::time::SystemTime::now(),
             sessions: RwLock::new(HashMap::new()),
             pool,
             events: EventBus::default(),
@@ -68,6 +70,26 @@ impl SessionManager {
 
     pub fn session(&self, id: &str) -> Result<SessionSnapshot> {
         Ok(self.get(id)?.snapshot())
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        let pid = std::process::id();
+        DaemonStatus {
+            version: env!("CARGO_PKG_VERSION"),
+            tensorflow_version: self.pool.tensorflow_version(),
+            pid,
+            memory: crate::memory::process_memory(pid).unwrap_or_default(),
+            started_at: self.started_at,
+            session_count: self
+                .sessions
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
+            warm_workers: self.pool.ready_count(),
+            warm_pool_size: self.pool.target(),
+            system: crate::system::memory(),
+            draining: self.shutdown.is_cancelled(),
+        }
     }
 
     pub fn list(&self) -> Vec<SessionSnapshot> {

@@ -65,6 +65,21 @@ pub struct ResetOutcome {
     pub variables_preserved: u32,
 }
 
+/// The daemon's own state, for GetDaemonStatus.
+#[derive(Debug, Clone)]
+pub struct DaemonStatus {
+    pub version: &'static str,
+    pub tensorflow_version: String,
+    pub pid: u32,
+    pub memory: MemoryUsage,
+    pub started_at: SystemTime,
+    pub session_count: usize,
+    pub warm_workers: usize,
+    pub warm_pool_size: usize,
+    pub system: crate::system::SystemMemory,
+    pub draining: bool,
+}
+
 /// One step's inputs, as the client sent them.
 #[derive(Debug, Clone, Default)]
 pub struct RunSpec {

@@ -25,6 +25,8 @@ pub struct WarmPool {
     filled: Notify,
     /// Whether the last attempt to start a worker succeeded (None before the first).
     startable: watch::Sender<Option<bool>>,
+    /// TensorFlow's version as the last started worker reported it.
+    tensorflow_version: Mutex<String>,
 }
 
 impl WarmPool {
@@ -42,6 +44,7 @@ impl WarmPool {
             wake_refill: Notify::new(),
             filled: Notify::new(),
             startable: watch::channel(None).0,
+            tensorflow_version: Mutex::new(String::new()),
         });
         tracker.spawn(pool.clone().refill_loop(shutdown));
         pool
@@ -49,6 +52,19 @@ impl WarmPool {
 
     pub fn spec(&self) -> &WorkerSpec {
         &self.spec
+    }
+
+    /// The configured number of ready workers.
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    /// TensorFlow's version as workers report it; empty before the first worker started.
+    pub fn tensorflow_version(&self) -> String {
+        self.tensorflow_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Number of ready workers now.
@@ -72,6 +88,12 @@ impl WarmPool {
 
     async fn spawn(&self) -> Result<Arc<WorkerProcess>, WorkerError> {
         let started = WorkerProcess::spawn(&self.spec).await;
+        if let Ok(worker) = &started {
+            *self
+                .tensorflow_version
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = worker.tensorflow_version().to_string();
+        }
         self.startable.send_replace(Some(started.is_ok()));
         started
     }
