@@ -12,6 +12,19 @@ use serde::Deserialize;
 
 /// Address the tfsd.v1 API listens on when the config names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Address of the Prometheus endpoint (`GET /metrics`) when the config names none.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// Environment variables that override one config key each, applied on top of the file.
+pub const ENV_OVERRIDES: [(&str, &str); 7] = [
+    ("TFSD_LISTEN", "server.listen"),
+    ("TFSD_METRICS_LISTEN", "metrics.listen"),
+    ("TFSD_WORKER_BINARY", "workers.binary"),
+    ("TFSD_POOL_SIZE", "workers.pool_size"),
+    ("TFSD_WORKER_START_TIMEOUT", "workers.start_timeout"),
+    ("TFSD_LOG_FILTER", "log.filter"),
+    ("TFSD_LOG_FORMAT", "log.format"),
+];
 /// Pre-started workers kept ready so a create or a recycle does not wait for TensorFlow to load.
 pub const DEFAULT_POOL_SIZE: usize = 1;
 /// How long a new worker may take to load TensorFlow and say it is ready.
@@ -34,7 +47,15 @@ struct RawConfig {
     #[serde(default)]
     workers: RawWorkers,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +85,8 @@ struct RawLog {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `None` when metrics are switched off (`metrics.listen = ""`).
+    pub metrics_listen: Option<SocketAddr>,
     pub workers: WorkerConfig,
     pub log: LogConfig,
 }
@@ -92,23 +115,48 @@ pub struct LogConfig {
 }
 
 impl Config {
-    /// Reads and validates a TOML file; paths in it are relative to the file's directory.
+    /// Reads and validates a TOML file, then applies the process's `TFSD_*` environment
+    /// overrides (`ENV_OVERRIDES`). Paths in the file are relative to its directory.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read config file {}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base).with_context(|| format!("config file {}", path.display()))
+        Config::load_with_env(Some(path))
     }
 
     /// Validates TOML text. `base` resolves relative paths.
     pub fn parse(text: &str, base: &Path) -> anyhow::Result<Config> {
-        let raw: RawConfig = toml::from_str(text)?;
+        Config::parse_with_env(text, base, |_| None)
+    }
+
+    /// Like `parse`, with the `ENV_OVERRIDES` variables that `env` returns applied on top.
+    pub fn parse_with_env(
+        text: &str,
+        base: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Config> {
+        let mut raw: RawConfig = toml::from_str(text)?;
+        raw.apply_env(env)?;
         Config::from_raw(raw, base)
     }
 
-    /// The configuration with every default, for running without a file.
+    /// Reads a file (or none, for every default) and applies the process's `TFSD_*`
+    /// environment overrides.
+    fn load_with_env(path: Option<&Path>) -> anyhow::Result<Config> {
+        let env = |name: &str| std::env::var(name).ok();
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read config file {}", path.display()))?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                Config::parse_with_env(&text, base, env)
+                    .with_context(|| format!("config file {}", path.display()))
+            }
+            None => Config::parse_with_env("", Path::new("."), env),
+        }
+    }
+
+    /// Every default, with the process's `TFSD_*` environment overrides applied: the
+    /// configuration of a daemon started without a file.
     pub fn defaults() -> anyhow::Result<Config> {
-        Config::from_raw(RawConfig::default(), Path::new("."))
+        Config::load_with_env(None)
     }
 
     fn from_raw(raw: RawConfig, base: &Path) -> anyhow::Result<Config> {
@@ -116,6 +164,22 @@ impl Config {
         let listen = listen_text.parse().with_context(|| {
             format!("server.listen = {listen_text:?} is not an address like \"127.0.0.1:50051\"")
         })?;
+
+        let metrics_text = raw
+            .metrics
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN);
+        let metrics_listen = if metrics_text.is_empty() {
+            None
+        } else {
+            Some(metrics_text.parse().with_context(|| {
+                format!(
+                    "metrics.listen = {metrics_text:?} is not an address like \"127.0.0.1:9464\" \
+                     (or \"\" to switch metrics off)"
+                )
+            })?)
+        };
 
         let binary = match raw.workers.binary {
             Some(path) => base.join(path),
@@ -148,6 +212,7 @@ impl Config {
 
         Ok(Config {
             listen,
+            metrics_listen,
             workers: WorkerConfig {
                 binary,
                 pool_size,
@@ -157,6 +222,28 @@ impl Config {
             },
             log: LogConfig { filter, format },
         })
+    }
+}
+
+impl RawConfig {
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        for (variable, key) in ENV_OVERRIDES {
+            let Some(value) = env(variable) else { continue };
+            let invalid = || format!("{variable} = {value:?} is not valid for {key}");
+            match key {
+                "server.listen" => self.server.listen = Some(value.clone()),
+                "metrics.listen" => self.metrics.listen = Some(value.clone()),
+                "workers.binary" => self.workers.binary = Some(PathBuf::from(&value)),
+                "workers.pool_size" => {
+                    self.workers.pool_size = Some(value.parse().with_context(invalid)?)
+                }
+                "workers.start_timeout" => self.workers.start_timeout = Some(value.clone()),
+                "log.filter" => self.log.filter = Some(value.clone()),
+                "log.format" => self.log.format = Some(value.clone()),
+                _ => unreachable!("every ENV_OVERRIDES key is handled"),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -238,6 +325,25 @@ mod tests {
         let config = Config::load(&path).expect("config/tfsd.toml");
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.workers.env["TF_ENABLE_ONEDNN_OPTS"], "0");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = |name: &str| match name {
+            "TFSD_POOL_SIZE" => Some("4".to_string()),
+            "TFSD_METRICS_LISTEN" => Some(String::new()),
+            "TFSD_LISTEN" => Some("127.0.0.1:0".to_string()),
+            _ => None,
+        };
+        let config = Config::parse_with_env("[workers]\npool_size = 2\n", Path::new("."), env)
+            .expect("valid");
+        assert_eq!(config.workers.pool_size, 4);
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.listen.port(), 0);
+
+        let bad = |name: &str| (name == "TFSD_POOL_SIZE").then(|| "many".to_string());
+        let error = Config::parse_with_env("", Path::new("."), bad).expect_err("not a number");
+        assert!(format!("{error:#}").contains("TFSD_POOL_SIZE"), "{error:#}");
     }
 
     #[test]

@@ -8,16 +8,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, LogFormat};
+use crate::metrics::Metrics;
 use crate::session::SessionManager;
 use crate::worker::{WarmPool, WorkerSpec};
 
 /// How long in-flight work may take to finish after SIGTERM before workers are killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// How long open client streams may hold the gRPC server after every session is closed.
+const SERVER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs the daemon until a signal, then drains. Prints "tfsd listening on ADDRESS" on stdout
 /// once connections are accepted.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config)?;
+    // Listen for signals before anything else: a SIGTERM right after start-up must drain,
+    // not kill the daemon with its default action.
+    let mut signals = Signals::new()?;
     if !config.workers.binary.is_file() {
         bail!(
             "the worker binary {} does not exist (build it with `cargo build --workspace`, \
@@ -29,6 +36,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", config.listen))?;
     let address = listener.local_addr().context("read the bound address")?;
+    let metrics_listener = match config.metrics_listen {
+        Some(metrics_address) => Some(
+            tokio::net::TcpListener::bind(metrics_address)
+                .await
+                .with_context(|| format!("bind the metrics endpoint {metrics_address}"))?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -37,6 +53,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         env: config.workers.env.clone(),
         library_dir: config.workers.library_dir.clone(),
         start_timeout: config.workers.start_timeout,
+        metrics: metrics.clone(),
     };
     let pool = WarmPool::start(spec, config.workers.pool_size, &tracker, shutdown.clone());
     let (health, health_service) = crate::grpc::health().await;
@@ -45,30 +62,49 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         health.clone(),
         shutdown.clone(),
     ));
-    let manager = SessionManager::new(pool, tracker.clone(), shutdown.clone());
+    let manager = SessionManager::new(pool, metrics.clone(), tracker.clone(), shutdown.clone());
     let server = tokio::spawn(crate::grpc::serve(
         listener,
         manager.clone(),
         health_service,
         shutdown.clone(),
     ));
+    if let Some(metrics_listener) = metrics_listener {
+        let metrics_address = metrics_listener
+            .local_addr()
+            .context("read the metrics address")?;
+        tracker.spawn(serve_metrics(
+            metrics_listener,
+            metrics.clone(),
+            manager.clone(),
+            shutdown.clone(),
+        ));
+        println!("tfsd metrics on http://{metrics_address}/metrics");
+    }
     tracing::info!(%address, pool_size = config.workers.pool_size, "tfsd serving tfsd.v1");
     println!("tfsd listening on {address}");
 
-    wait_for_signal().await?;
-    tracing::info!("shutting down: no new work; closing sessions");
-    tokio::spawn(async {
-        if wait_for_signal().await.is_ok() {
-            tracing::warn!("second signal: exiting now (workers die with the daemon)");
-            std::process::exit(130);
-        }
+    signals.recv().await;
+    tracing::info!(
+        grace = ?SHUTDOWN_GRACE,
+        "shutting down: no new sessions, in-flight work may finish, then every worker is reaped"
+    );
+    let pool = manager.pool().clone();
+    tokio::spawn(async move {
+        signals.recv().await;
+        tracing::warn!("second signal: killing every worker now, then exiting");
+        pool.kill_all_workers().await;
+        std::process::exit(130);
     });
     health.set_draining().await;
     shutdown.cancel();
     drain(manager, tracker).await;
-    match server.await {
-        Ok(result) => result.context("the gRPC server failed")?,
-        Err(error) => bail!("the gRPC server task failed: {error}"),
+    // Streams that never end by themselves (a client's health Watch) must not keep the
+    // daemon alive once every session is closed.
+    match tokio::time::timeout(SERVER_CLOSE_TIMEOUT, server).await {
+        Ok(Ok(result)) => result.context("the gRPC server failed")?,
+        Ok(Err(error)) => bail!("the gRPC server task failed: {error}"),
+        Err(_) => tracing::warn!("closing the remaining client streams"),
     }
     tracing::info!("tfsd stopped; every worker reaped");
     Ok(())
@@ -102,15 +138,38 @@ async fn drain(manager: Arc<SessionManager>, tracker: TaskTracker) {
     tracker.wait().await;
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    manager: Arc<SessionManager>,
+    shutdown: CancellationToken,
+) {
+    if let Err(error) = crate::metrics::serve(listener, metrics, manager, shutdown).await {
+        tracing::error!(%error, "the metrics endpoint failed");
     }
-    Ok(())
+}
+
+/// SIGTERM and SIGINT, installed once at start-up.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {

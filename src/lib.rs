@@ -9,6 +9,7 @@
 //! - `worker`: worker processes (spawn, protocol, death, reaping) and the warm pool.
 //! - `tensor`: TensorFlow's TensorProto, validated and decoded (shared with the worker).
 //! - `memory`: a process's RSS and private memory from `/proc`.
+//! - `metrics`: Prometheus metrics and their HTTP endpoint.
 //! - `system`: system-wide memory (sysinfo).
 //! - `proto`: generated code.
 //!
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod error;
 pub mod grpc;
 pub mod memory;
+pub mod metrics;
 pub mod proto;
 pub mod session;
 pub mod system;

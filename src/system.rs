@@ -25,8 +25,50 @@ pub fn memory() -> SystemMemory {
     }
 }
 
+/// Kernel memory pressure (PSI), percent of time some/all tasks stalled on memory over the
+/// last 10 s.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MemoryPressure {
+    pub some_avg10: f64,
+    pub full_avg10: f64,
+}
+
+/// Reads `/proc/pressure/memory`; `None` where the kernel has no PSI.
+pub fn memory_pressure() -> Option<MemoryPressure> {
+    let text = std::fs::read_to_string("/proc/pressure/memory").ok()?;
+    Some(parse_pressure(&text))
+}
+
+/// Parses PSI lines like `some avg10=0.12 avg60=0.05 avg300=0.01 total=1234`.
+pub fn parse_pressure(text: &str) -> MemoryPressure {
+    let avg10 = |line: &str| {
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix("avg10="))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mut pressure = MemoryPressure::default();
+    for line in text.lines() {
+        if line.starts_with("some ") {
+            pressure.some_avg10 = avg10(line);
+        } else if line.starts_with("full ") {
+            pressure.full_avg10 = avg10(line);
+        }
+    }
+    pressure
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parses_psi_lines() {
+        let text = "some avg10=1.50 avg60=0.20 avg300=0.00 total=100\n\
+                    full avg10=0.25 avg60=0.00 avg300=0.00 total=10\n";
+        let pressure = super::parse_pressure(text);
+        assert_eq!(pressure.some_avg10, 1.5);
+        assert_eq!(pressure.full_avg10, 0.25);
+    }
+
     #[test]
     fn reads_the_machine() {
         let memory = super::memory();

@@ -39,6 +39,7 @@ pub fn session(snapshot: SessionSnapshot) -> api::SessionInfo {
         memory: Some(memory(snapshot.memory)),
         graph_version: snapshot.graph_version,
         run_count: snapshot.run_count,
+        runs_in_flight: snapshot.runs_in_flight,
         graph_reset_count: snapshot.graph_reset_count,
         purge_count: snapshot.purge_count,
         recycle_count: snapshot.recycle_count,

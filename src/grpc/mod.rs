@@ -70,7 +70,10 @@ pub async fn serve(
     >,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let sessions = SessionServiceServer::new(session_service::SessionService::new(manager))
+    let sessions = SessionServiceServer::new(session_service::SessionService::new(
+        manager,
+        shutdown.clone(),
+    ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let reflection = || {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -16,11 +17,13 @@ use crate::session::{RunSpec, SessionManager};
 #[derive(Debug)]
 pub struct SessionService {
     manager: Arc<SessionManager>,
+    /// Ends event streams when the daemon shuts down, so they do not hold the drain open.
+    shutdown: CancellationToken,
 }
 
 impl SessionService {
-    pub fn new(manager: Arc<SessionManager>) -> Self {
-        SessionService { manager }
+    pub fn new(manager: Arc<SessionManager>, shutdown: CancellationToken) -> Self {
+        SessionService { manager, shutdown }
     }
 }
 
@@ -168,9 +171,14 @@ impl api::session_service_server::SessionService for SessionService {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let only = request.into_inner().session_id;
         let mut events = self.manager.subscribe();
+        let shutdown = self.shutdown.clone();
         let stream = async_stream(move |yield_event| async move {
             loop {
-                let event = match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    _ = shutdown.cancelled() => break,
+                };
+                let event = match received {
                     Ok(event) if only.is_empty() || event.session_id == only => {
                         convert::event(event)
                     }

@@ -4,7 +4,11 @@
 
 use std::time::SystemTime;
 
+use std::sync::Arc;
+
 use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
 
 use crate::memory::MemoryUsage;
 
@@ -64,17 +68,17 @@ impl SessionEvent {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     sender: broadcast::Sender<SessionEvent>,
-}
-
-impl Default for EventBus {
-    fn default() -> Self {
-        EventBus {
-            sender: broadcast::channel(EVENT_BUFFER).0,
-        }
-    }
+    metrics: Arc<Metrics>,
 }
 
 impl EventBus {
+    pub fn new(metrics: Arc<Metrics>) -> EventBus {
+        EventBus {
+            sender: broadcast::channel(EVENT_BUFFER).0,
+            metrics,
+        }
+    }
+
     pub fn publish(&self, event: SessionEvent) {
         tracing::info!(
             session_id = %event.session_id,
@@ -83,6 +87,7 @@ impl EventBus {
             reason = %event.reason,
             "session event"
         );
+        self.metrics.record_event(&event);
         // No subscribers is fine: events are not stored.
         let _ = self.sender.send(event);
     }

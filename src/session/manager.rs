@@ -19,6 +19,7 @@ use super::{
     SessionSnapshot, SessionState,
 };
 use crate::error::{Error, Result, TfCode};
+use crate::metrics::Metrics;
 use crate::proto::tensorflow::TensorProto;
 use crate::proto::tfsd::worker::v1 as wire;
 use crate::tensor;
@@ -31,6 +32,7 @@ pub struct SessionManager {
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     pool: Arc<WarmPool>,
     events: EventBus,
+    metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -38,6 +40,7 @@ pub struct SessionManager {
 impl SessionManager {
     pub fn new(
         pool: Arc<WarmPool>,
+        metrics: Arc<Metrics>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<SessionManager> {
@@ -45,7 +48,8 @@ impl SessionManager {
             started_at: std::time::SystemTime::now(),
             sessions: RwLock::new(HashMap::new()),
             pool,
-            events: EventBus::default(),
+            events: EventBus::new(metrics.clone()),
+            metrics,
             tracker,
             shutdown,
         })
@@ -300,9 +304,16 @@ impl SessionManager {
                 .timeout
                 .map_or(0, |timeout| timeout.as_millis().max(1) as u64),
         });
+        let started = Instant::now();
+        session.touch(|stats| stats.runs_in_flight += 1);
+        // Counted down even if the caller goes away mid-run.
+        let in_flight = InFlight(&session);
         let reply = worker.call(run).await;
+        drop(in_flight);
         drop(core);
         session.touch(|stats| stats.run_count += 1);
+        let ok = matches!(reply, Ok(Reply::Run(_)));
+        self.metrics.record_run(started.elapsed(), ok);
         match reply {
             Ok(Reply::Run(result)) => Ok(result.outputs),
             other => Err(unexpected(&worker, other)),
@@ -500,6 +511,16 @@ impl SessionManager {
             }
         }
         self.pool.drain().await;
+    }
+}
+
+/// One run in flight on a session, counted down on drop.
+struct InFlight<'a>(&'a Session);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut stats = self.0.stats();
+        stats.runs_in_flight = stats.runs_in_flight.saturating_sub(1);
     }
 }
 

@@ -2,7 +2,7 @@
 //! does not wait for TensorFlow to load (~0.25 s and ~280 MiB per process, FACTS §2).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -27,6 +27,8 @@ pub struct WarmPool {
     startable: watch::Sender<Option<bool>>,
     /// TensorFlow's version as the last started worker reported it.
     tensorflow_version: Mutex<String>,
+    /// Every worker this pool started, pooled or handed out, for a last-resort kill.
+    started: Mutex<Vec<Weak<WorkerProcess>>>,
 }
 
 impl WarmPool {
@@ -45,6 +47,7 @@ impl WarmPool {
             filled: Notify::new(),
             startable: watch::channel(None).0,
             tensorflow_version: Mutex::new(String::new()),
+            started: Mutex::new(Vec::new()),
         });
         tracker.spawn(pool.clone().refill_loop(shutdown));
         pool
@@ -89,6 +92,10 @@ impl WarmPool {
     async fn spawn(&self) -> Result<Arc<WorkerProcess>, WorkerError> {
         let started = WorkerProcess::spawn(&self.spec).await;
         if let Ok(worker) = &started {
+            let mut all = self.started.lock().unwrap_or_else(|e| e.into_inner());
+            all.retain(|weak| weak.strong_count() > 0);
+            all.push(Arc::downgrade(worker));
+            drop(all);
             *self
                 .tensorflow_version
                 .lock()
@@ -102,6 +109,22 @@ impl WarmPool {
     /// libtensorflow missing), `Some(true)` after a successful one.
     pub fn startable(&self) -> watch::Receiver<Option<bool>> {
         self.startable.subscribe()
+    }
+
+    /// Kills every worker this pool ever started that is still alive, pooled or serving a
+    /// session, and waits until each is reaped: the second-signal path, where no session
+    /// gets to finish.
+    pub async fn kill_all_workers(&self) {
+        let workers: Vec<_> = self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for worker in workers {
+            worker.stop().await;
+        }
     }
 
     /// Stops every pooled worker and waits until each is reaped.

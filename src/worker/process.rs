@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::memory::{self, MemoryUsage};
+use crate::metrics::Metrics;
 use crate::proto::tfsd::worker::v1::{
     WorkerRequest, WorkerResponse, worker_request, worker_response,
 };
@@ -37,11 +38,17 @@ pub struct WorkerSpec {
     pub env: BTreeMap<String, String>,
     pub library_dir: Option<PathBuf>,
     pub start_timeout: Duration,
+    /// Where worker starts and exits are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// How a worker process ended, in words a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitDescription(String);
+pub struct ExitDescription {
+    text: String,
+    /// Short and label-friendly: the signal's name or `exit_code_N`.
+    cause: String,
+}
 
 impl ExitDescription {
     fn from_status(status: ExitStatus) -> ExitDescription {
@@ -52,19 +59,34 @@ impl ExitDescription {
             } else {
                 ""
             };
-            ExitDescription(format!("killed by signal {signal} ({name}{core})"))
+            ExitDescription {
+                text: format!("killed by signal {signal} ({name}{core})"),
+                cause: name.to_string(),
+            }
         } else {
-            ExitDescription(format!(
-                "exited with code {}",
-                status.code().unwrap_or_default()
-            ))
+            let code = status.code().unwrap_or_default();
+            ExitDescription {
+                text: format!("exited with code {code}"),
+                cause: format!("exit_code_{code}"),
+            }
         }
+    }
+
+    fn other(text: String) -> ExitDescription {
+        ExitDescription {
+            text,
+            cause: "unknown".to_string(),
+        }
+    }
+
+    pub fn cause(&self) -> &str {
+        &self.cause
     }
 }
 
 impl fmt::Display for ExitDescription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
@@ -201,7 +223,18 @@ impl WorkerProcess {
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel();
         let expected_exit = Arc::new(AtomicBool::new(false));
-        tokio::spawn(watch_exit(child, pid, kill_rx, pending.clone(), exit_tx));
+        spec.metrics.record_worker_spawn();
+        tokio::spawn(watch_exit(
+            child,
+            pid,
+            kill_rx,
+            pending.clone(),
+            exit_tx,
+            ExitAccounting {
+                expected: expected_exit.clone(),
+                metrics: spec.metrics.clone(),
+            },
+        ));
 
         // The first frame is Ready, sent once TensorFlow is loaded.
         let mut exit_for_start = exit_rx.clone();
@@ -241,7 +274,7 @@ impl WorkerProcess {
                 .ok()
                 .and_then(|exit| exit.clone());
             kill_now(kill_tx);
-            let how = how.map_or_else(|| "it sent no ready message".to_string(), |how| how.0);
+            let how = how.map_or_else(|| "it sent no ready message".to_string(), |how| how.text);
             return Err(start_error(format!(
                 "the worker {how} before it was ready (its stderr is in the daemon's log)"
             )));
@@ -367,7 +400,13 @@ impl Drop for WorkerProcess {
 }
 
 fn unknown_exit() -> ExitDescription {
-    ExitDescription("exited".to_string())
+    ExitDescription::other("exited".to_string())
+}
+
+/// What the exit watcher needs to count an exit under the right cause.
+struct ExitAccounting {
+    expected: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 /// Owns the child: reaps it when it exits on its own, or kills then reaps it when asked.
@@ -378,6 +417,7 @@ async fn watch_exit(
     kill: oneshot::Receiver<()>,
     pending: Arc<Pending>,
     exit: watch::Sender<Option<ExitDescription>>,
+    accounting: ExitAccounting,
 ) {
     let status = tokio::select! {
         status = child.wait() => status,
@@ -388,9 +428,14 @@ async fn watch_exit(
     };
     let description = match status {
         Ok(status) => ExitDescription::from_status(status),
-        Err(error) => ExitDescription(format!("could not be waited for: {error}")),
+        Err(error) => ExitDescription::other(format!("could not be waited for: {error}")),
     };
     tracing::debug!(worker_pid = pid, how = %description, "worker reaped");
+    if accounting.expected.load(Ordering::SeqCst) {
+        accounting.metrics.record_worker_exit("stopped");
+    } else {
+        accounting.metrics.record_worker_exit(description.cause());
+    }
     let waiting = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
     for (_, reply) in waiting.into_iter().flatten() {
         let _ = reply.send(Err(WorkerError::Died {

@@ -26,6 +26,8 @@ pub struct Daemon {
     child: Child,
     stopped: bool,
     pub address: String,
+    /// `http://HOST:PORT/metrics`.
+    pub metrics_url: String,
 }
 
 impl Daemon {
@@ -39,6 +41,8 @@ impl Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tfsd"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
+            // Every test daemon gets its own free port for metrics too.
+            .env("TFSD_METRICS_LISTEN", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 std::env::var("TFSD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -50,21 +54,47 @@ impl Daemon {
         let stdout = child.stdout.take().expect("stdout");
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut metrics_url = String::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("tfsd metrics on ") {
+                    metrics_url = url.to_string();
+                }
                 if let Some(address) = line.strip_prefix("tfsd listening on ") {
-                    let _ = sender.send(address.to_string());
+                    let _ = sender.send((address.to_string(), metrics_url.clone()));
                 }
             }
         });
-        let address = receiver
+        let (address, metrics_url) = receiver
             .recv_timeout(DEADLINE)
             .expect("tfsd did not say it listens");
         Daemon {
             child,
             stopped: false,
             address,
+            metrics_url,
         }
+    }
+
+    /// One scrape of the metrics endpoint (plain HTTP/1.1 over a TCP stream).
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let rest = self
+            .metrics_url
+            .strip_prefix("http://")
+            .expect("metrics url");
+        let (host, path) = rest.split_once('/').expect("path");
+        let mut stream = std::net::TcpStream::connect(host).expect("connect to metrics");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        write!(
+            stream,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read response");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
     }
 
     pub fn pid(&self) -> u32 {
@@ -85,8 +115,14 @@ impl Daemon {
     /// Sends SIGTERM and waits (with a deadline) for the daemon to exit; returns the exit
     /// code, or -1 for death by a signal.
     pub fn stop(&mut self) -> i32 {
-        self.stopped = true;
         signal(self.child.id(), libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits (with a deadline) for the daemon to exit on its own; returns the exit code, or
+    /// -1 for death by a signal.
+    pub fn wait_exit(&mut self) -> i32 {
+        self.stopped = true;
         let pid = self.child.id() as i32;
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

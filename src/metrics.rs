@@ -1,0 +1,257 @@
+//! Prometheus metrics (text exposition, OpenMetrics format) and the HTTP endpoint that
+//! serves them.
+//!
+//! Counters are fed where things happen (events, runs, worker starts and exits); gauges that
+//! describe the present (per-session memory, pool size, system memory and pressure) are
+//! refreshed at scrape time from the `SessionManager`, so a scrape always shows the truth
+//! and nothing samples in the background for it.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{EventKind, SessionEvent, SessionManager};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabels {
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabels {
+    session_id: String,
+}
+
+/// Every metric tfsd exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    actions: Family<ActionLabels, Counter>,
+    runs: Histogram,
+    run_errors: Counter,
+    worker_spawns: Counter,
+    worker_exits: Family<ExitLabels, Counter>,
+    session_private: Family<SessionLabels, Gauge>,
+    session_rss: Family<SessionLabels, Gauge>,
+    sessions: Gauge,
+    warm_workers: Gauge,
+    supervisor_rss: Gauge,
+    system_total: Gauge,
+    system_available: Gauge,
+    pressure_some_avg10: Gauge<f64, AtomicU64>,
+    pressure_full_avg10: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tfsd");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            actions: Family::default(),
+            // 50 µs to ~26 s.
+            runs: Histogram::new(exponential_buckets(0.000_05, 2.0, 20)),
+            run_errors: Counter::default(),
+            worker_spawns: Counter::default(),
+            worker_exits: Family::default(),
+            session_private: Family::default(),
+            session_rss: Family::default(),
+            sessions: Gauge::default(),
+            warm_workers: Gauge::default(),
+            supervisor_rss: Gauge::default(),
+            system_total: Gauge::default(),
+            system_available: Gauge::default(),
+            pressure_some_avg10: Gauge::default(),
+            pressure_full_avg10: Gauge::default(),
+        };
+        registry.register(
+            "session_actions",
+            "Lifecycle actions on sessions, by action (created, extended, graph_reset, \
+             variables_purged, recycled, worker_exited, restored, closed)",
+            metrics.actions.clone(),
+        );
+        registry.register(
+            "run_duration_seconds",
+            "Run latency as the supervisor sees it (worker round trip included)",
+            metrics.runs.clone(),
+        );
+        registry.register("run_errors", "Runs that failed", metrics.run_errors.clone());
+        registry.register(
+            "worker_spawns",
+            "Worker processes started",
+            metrics.worker_spawns.clone(),
+        );
+        registry.register(
+            "worker_exits",
+            "Worker processes reaped, by cause (stopped = by tfsd; otherwise the signal or exit code)",
+            metrics.worker_exits.clone(),
+        );
+        registry.register(
+            "session_private_bytes",
+            "Private (anonymous resident) memory of each session's worker",
+            metrics.session_private.clone(),
+        );
+        registry.register(
+            "session_rss_bytes",
+            "Resident set size of each session's worker, shared library pages included",
+            metrics.session_rss.clone(),
+        );
+        registry.register("sessions", "Open sessions", metrics.sessions.clone());
+        registry.register(
+            "warm_pool_workers",
+            "Ready workers in the warm pool",
+            metrics.warm_workers.clone(),
+        );
+        registry.register(
+            "supervisor_rss_bytes",
+            "Resident set size of the supervisor process",
+            metrics.supervisor_rss.clone(),
+        );
+        registry.register(
+            "system_memory_total_bytes",
+            "Total memory of the machine",
+            metrics.system_total.clone(),
+        );
+        registry.register(
+            "system_memory_available_bytes",
+            "Available memory of the machine",
+            metrics.system_available.clone(),
+        );
+        registry.register(
+            "memory_pressure_some_avg10",
+            "Kernel memory pressure (PSI some avg10, percent); 0 where PSI is absent",
+            metrics.pressure_some_avg10.clone(),
+        );
+        registry.register(
+            "memory_pressure_full_avg10",
+            "Kernel memory pressure (PSI full avg10, percent); 0 where PSI is absent",
+            metrics.pressure_full_avg10.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    pub fn record_event(&self, event: &SessionEvent) {
+        let action = match event.kind {
+            EventKind::Created => "created",
+            EventKind::Extended => "extended",
+            EventKind::GraphReset => "graph_reset",
+            EventKind::VariablesPurged => "variables_purged",
+            EventKind::Recycled => "recycled",
+            EventKind::WorkerExited => "worker_exited",
+            EventKind::Restored => "restored",
+            EventKind::Closed => "closed",
+        };
+        self.actions
+            .get_or_create(&ActionLabels {
+                action: action.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn record_run(&self, took: Duration, ok: bool) {
+        self.runs.observe(took.as_secs_f64());
+        if !ok {
+            self.run_errors.inc();
+        }
+    }
+
+    pub fn record_worker_spawn(&self) {
+        self.worker_spawns.inc();
+    }
+
+    /// `cause` is "stopped" for a worker tfsd stopped, else how it died ("SIGKILL", ...).
+    pub fn record_worker_exit(&self, cause: &str) {
+        self.worker_exits
+            .get_or_create(&ExitLabels {
+                cause: cause.to_string(),
+            })
+            .inc();
+    }
+
+    /// Refreshes the gauges from the present state and renders the exposition.
+    pub fn render(&self, manager: &SessionManager) -> String {
+        self.session_private.clear();
+        self.session_rss.clear();
+        let sessions = manager.list();
+        for session in &sessions {
+            let labels = SessionLabels {
+                session_id: session.id.clone(),
+            };
+            self.session_private
+                .get_or_create(&labels)
+                .set(session.memory.private_bytes as i64);
+            self.session_rss
+                .get_or_create(&labels)
+                .set(session.memory.rss_bytes as i64);
+        }
+        let status = manager.status();
+        self.sessions.set(sessions.len() as i64);
+        self.warm_workers.set(status.warm_workers as i64);
+        self.supervisor_rss.set(status.memory.rss_bytes as i64);
+        self.system_total.set(status.system.total_bytes as i64);
+        self.system_available
+            .set(status.system.available_bytes as i64);
+        let pressure = crate::system::memory_pressure().unwrap_or_default();
+        self.pressure_some_avg10.set(pressure.some_avg10);
+        self.pressure_full_avg10.set(pressure.full_avg10);
+
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "could not encode metrics");
+        }
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    manager: Arc<SessionManager>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = metrics.render(&manager);
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+                    .into_response()
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! Operating tfsd: health, metrics, and the shutdown sequence, with the real binary.
+
+mod common;
+
+use common::*;
+use tfsd::proto::tfsd::v1 as api;
+
+/// The value of the first sample line that starts with `prefix`, e.g.
+/// `tfsd_session_actions_total{action="created"}`.
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_move_with_the_daemon() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let before = daemon.scrape_metrics();
+    assert!(before.contains("# TYPE tfsd_sessions gauge"), "{before}");
+    assert_eq!(sample(&before, "tfsd_sessions "), 0.0);
+
+    let session = create(&mut client, model_graph()).await;
+    run(&mut client, &session.session_id, &[], &[], &["w_init"])
+        .await
+        .expect("run");
+    client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: session.session_id.clone(),
+            preserve_variables: true,
+        })
+        .await
+        .expect("recycle");
+
+    let after = daemon.scrape_metrics();
+    assert_eq!(sample(&after, "tfsd_sessions "), 1.0);
+    assert_eq!(
+        sample(&after, "tfsd_session_actions_total{action=\"created\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "tfsd_session_actions_total{action=\"recycled\"}"),
+        1.0
+    );
+    assert_eq!(sample(&after, "tfsd_run_duration_seconds_count"), 1.0);
+    assert!(sample(&after, "tfsd_worker_spawns_total") >= 2.0);
+    assert_eq!(
+        sample(&after, "tfsd_worker_exits_total{cause=\"stopped\"}"),
+        1.0
+    );
+    let private = format!(
+        "tfsd_session_private_bytes{{session_id=\"{}\"}}",
+        session.session_id
+    );
+    assert!(sample(&after, &private) > 0.0, "{after}");
+    assert!(sample(&after, "tfsd_system_memory_available_bytes") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_the_daemon_and_the_pool() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    create(&mut client, model_graph()).await;
+    let status = client
+        .get_daemon_status(api::GetDaemonStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.pid, daemon.pid());
+    assert_eq!(status.session_count, 1);
+    assert_eq!(status.warm_pool_size, 1);
+    assert_eq!(status.tensorflow_version, "2.21.0");
+    assert!(!status.draining);
+    let memory = status.memory.expect("memory");
+    // The supervisor never loads TensorFlow: it stays small.
+    assert!(memory.rss_bytes < 100 << 20, "supervisor RSS {}", memory.rss_bytes);
+    assert!(status.system.expect("system").total_bytes > 0);
+}
+
+/// A graph whose `total` takes a while: a chain of 1024×1024 matrix products. Long enough
+/// to still be running when the test sends SIGTERM; its result is whatever it is.
+fn slow_graph(products: usize) -> Vec<u8> {
+    use tensorflow::{DataType, Graph, Tensor};
+    let mut graph = Graph::new();
+    let shape = add_op(&mut graph, "Const", "shape", &[], |d| {
+        d.set_attr_type("dtype", DataType::Int32).expect("dtype");
+        d.set_attr_tensor(
+            "value",
+            Tensor::<i32>::new(&[2])
+                .with_values(&[1024, 1024])
+                .expect("value"),
+        )
+        .expect("value");
+    });
+    let a = add_op(&mut graph, "RandomStandardNormal", "a", &[&shape], |d| {
+        d.set_attr_type("dtype", DataType::Float).expect("dtype");
+    });
+    let mut product = a.clone();
+    for i in 0..products {
+        product = add_op(&mut graph, "MatMul", &format!("m{i}"), &[&product, &a], |_| {});
+    }
+    let axes = add_op(&mut graph, "Const", "axes", &[], |d| {
+        d.set_attr_type("dtype", DataType::Int32).expect("dtype");
+        d.set_attr_tensor(
+            "value",
+            Tensor::<i32>::new(&[2]).with_values(&[0, 1]).expect("value"),
+        )
+        .expect("value");
+    });
+    add_op(&mut graph, "Sum", "total", &[&product, &axes], |_| {});
+    graph.graph_def().expect("graph_def")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_a_run_finish_refuses_new_work_and_reaps_everything() {
+    let mut daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let session = create(&mut client, slow_graph(24)).await;
+    let workers = children_of(daemon.pid());
+    assert!(workers.contains(&session.worker_pid));
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", daemon.address))
+            .expect("address")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let mut health_updates = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "tfsd.v1.SessionService".to_string(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    // The first update is the current status; the warm worker may still be starting.
+    let mut status = health_updates.message().await.expect("health").expect("status");
+    while status.status != serving {
+        status = health_updates.message().await.expect("health").expect("status");
+    }
+
+    let mut run_client = client.clone();
+    let id = session.session_id.clone();
+    let in_flight = tokio::spawn(async move { run(&mut run_client, &id, &[], &["total"], &[]).await });
+    // Wait until the daemon counts the run as in flight.
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let info = client
+                .get_session(api::GetSessionRequest {
+                    session_id: session.session_id.clone(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            if info.runs_in_flight == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the run never started");
+
+    signal(daemon.pid(), libc::SIGTERM);
+    let status = tokio::time::timeout(DEADLINE, health_updates.message())
+        .await
+        .expect("health update")
+        .expect("health stream")
+        .expect("status");
+    assert_eq!(status.status, not_serving);
+
+    // New work is refused while the run goes on.
+    let refused = Client::connect(format!("http://{}", daemon.address)).await;
+    if let Ok(mut fresh) = refused {
+        let status = fresh
+            .create_session(api::CreateSessionRequest::default())
+            .await
+            .expect_err("no new sessions while draining");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    let outputs = tokio::time::timeout(DEADLINE, in_flight)
+        .await
+        .expect("the in-flight run must end")
+        .expect("task")
+        .expect("the in-flight run completes during the drain");
+    assert_eq!(outputs[0].dtype, 1);
+
+    assert_eq!(daemon.wait_exit(), 0, "a drained daemon exits 0");
+    for pid in workers {
+        assert!(!process_alive(pid), "worker {pid} outlived the daemon");
+    }
+}
