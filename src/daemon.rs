@@ -83,6 +83,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(%address, pool_size = config.workers.pool_size, "tfsd serving tfsd.v1");
     println!("tfsd listening on {address}");
+    crate::notify::notify("READY=1");
+    if let Some(interval) = crate::notify::watchdog_interval() {
+        tracker.spawn(crate::notify::keep_watchdog_fed(interval, shutdown.clone()));
+    }
 
     signals.recv().await;
     tracing::info!(
@@ -96,6 +100,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         pool.kill_all_workers().await;
         std::process::exit(130);
     });
+    crate::notify::notify("STOPPING=1");
     health.set_draining().await;
     shutdown.cancel();
     drain(manager, tracker).await;

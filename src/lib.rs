@@ -10,6 +10,7 @@
 //! - `tensor`: TensorFlow's TensorProto, validated and decoded (shared with the worker).
 //! - `memory`: a process's RSS and private memory from `/proc`.
 //! - `metrics`: Prometheus metrics and their HTTP endpoint.
+//! - `notify`: systemd readiness and watchdog notifications.
 //! - `system`: system-wide memory (sysinfo).
 //! - `proto`: generated code.
 //!
@@ -21,6 +22,7 @@ pub mod error;
 pub mod grpc;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod proto;
 pub mod session;
 pub mod system;

@@ -77,7 +77,11 @@ async fn status_reports_the_daemon_and_the_pool() {
     assert!(!status.draining);
     let memory = status.memory.expect("memory");
     // The supervisor never loads TensorFlow: it stays small.
-    assert!(memory.rss_bytes < 100 << 20, "supervisor RSS {}", memory.rss_bytes);
+    assert!(
+        memory.rss_bytes < 100 << 20,
+        "supervisor RSS {}",
+        memory.rss_bytes
+    );
     assert!(status.system.expect("system").total_bytes > 0);
 }
 
@@ -101,13 +105,21 @@ fn slow_graph(products: usize) -> Vec<u8> {
     });
     let mut product = a.clone();
     for i in 0..products {
-        product = add_op(&mut graph, "MatMul", &format!("m{i}"), &[&product, &a], |_| {});
+        product = add_op(
+            &mut graph,
+            "MatMul",
+            &format!("m{i}"),
+            &[&product, &a],
+            |_| {},
+        );
     }
     let axes = add_op(&mut graph, "Const", "axes", &[], |d| {
         d.set_attr_type("dtype", DataType::Int32).expect("dtype");
         d.set_attr_tensor(
             "value",
-            Tensor::<i32>::new(&[2]).with_values(&[0, 1]).expect("value"),
+            Tensor::<i32>::new(&[2])
+                .with_values(&[0, 1])
+                .expect("value"),
         )
         .expect("value");
     });
@@ -140,14 +152,23 @@ async fn sigterm_lets_a_run_finish_refuses_new_work_and_reaps_everything() {
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
     // The first update is the current status; the warm worker may still be starting.
-    let mut status = health_updates.message().await.expect("health").expect("status");
+    let mut status = health_updates
+        .message()
+        .await
+        .expect("health")
+        .expect("status");
     while status.status != serving {
-        status = health_updates.message().await.expect("health").expect("status");
+        status = health_updates
+            .message()
+            .await
+            .expect("health")
+            .expect("status");
     }
 
     let mut run_client = client.clone();
     let id = session.session_id.clone();
-    let in_flight = tokio::spawn(async move { run(&mut run_client, &id, &[], &["total"], &[]).await });
+    let in_flight =
+        tokio::spawn(async move { run(&mut run_client, &id, &[], &["total"], &[]).await });
     // Wait until the daemon counts the run as in flight.
     tokio::time::timeout(DEADLINE, async {
         loop {
@@ -196,4 +217,24 @@ async fn sigterm_lets_a_run_finish_refuses_new_work_and_reaps_everything() {
     for pid in workers {
         assert!(!process_alive(pid), "worker {pid} outlived the daemon");
     }
+}
+
+#[test]
+fn tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let dir = std::env::temp_dir().join(format!("tfsd-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut daemon = Daemon::start_with_env(&[], &[("NOTIFY_SOCKET", socket_path.as_os_str())]);
+    let mut buffer = [0u8; 256];
+    let received = socket.recv(&mut buffer).expect("READY=1 from the daemon");
+    assert_eq!(&buffer[..received], b"READY=1");
+    assert_eq!(daemon.stop(), 0);
+    let received = socket
+        .recv(&mut buffer)
+        .expect("STOPPING=1 from the daemon");
+    assert_eq!(&buffer[..received], b"STOPPING=1");
+    let _ = std::fs::remove_dir_all(&dir);
 }

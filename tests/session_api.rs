@@ -620,8 +620,12 @@ async fn every_supported_dtype_round_trips_through_a_run() {
 
     let strings = TensorProto {
         dtype: 7,
-        tensor_shape: shape(&[2]),
-        string_val: vec![b"hello".to_vec(), "wörld".as_bytes().to_vec()],
+        tensor_shape: shape(&[3]),
+        string_val: vec![
+            b"hello".to_vec(),
+            "wörld".as_bytes().to_vec(),
+            b"\xff\x00raw".to_vec(),
+        ],
         ..TensorProto::default()
     };
     let outputs = run(

@@ -38,7 +38,13 @@ impl Daemon {
     /// Starts `tfsd serve --listen 127.0.0.1:0` plus `args`, and waits (with a deadline) for
     /// the line that says it listens.
     pub fn start_with(args: &[&str]) -> Daemon {
+        Daemon::start_with_env(args, &[])
+    }
+
+    /// Like `start_with`, with extra environment variables for the daemon alone.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tfsd"))
+            .envs(env.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             // Every test daemon gets its own free port for metrics too.

@@ -3,6 +3,7 @@
 //! as fd 3 (protocol: `proto/tfsd/worker/v1/worker.proto`). It exits when that socket closes
 //! or, through `PR_SET_PDEATHSIG`, when the supervisor dies.
 
+mod byte_string;
 mod failure;
 mod runtime;
 mod tensors;
@@ -89,7 +90,21 @@ async fn serve(
         let runtime = runtime.clone();
         let responses = responses.clone();
         tokio::task::spawn_blocking(move || {
-            let result = handle(&runtime, request.kind);
+            // A panic (a bug in tfsd or in the TensorFlow binding) must still answer the
+            // request, or the client would wait forever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handle(&runtime, request.kind)
+            }))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                Err(Failure::internal(format!(
+                    "the worker failed while handling this request: {what}"
+                )))
+            });
             let response = wire::WorkerResponse {
                 id: request.id,
                 result: Some(result.unwrap_or_else(|failure| {

@@ -208,7 +208,7 @@ impl Runtime {
             let dense = tensor::decode(proto)
                 .map_err(|error| Failure::invalid_argument(format!("feed {name:?}: {error}")))?;
             let (operation, index) = resolve_output(graph, name, "feed")?;
-            feeds.push((operation, index, AnyTensor::from_dense(name, &dense)?));
+            feeds.push((operation, index, AnyTensor::from_dense(&dense)));
         }
         let mut args = SessionRunArgs::new();
         for (operation, index, tensor) in &feeds {
@@ -385,7 +385,7 @@ impl Runtime {
                     op.finish()?
                 }
             };
-            feeds.push((placeholder, AnyTensor::from_dense(&value.name, &dense)?));
+            feeds.push((placeholder, AnyTensor::from_dense(&dense)));
             targets.push(assign);
         }
         let state = RwLockWriteGuard::downgrade(state);

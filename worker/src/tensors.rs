@@ -5,6 +5,7 @@ use half::f16;
 use tensorflow::{BFloat16, DataType, FetchToken, Operation, SessionRunArgs, Tensor, TensorType};
 use tfsd::tensor::{DType, DenseData, DenseTensor};
 
+use crate::byte_string::ByteString;
 use crate::failure::Failure;
 
 /// A TensorFlow tensor of any supported element type.
@@ -16,7 +17,7 @@ pub enum AnyTensor {
     UInt8(Tensor<u8>),
     Int16(Tensor<i16>),
     Int8(Tensor<i8>),
-    String(Tensor<String>),
+    String(Tensor<ByteString>),
     Int64(Tensor<i64>),
     Bool(Tensor<bool>),
     BFloat16(Tensor<BFloat16>),
@@ -108,25 +109,20 @@ fn numeric<T: TensorType, const N: usize>(
 }
 
 impl AnyTensor {
-    /// Builds a TensorFlow tensor from a validated dense tensor. `name` is for errors.
-    pub fn from_dense(name: &str, dense: &DenseTensor) -> Result<AnyTensor, Failure> {
+    /// Builds a TensorFlow tensor from a validated dense tensor.
+    pub fn from_dense(dense: &DenseTensor) -> AnyTensor {
         let dims = &dense.dims;
         let bytes = match &dense.data {
             DenseData::Bytes(bytes) => bytes.as_ref(),
             DenseData::Strings(strings) => {
-                let mut tensor = Tensor::<String>::new(dims);
+                let mut tensor = Tensor::<ByteString>::new(dims);
                 for (slot, value) in tensor.iter_mut().zip(strings) {
-                    *slot = String::from_utf8(value.clone()).map_err(|_| {
-                        Failure::invalid_argument(format!(
-                            "string feed {name:?} holds bytes that are not UTF-8; tfsd \
-                             carries string tensors as UTF-8 text"
-                        ))
-                    })?;
+                    *slot = ByteString(value.clone());
                 }
-                return Ok(AnyTensor::String(tensor));
+                return AnyTensor::String(tensor);
             }
         };
-        Ok(match dense.dtype {
+        match dense.dtype {
             DType::Float => AnyTensor::Float(numeric(dims, bytes, f32::from_le_bytes)),
             DType::Double => AnyTensor::Double(numeric(dims, bytes, f64::from_le_bytes)),
             DType::Int32 => AnyTensor::Int32(numeric(dims, bytes, i32::from_le_bytes)),
@@ -146,7 +142,7 @@ impl AnyTensor {
             DType::UInt32 => AnyTensor::UInt32(numeric(dims, bytes, u32::from_le_bytes)),
             DType::UInt64 => AnyTensor::UInt64(numeric(dims, bytes, u64::from_le_bytes)),
             DType::String => unreachable!("string tensors carry DenseData::Strings"),
-        })
+        }
     }
 
     /// Adds this tensor as a feed of `operation:index`.
@@ -212,7 +208,7 @@ impl AnyTensor {
             AnyTensor::UInt64(t) => (DType::UInt64, le(t, u64::to_le_bytes)),
             AnyTensor::String(t) => (
                 DType::String,
-                DenseData::Strings(t.iter().map(|s| s.as_bytes().to_vec()).collect()),
+                DenseData::Strings(t.iter().map(|s| s.0.clone()).collect()),
             ),
         };
         DenseTensor { dtype, dims, data }
