@@ -2,6 +2,7 @@
 //! and resetting it — graph, variables, or the whole process — is one gRPC call.
 //!
 //! Layout (see `docs/ARCHITECTURE.md` for the invariants):
+//! - `cli`: the operator CLI (`tfsd status`, `sessions`, `watch`, ...), a tfsd.v1 client.
 //! - `config`: the TOML config, validated into `Config`.
 //! - `daemon`: the daemon's life: start, serve, drain on a signal, reap.
 //! - `grpc`: the tonic services (tfsd.v1), thin over the domain.
@@ -16,6 +17,7 @@
 //!
 //! This crate never links libtensorflow: only the `tfsd-worker` binary (in `worker/`) does.
 
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;

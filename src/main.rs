@@ -1,15 +1,27 @@
-//! The `tfsd` binary: the boot sequence of the daemon, and nothing else.
+//! The `tfsd` binary: `serve` runs the daemon (its boot sequence is in `tfsd::daemon`); the
+//! other subcommands are the operator CLI (`tfsd::cli`), a client of a running daemon.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use tfsd::cli::{ClientOptions, EXIT_CODES_HELP};
 use tfsd::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "tfsd", version, about = "TensorFlow session daemon")]
+#[command(
+    name = "tfsd",
+    version,
+    about = "TensorFlow session daemon",
+    long_about = "TensorFlow session daemon: `tfsd serve` runs it; the other commands talk to \
+                  a running daemon over tfsd.v1 (human tables by default, --json for scripts).",
+    after_long_help = EXIT_CODES_HELP
+)]
 struct Cli {
+    #[command(flatten)]
+    client: ClientOptions,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,15 +38,13 @@ enum Command {
         #[arg(long, env = "TFSD_LISTEN")]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Validate a config file and print what it resolves to.
-    CheckConfig {
-        #[arg(long, env = "TFSD_CONFIG")]
-        config: PathBuf,
-    },
+    #[command(flatten)]
+    Operator(tfsd::cli::Command),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
         Command::Serve { config, listen } => {
             let mut config = match config {
                 Some(path) => Config::load(&path)?,
@@ -45,12 +55,16 @@ fn main() -> anyhow::Result<()> {
             }
             tokio::runtime::Runtime::new()
                 .context("start the tokio runtime")?
-                .block_on(tfsd::daemon::serve(config))
+                .block_on(tfsd::daemon::serve(config))?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { config } => {
-            let config = Config::load(&config)?;
-            println!("{config:#?}");
-            Ok(())
+        Command::Operator(command) => {
+            // One call, or one stream, at a time: a single thread is plenty.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start the tokio runtime")?;
+            Ok(runtime.block_on(tfsd::cli::run(cli.client, command)))
         }
     }
 }

@@ -1,0 +1,149 @@
+//! The daemon's address as an operator types it, and the connection to it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::{CliError, ClientOptions};
+use crate::proto::tfsd::v1::session_service_client::SessionServiceClient;
+
+pub type Client = SessionServiceClient<Channel>;
+
+/// `HOST:PORT` or `http://HOST:PORT`, checked when the flag is parsed so that a typo is a
+/// usage error (exit 2) rather than a failed connection (exit 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonAddress {
+    /// `HOST:PORT`, as messages show it.
+    authority: String,
+}
+
+impl DaemonAddress {
+    fn uri(&self) -> String {
+        format!("http://{}", self.authority)
+    }
+}
+
+impl FromStr for DaemonAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<DaemonAddress, String> {
+        if text.starts_with("https://") {
+            return Err("tfsd.v1 is served without TLS: use HOST:PORT or http://HOST:PORT".into());
+        }
+        let authority = text.strip_prefix("http://").unwrap_or(text);
+        let authority = authority.strip_suffix('/').unwrap_or(authority);
+        let shape = "is not an address like 127.0.0.1:50051 or http://127.0.0.1:50051";
+        let Some((host, port)) = authority.rsplit_once(':') else {
+            return Err(format!("{text:?} {shape} (the port is missing)"));
+        };
+        if host.is_empty() || authority.contains('/') || port.parse::<u16>().is_err() {
+            return Err(format!("{text:?} {shape}"));
+        }
+        let address = DaemonAddress {
+            authority: authority.to_string(),
+        };
+        Endpoint::from_shared(address.uri()).map_err(|_| format!("{text:?} {shape}"))?;
+        Ok(address)
+    }
+}
+
+impl fmt::Display for DaemonAddress {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.authority)
+    }
+}
+
+/// Connects eagerly, within `--timeout`, so that "nobody listens there" is reported as such
+/// (exit 3) before any command starts, instead of surfacing as the first call's error.
+pub async fn connect(options: &ClientOptions) -> Result<Client, CliError> {
+    let unreachable = |reason: String| CliError::Unreachable {
+        address: options.address.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(options.address.uri())
+        .map_err(|error| unreachable(error_chain(&error)))?
+        .connect_timeout(options.timeout);
+    match tokio::time::timeout(options.timeout, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(SessionServiceClient::new(channel)),
+        Ok(Err(error)) => Err(unreachable(error_chain(&error))),
+        Err(_) => Err(unreachable(format!(
+            "no connection within {}",
+            humantime::format_duration(options.timeout)
+        ))),
+    }
+}
+
+/// An error and its causes on one line ("transport error: tcp connect error: Connection
+/// refused (os error 111)"): the outer layers alone say nothing an operator can act on.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some layers repeat their cause's message; print it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_with_and_without_a_scheme_are_accepted() {
+        for (text, shown) in [
+            ("127.0.0.1:50051", "127.0.0.1:50051"),
+            ("http://127.0.0.1:50051", "127.0.0.1:50051"),
+            ("http://localhost:7000/", "localhost:7000"),
+            ("[::1]:50051", "[::1]:50051"),
+        ] {
+            let address: DaemonAddress = text.parse().expect(text);
+            assert_eq!(address.to_string(), shown);
+        }
+    }
+
+    #[test]
+    fn malformed_addresses_are_rejected_with_the_expected_shape() {
+        for text in [
+            "localhost",
+            ":50051",
+            "127.0.0.1:port",
+            "127.0.0.1:70000",
+            "http://h:1/path",
+            "https://h:1",
+        ] {
+            let error = text.parse::<DaemonAddress>().expect_err(text);
+            assert!(
+                error.contains("HOST:PORT") || error.contains("like"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_chains_print_every_distinct_cause() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("tcp connect error")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        ));
+        assert_eq!(error_chain(&error), "tcp connect error: Connection refused");
+    }
+}

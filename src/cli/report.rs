@@ -1,0 +1,349 @@
+//! What each command reports, as plain structs: the `--json` documents (stable snake_case
+//! keys, sizes in bytes, durations in integer units) and the input of the human renderers.
+//!
+//! They are built from the tfsd.v1 messages here, in one place, and deliberately do not
+//! mirror the prost types: enums become lowercase names, absent values become `null`, and
+//! a new proto field changes nothing until it is added here on purpose.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde::{Serialize, Serializer};
+
+use crate::proto::tfsd::v1 as api;
+
+/// A point in time, printed as RFC 3339 UTC with milliseconds in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Time(pub SystemTime);
+
+impl Time {
+    fn from_proto(timestamp: Option<&prost_types::Timestamp>) -> Option<Time> {
+        timestamp
+            .and_then(|timestamp| SystemTime::try_from(*timestamp).ok())
+            .map(Time)
+    }
+
+    /// How long ago, clamped at zero when the daemon's clock is ahead of ours.
+    pub fn elapsed_at(self, now: SystemTime) -> Duration {
+        now.duration_since(self.0).unwrap_or(Duration::ZERO)
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryReport {
+    pub rss_bytes: u64,
+    pub private_bytes: u64,
+}
+
+impl MemoryReport {
+    fn from_proto(memory: Option<&api::MemoryUsage>) -> Option<MemoryReport> {
+        memory.map(|memory| MemoryReport {
+            rss_bytes: memory.rss_bytes,
+            private_bytes: memory.private_bytes,
+        })
+    }
+}
+
+/// `tfsd status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonStatusReport {
+    pub address: String,
+    pub version: String,
+    /// `None` until a worker has started and reported it.
+    pub tensorflow_version: Option<String>,
+    pub pid: u32,
+    pub started_at: Option<Time>,
+    pub uptime_ms: Option<u64>,
+    /// The supervisor's own memory.
+    pub memory: Option<MemoryReport>,
+    pub session_count: u32,
+    pub warm_workers: u32,
+    pub warm_pool_size: u32,
+    pub system: Option<SystemMemoryReport>,
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SystemMemoryReport {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    /// `None` when the daemon runs under no cgroup memory limit.
+    pub cgroup_limit_bytes: Option<u64>,
+}
+
+impl DaemonStatusReport {
+    pub fn new(address: String, status: &api::DaemonStatus, now: SystemTime) -> Self {
+        let started_at = Time::from_proto(status.started_at.as_ref());
+        DaemonStatusReport {
+            address,
+            version: status.version.clone(),
+            tensorflow_version: Some(status.tensorflow_version.clone())
+                .filter(|version| !version.is_empty()),
+            pid: status.pid,
+            started_at,
+            uptime_ms: started_at.map(|time| millis(time.elapsed_at(now))),
+            memory: MemoryReport::from_proto(status.memory.as_ref()),
+            session_count: status.session_count,
+            warm_workers: status.warm_workers,
+            warm_pool_size: status.warm_pool_size,
+            system: status.system.as_ref().map(|system| SystemMemoryReport {
+                total_bytes: system.total_bytes,
+                available_bytes: system.available_bytes,
+                cgroup_limit_bytes: Some(system.cgroup_limit_bytes).filter(|limit| *limit > 0),
+            }),
+            draining: status.draining,
+        }
+    }
+}
+
+/// `tfsd show`, one row of `tfsd sessions`, and the session after a reset.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionReport {
+    pub session_id: String,
+    pub state: String,
+    pub worker_pid: u32,
+    pub memory: Option<MemoryReport>,
+    pub graph_version: u64,
+    pub run_count: u64,
+    pub runs_in_flight: u32,
+    pub graph_reset_count: u64,
+    pub purge_count: u64,
+    pub recycle_count: u64,
+    pub worker_restart_count: u64,
+    pub created_at: Option<Time>,
+    pub last_used_at: Option<Time>,
+    /// Time since the last call that used the session, as of the command.
+    pub idle_ms: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SessionReport {
+    pub fn new(session: &api::SessionInfo, now: SystemTime) -> Self {
+        let last_used_at = Time::from_proto(session.last_used_at.as_ref());
+        SessionReport {
+            session_id: session.session_id.clone(),
+            state: state_name(session.state),
+            worker_pid: session.worker_pid,
+            memory: MemoryReport::from_proto(session.memory.as_ref()),
+            graph_version: session.graph_version,
+            run_count: session.run_count,
+            runs_in_flight: session.runs_in_flight,
+            graph_reset_count: session.graph_reset_count,
+            purge_count: session.purge_count,
+            recycle_count: session.recycle_count,
+            worker_restart_count: session.worker_restart_count,
+            created_at: Time::from_proto(session.created_at.as_ref()),
+            last_used_at,
+            idle_ms: last_used_at.map(|time| millis(time.elapsed_at(now))),
+            labels: session
+                .labels
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// `tfsd sessions`: oldest first, so that the order is stable from one call to the next.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionListReport {
+    pub sessions: Vec<SessionReport>,
+}
+
+impl SessionListReport {
+    pub fn new(sessions: &[api::SessionInfo], now: SystemTime) -> Self {
+        let mut sessions: Vec<SessionReport> = sessions
+            .iter()
+            .map(|session| SessionReport::new(session, now))
+            .collect();
+        sessions.sort_by(|a, b| {
+            (a.created_at.map(|time| time.0), &a.session_id)
+                .cmp(&(b.created_at.map(|time| time.0), &b.session_id))
+        });
+        SessionListReport { sessions }
+    }
+}
+
+/// Which reset a command asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetOperation {
+    ResetGraph,
+    Purge,
+    Recycle,
+}
+
+/// `tfsd reset-graph`, `purge` and `recycle`: what the reset did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetReport {
+    pub operation: ResetOperation,
+    pub session_id: String,
+    pub duration_us: u64,
+    pub worker_pid_before: u32,
+    pub worker_pid_after: u32,
+    pub memory_before: Option<MemoryReport>,
+    pub memory_after: Option<MemoryReport>,
+    pub variables_preserved: u32,
+    /// The session as it is after the reset.
+    pub session: Option<SessionReport>,
+}
+
+impl ResetReport {
+    pub fn new(
+        operation: ResetOperation,
+        session_id: &str,
+        response: &api::ResetResponse,
+        now: SystemTime,
+    ) -> Self {
+        ResetReport {
+            operation,
+            session_id: session_id.to_string(),
+            duration_us: response.duration_us,
+            worker_pid_before: response.worker_pid_before,
+            worker_pid_after: response.worker_pid_after,
+            memory_before: MemoryReport::from_proto(response.memory_before.as_ref()),
+            memory_after: MemoryReport::from_proto(response.memory_after.as_ref()),
+            variables_preserved: response.variables_preserved,
+            session: response
+                .session
+                .as_ref()
+                .map(|session| SessionReport::new(session, now)),
+        }
+    }
+}
+
+/// `tfsd close`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloseReport {
+    pub session_id: String,
+    pub closed: bool,
+}
+
+/// One line of `tfsd watch`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventReport {
+    pub at: Option<Time>,
+    pub kind: String,
+    /// `None` for events about the stream itself (lagged).
+    pub session_id: Option<String>,
+    pub worker_pid: Option<u32>,
+    pub reason: Option<String>,
+    pub graph_version: u64,
+    pub memory_before: Option<MemoryReport>,
+    pub memory_after: Option<MemoryReport>,
+}
+
+impl EventReport {
+    pub fn new(event: &api::SessionEvent) -> Self {
+        EventReport {
+            at: Time::from_proto(event.at.as_ref()),
+            kind: event_kind_name(event.kind),
+            session_id: Some(event.session_id.clone()).filter(|id| !id.is_empty()),
+            worker_pid: Some(event.worker_pid).filter(|pid| *pid != 0),
+            reason: Some(event.reason.clone()).filter(|reason| !reason.is_empty()),
+            graph_version: event.graph_version,
+            memory_before: MemoryReport::from_proto(event.memory_before.as_ref()),
+            memory_after: MemoryReport::from_proto(event.memory_after.as_ref()),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The proto enum's value name without its prefix, in lowercase ("ready"); a value this
+/// CLI does not know (a newer daemon) stays visible as "unknown(N)".
+fn state_name(value: i32) -> String {
+    match api::SessionState::try_from(value) {
+        Ok(api::SessionState::Unspecified) => "unspecified".into(),
+        Ok(api::SessionState::Ready) => "ready".into(),
+        Ok(api::SessionState::Restoring) => "restoring".into(),
+        Ok(api::SessionState::Broken) => "broken".into(),
+        Ok(api::SessionState::Closed) => "closed".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+fn event_kind_name(value: i32) -> String {
+    match api::EventKind::try_from(value) {
+        Ok(api::EventKind::Unspecified) => "unspecified".into(),
+        Ok(api::EventKind::Created) => "created".into(),
+        Ok(api::EventKind::Extended) => "extended".into(),
+        Ok(api::EventKind::GraphReset) => "graph_reset".into(),
+        Ok(api::EventKind::VariablesPurged) => "variables_purged".into(),
+        Ok(api::EventKind::Recycled) => "recycled".into(),
+        Ok(api::EventKind::WorkerExited) => "worker_exited".into(),
+        Ok(api::EventKind::Restored) => "restored".into(),
+        Ok(api::EventKind::Closed) => "closed".into(),
+        Ok(api::EventKind::Lagged) => "lagged".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_json_has_stable_snake_case_keys() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_010);
+        let info = api::SessionInfo {
+            session_id: "s-1".into(),
+            labels: [("run".to_string(), "demo".to_string())].into(),
+            state: api::SessionState::Ready as i32,
+            worker_pid: 42,
+            memory: Some(api::MemoryUsage {
+                rss_bytes: 2048,
+                private_bytes: 1024,
+            }),
+            last_used_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            ..api::SessionInfo::default()
+        };
+        let json = serde_json::to_value(SessionReport::new(&info, now)).expect("json");
+        assert_eq!(json["session_id"], "s-1");
+        assert_eq!(json["state"], "ready");
+        assert_eq!(json["memory"]["private_bytes"], 1024);
+        assert_eq!(json["last_used_at"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(json["idle_ms"], 10_000);
+        assert_eq!(json["created_at"], serde_json::Value::Null);
+        assert_eq!(json["labels"]["run"], "demo");
+    }
+
+    #[test]
+    fn unknown_enum_values_stay_visible() {
+        assert_eq!(state_name(99), "unknown(99)");
+        assert_eq!(
+            event_kind_name(api::EventKind::GraphReset as i32),
+            "graph_reset"
+        );
+    }
+
+    #[test]
+    fn no_cgroup_limit_is_null_not_zero() {
+        let status = api::DaemonStatus {
+            system: Some(api::SystemMemory {
+                total_bytes: 10,
+                available_bytes: 5,
+                cgroup_limit_bytes: 0,
+            }),
+            ..api::DaemonStatus::default()
+        };
+        let report = DaemonStatusReport::new("a:1".into(), &status, SystemTime::now());
+        let json = serde_json::to_value(report).expect("json");
+        assert_eq!(
+            json["system"]["cgroup_limit_bytes"],
+            serde_json::Value::Null
+        );
+        assert_eq!(json["tensorflow_version"], serde_json::Value::Null);
+    }
+}
