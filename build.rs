@@ -3,7 +3,8 @@
 //! gRPC server reflection.
 //!
 //! The daemon itself never links libtensorflow, but its integration tests build graphs with
-//! the `tensorflow` crate: they get an rpath to the libtensorflow found through pkg-config.
+//! the `tensorflow` crate: they (and the benches) get an rpath to the libtensorflow found
+//! through pkg-config.
 
 use std::path::PathBuf;
 
@@ -30,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     {
         for dir in library.link_paths {
             println!("cargo:rustc-link-arg-tests=-Wl,-rpath,{}", dir.display());
+            println!("cargo:rustc-link-arg-benches=-Wl,-rpath,{}", dir.display());
         }
     }
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");

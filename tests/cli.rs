@@ -429,3 +429,35 @@ async fn watch_follows_events_as_json_lines_and_as_text() {
     every.interrupt();
     one.interrupt();
 }
+
+#[test]
+fn health_exits_zero_only_when_serving() {
+    let daemon = Daemon::start();
+    // The warm worker may still be starting: NOT_SERVING (exit 1) until it is ready, then
+    // SERVING (exit 0). Both answers are valid; anything else is not.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let output = Command::new(env!("CARGO_BIN_EXE_tfsd"))
+            .args(["--address", &daemon.address, "--json", "health"])
+            .output()
+            .expect("run tfsd health");
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("json report");
+        match output.status.code() {
+            Some(0) => {
+                assert_eq!(report["status"], "SERVING");
+                assert_eq!(report["service"], "tfsd.v1.SessionService");
+                break;
+            }
+            Some(1) => assert_eq!(report["status"], "NOT_SERVING"),
+            other => panic!("unexpected exit {other:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "never SERVING");
+    }
+    let overall = Command::new(env!("CARGO_BIN_EXE_tfsd"))
+        .args(["--address", &daemon.address, "health", "--service", ""])
+        .output()
+        .expect("run tfsd health");
+    assert_eq!(overall.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&overall.stdout).contains("SERVING"));
+}

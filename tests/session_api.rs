@@ -639,3 +639,74 @@ async fn every_supported_dtype_round_trips_through_a_run() {
     .expect("strings");
     assert_eq!(outputs[0].string_val, strings.string_val);
 }
+
+/// A graph with one float variable `big` of `elements` elements, filled with a fed value
+/// (a fed value, not a constant: Grappler would fold a constant Fill into a second full-size
+/// constant held by the session).
+fn big_variable_graph(elements: i64) -> Vec<u8> {
+    use tensorflow::{DataType, Graph, Shape, Tensor};
+    let mut graph = Graph::new();
+    let big = add_op(&mut graph, "VariableV2", "big", &[], |d| {
+        d.set_attr_type("dtype", DataType::Float).expect("dtype");
+        d.set_attr_shape("shape", &Shape::from(Some(vec![Some(elements)])))
+            .expect("shape");
+    });
+    let dims = add_op(&mut graph, "Const", "dims", &[], |d| {
+        d.set_attr_type("dtype", DataType::Int64).expect("dtype");
+        d.set_attr_tensor(
+            "value",
+            Tensor::<i64>::new(&[1])
+                .with_values(&[elements])
+                .expect("value"),
+        )
+        .expect("value");
+    });
+    let value = placeholder(&mut graph, "value", DataType::Float);
+    let fill = add_op(&mut graph, "Fill", "fill", &[&dims, &value], |_| {});
+    add_op(&mut graph, "Assign", "big_init", &[&big, &fill], |_| {});
+    graph.graph_def().expect("graph_def")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_and_reset_give_a_variables_memory_back() {
+    // 16 MiB: big enough to see, small enough that glibc's dynamic mmap threshold would
+    // keep it on the heap after a free unless the worker prevents that.
+    const BYTES: i64 = 16 << 20;
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let id = create(&mut client, big_variable_graph(BYTES / 4))
+        .await
+        .session_id;
+    for reset in ["purge", "reset_graph"] {
+        run(
+            &mut client,
+            &id,
+            &[("value", scalar(1.0))],
+            &[],
+            &["big_init"],
+        )
+        .await
+        .expect("init");
+        let outcome = if reset == "purge" {
+            client
+                .purge_variables(api::PurgeVariablesRequest {
+                    session_id: id.clone(),
+                })
+                .await
+        } else {
+            client
+                .reset_graph(api::ResetGraphRequest {
+                    session_id: id.clone(),
+                })
+                .await
+        }
+        .expect("reset")
+        .into_inner();
+        let before = outcome.memory_before.expect("before").private_bytes as i64;
+        let after = outcome.memory_after.expect("after").private_bytes as i64;
+        assert!(
+            before - after >= BYTES * 3 / 4,
+            "{reset}: private memory went from {before} to {after}, not down by ~{BYTES}"
+        );
+    }
+}

@@ -57,6 +57,11 @@ impl fmt::Display for DaemonAddress {
 /// Connects eagerly, within `--timeout`, so that "nobody listens there" is reported as such
 /// (exit 3) before any command starts, instead of surfacing as the first call's error.
 pub async fn connect(options: &ClientOptions) -> Result<Client, CliError> {
+    Ok(SessionServiceClient::new(connect_channel(options).await?))
+}
+
+/// The connection itself, for clients of other services (grpc.health.v1).
+pub async fn connect_channel(options: &ClientOptions) -> Result<Channel, CliError> {
     let unreachable = |reason: String| CliError::Unreachable {
         address: options.address.to_string(),
         reason,
@@ -65,7 +70,7 @@ pub async fn connect(options: &ClientOptions) -> Result<Client, CliError> {
         .map_err(|error| unreachable(error_chain(&error)))?
         .connect_timeout(options.timeout);
     match tokio::time::timeout(options.timeout, endpoint.connect()).await {
-        Ok(Ok(channel)) => Ok(SessionServiceClient::new(channel)),
+        Ok(Ok(channel)) => Ok(channel),
         Ok(Err(error)) => Err(unreachable(error_chain(&error))),
         Err(_) => Err(unreachable(format!(
             "no connection within {}",

@@ -19,6 +19,9 @@ pub enum CliError {
     /// `check-config` found the file unreadable or invalid; the message names the key.
     #[error("{0:#}")]
     InvalidConfig(anyhow::Error),
+    /// `health`: the daemon answered, and the service is not SERVING.
+    #[error("{service:?} is not serving")]
+    NotServing { service: String },
     /// `watch` could not listen for Ctrl-C.
     #[error("listen for Ctrl-C: {0}")]
     Signal(#[source] std::io::Error),
@@ -45,6 +48,7 @@ impl CliError {
         match self {
             CliError::Unreachable { .. } => EXIT_UNREACHABLE,
             CliError::Daemon(_)
+            | CliError::NotServing { .. }
             | CliError::InvalidConfig(_)
             | CliError::Signal(_)
             | CliError::Output(_) => EXIT_FAILED,

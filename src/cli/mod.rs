@@ -1,5 +1,5 @@
 //! The operator CLI: `tfsd status`, `sessions`, `show`, `reset-graph`, `purge`, `recycle`,
-//! `close`, `watch` and `check-config`, for people at a terminal and for scripts.
+//! `close`, `watch`, `health` and `check-config`, for people at a terminal and for scripts.
 //!
 //! Every command but `check-config` is a tfsd.v1 client call made through the generated
 //! tonic client, so the CLI sees exactly what any other client sees and needs no access to
@@ -16,6 +16,7 @@ mod commands;
 mod connect;
 mod error;
 mod format;
+mod health;
 mod human;
 mod output;
 mod report;
@@ -134,6 +135,14 @@ pub enum Command {
         /// Only this session's events; without it, every session's.
         id: Option<String>,
     },
+    /// One gRPC health check (grpc.health.v1): exit 0 when SERVING, 1 when not. For
+    /// container health checks and scripts.
+    #[command(after_long_help = EXIT_CODES_HELP)]
+    Health {
+        /// The service to check; "" checks the server as a whole.
+        #[arg(long, default_value = crate::grpc::SESSION_SERVICE)]
+        service: String,
+    },
     /// Validate a config file and print what it resolves to, TFSD_* environment overrides
     /// included (the daemon is not contacted).
     #[command(after_long_help = EXIT_CODES_HELP)]
@@ -196,6 +205,10 @@ async fn execute(
         }
         Command::Close { id } => commands::close(client().await?, address, id, output).await,
         Command::Watch { id } => watch::run(client().await?, address, id, output).await,
+        Command::Health { service } => {
+            let channel = connect::connect_channel(options).await?;
+            health::run(channel, address, service, output).await
+        }
         Command::CheckConfig { config } => check_config::run(&config, output),
     }
 }

@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
             bail!("the tfsd supervisor (pid {supervisor}) is gone");
         }
     }
+    tune_allocator();
     let runtime = Arc::new(Runtime::new().map_err(|f| anyhow::anyhow!(f.message))?);
     // SAFETY: fd 3 was set up by the supervisor for this process and nothing else owns it.
     let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
@@ -120,6 +121,19 @@ async fn serve(
     // The supervisor closed the socket: it is done with this worker, or gone. Leave at once;
     // the OS takes back every byte TensorFlow held.
     std::process::exit(0);
+}
+
+/// Makes freed tensor memory go back to the OS. glibc serves big allocations with mmap
+/// (returned at free) but raises that threshold dynamically up to 32 MiB after the first
+/// big free, after which tensors of a few MiB come from the heap and stay there when a
+/// purge frees them. A fixed threshold stops the drift.
+fn tune_allocator() {
+    /// Allocations from this size up are mmapped, and unmapped when freed.
+    const MMAP_THRESHOLD: i32 = 1 << 20;
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
 }
 
 fn handle(runtime: &Runtime, kind: Option<Kind>) -> Result<Reply, Failure> {
