@@ -238,3 +238,33 @@ fn tells_systemd_when_it_is_ready_and_when_it_stops() {
     assert_eq!(&buffer[..received], b"STOPPING=1");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_tensorflow_stderr_tagged_with_the_session() {
+    let (daemon, log) = Daemon::start_capturing_log(&[
+        ("TFSD_LOG_FORMAT", "json".as_ref()),
+        ("RUST_LOG", "info".as_ref()),
+    ]);
+    let mut client = daemon.client().await;
+    let id = create(&mut client, model_graph()).await.session_id;
+    // Reading an uninitialised variable makes TensorFlow print a warning on the worker's
+    // stderr ("Local rendezvous is aborting ...").
+    run(&mut client, &id, &[], &["w"], &[])
+        .await
+        .expect_err("uninitialised");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .expect("a TensorFlow log line for the session");
+        let entry: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|error| panic!("{error}: {line}"));
+        if entry["target"] == "tfsd::worker_stderr" && entry["fields"]["session_id"] == id.as_str()
+        {
+            assert!(entry["fields"]["worker_pid"].as_u64().is_some(), "{line}");
+            assert!(entry["fields"]["message"].as_str().is_some(), "{line}");
+            break;
+        }
+    }
+}

@@ -176,6 +176,7 @@ impl SessionManager {
 
     /// Restores the session in a fresh worker if this worker dies without being asked to.
     fn watch_worker(self: &Arc<Self>, session: &Arc<Session>, worker: &Arc<WorkerProcess>) {
+        worker.assign_session(session.id());
         let exited = worker.exit_signal();
         let manager = Arc::downgrade(self);
         let session = Arc::downgrade(session);

@@ -133,6 +133,8 @@ pub struct WorkerProcess {
     /// Set before the supervisor kills the worker on purpose, so that the exit is not
     /// reported as a crash.
     expected_exit: Arc<AtomicBool>,
+    /// The session this worker serves, for tagging its stderr lines in the log.
+    session_id: Arc<Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for WorkerProcess {
@@ -203,8 +205,9 @@ impl WorkerProcess {
         drop(theirs);
         let pid = child.id().unwrap_or_default();
 
+        let session_id = Arc::new(Mutex::new(None));
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(forward_stderr(pid, stderr));
+            tokio::spawn(forward_stderr(pid, session_id.clone(), stderr));
         }
 
         ours.set_nonblocking(true)
@@ -291,6 +294,7 @@ impl WorkerProcess {
             exit: exit_rx,
             kill: Mutex::new(Some(kill_tx)),
             expected_exit,
+            session_id,
         }))
     }
 
@@ -300,6 +304,11 @@ impl WorkerProcess {
 
     pub fn tensorflow_version(&self) -> &str {
         &self.tensorflow_version
+    }
+
+    /// Tags this worker's log lines (TensorFlow's stderr) with the session it serves.
+    pub fn assign_session(&self, session_id: &str) {
+        *self.session_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(session_id.to_string());
     }
 
     /// The worker's memory now; zeros once it is gone.
@@ -473,10 +482,20 @@ async fn read_responses(
     }
 }
 
-/// Forwards TensorFlow's stderr lines to the daemon's log, tagged with the worker's pid.
-async fn forward_stderr(pid: u32, stderr: tokio::process::ChildStderr) {
+/// Forwards TensorFlow's stderr lines to the daemon's log, one event per line, tagged with
+/// the worker's pid and the session it serves (empty while it waits in the warm pool).
+async fn forward_stderr(
+    pid: u32,
+    session_id: Arc<Mutex<Option<String>>>,
+    stderr: tokio::process::ChildStderr,
+) {
     let mut lines = tokio::io::BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "tfsd::worker_stderr", worker_pid = pid, "{line}");
+        let session_id = session_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        tracing::info!(target: "tfsd::worker_stderr", worker_pid = pid, %session_id, "{line}");
     }
 }

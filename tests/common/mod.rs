@@ -43,8 +43,28 @@ impl Daemon {
 
     /// Like `start_with`, with extra environment variables for the daemon alone.
     pub fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
+        Daemon::spawn(args, env, Stdio::inherit()).0
+    }
+
+    /// Starts a daemon whose log (stderr) comes back line by line through the receiver.
+    pub fn start_capturing_log(
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Daemon, std::sync::mpsc::Receiver<String>) {
+        let (mut daemon, _) = Daemon::spawn(&[], env, Stdio::piped());
+        let stderr = daemon.child.stderr.take().expect("stderr");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (daemon, receiver)
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &std::ffi::OsStr)], stderr: Stdio) -> (Daemon, ()) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tfsd"))
-            .envs(env.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             // Every test daemon gets its own free port for metrics too.
@@ -53,8 +73,10 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("TFSD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // The test's own variables win over the defaults above.
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start tfsd");
         let stdout = child.stdout.take().expect("stdout");
@@ -74,12 +96,15 @@ impl Daemon {
         let (address, metrics_url) = receiver
             .recv_timeout(DEADLINE)
             .expect("tfsd did not say it listens");
-        Daemon {
-            child,
-            stopped: false,
-            address,
-            metrics_url,
-        }
+        (
+            Daemon {
+                child,
+                stopped: false,
+                address,
+                metrics_url,
+            },
+            (),
+        )
     }
 
     /// One scrape of the metrics endpoint (plain HTTP/1.1 over a TCP stream).
