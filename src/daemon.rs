@@ -122,13 +122,16 @@ async fn follow_worker_health(
     health: crate::grpc::Health,
     shutdown: CancellationToken,
 ) {
+    let mut reported = None;
     loop {
         let state = *startable.borrow_and_update();
-        if let Some(serving) = state {
+        if state.is_some() && state != reported {
+            let serving = state == Some(true);
             if !serving {
                 tracing::error!("workers cannot be started: tfsd.v1 reports NOT_SERVING");
             }
             health.set_sessions_serving(serving).await;
+            reported = state;
         }
         tokio::select! {
             changed = startable.changed() => if changed.is_err() { return },

@@ -189,12 +189,23 @@ async fn sigterm_lets_a_run_finish_refuses_new_work_and_reaps_everything() {
     .expect("the run never started");
 
     signal(daemon.pid(), libc::SIGTERM);
-    let status = tokio::time::timeout(DEADLINE, health_updates.message())
-        .await
-        .expect("health update")
-        .expect("health stream")
-        .expect("status");
-    assert_eq!(status.status, not_serving);
+    // Updates queued before the signal (the pool refilling) may still say SERVING; the
+    // drain must turn it to NOT_SERVING.
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let status = health_updates
+                .message()
+                .await
+                .expect("health stream")
+                .expect("status");
+            if status.status == not_serving {
+                break;
+            }
+            assert_eq!(status.status, serving);
+        }
+    })
+    .await
+    .expect("health turns NOT_SERVING on SIGTERM");
 
     // New work is refused while the run goes on.
     let refused = Client::connect(format!("http://{}", daemon.address)).await;
