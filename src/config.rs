@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::policy::{GentleAction, IdleAction, PolicyConfig, PressureConfig};
+
 /// Address the tfsd.v1 API listens on when the config names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Address of the Prometheus endpoint (`GET /metrics`) when the config names none.
@@ -49,7 +51,44 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    interval: Option<String>,
+    dry_run: Option<bool>,
+    soft_limit: Option<String>,
+    hard_limit: Option<String>,
+    max_soft_limit: Option<String>,
+    max_hard_limit: Option<String>,
+    gentle_action: Option<String>,
+    cooldown: Option<String>,
+    rearm_below: Option<f64>,
+    max_actions: Option<usize>,
+    action_window: Option<String>,
+    #[serde(default)]
+    pressure: RawPressure,
+    #[serde(default)]
+    idle: RawIdle,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPressure {
+    min_available: Option<String>,
+    psi_some_avg10: Option<f64>,
+    psi_for: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdle {
+    timeout: Option<String>,
+    action: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +127,7 @@ pub struct Config {
     /// `None` when metrics are switched off (`metrics.listen = ""`).
     pub metrics_listen: Option<SocketAddr>,
     pub workers: WorkerConfig,
+    pub policy: PolicyConfig,
     pub log: LogConfig,
 }
 
@@ -210,9 +250,12 @@ impl Config {
             .filter
             .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string());
 
+        let policy = policy_from_raw(raw.policy)?;
+
         Ok(Config {
             listen,
             metrics_listen,
+            policy,
             workers: WorkerConfig {
                 binary,
                 pool_size,
@@ -245,6 +288,110 @@ impl RawConfig {
         }
         Ok(())
     }
+}
+
+fn policy_from_raw(raw: RawPolicy) -> anyhow::Result<PolicyConfig> {
+    let defaults = PolicyConfig::default();
+    let duration = |key: &str, value: Option<String>, default: Duration| match value {
+        Some(text) => parse_duration(key, &text),
+        None => Ok(default),
+    };
+    let bytes = |key: &str, value: Option<String>| -> anyhow::Result<Option<u64>> {
+        match value.as_deref() {
+            None | Some("") => Ok(None),
+            Some(text) => parse_bytes(text)
+                .map(Some)
+                .with_context(|| format!("{key} = {text:?}")),
+        }
+    };
+    let gentle_action = match raw.gentle_action.as_deref() {
+        None | Some("purge_variables") => GentleAction::PurgeVariables,
+        Some("reset_graph") => GentleAction::ResetGraph,
+        Some(other) => bail!(
+            "policy.gentle_action = {other:?} is not one of \"purge_variables\", \"reset_graph\""
+        ),
+    };
+    let idle_action = match raw.idle.action.as_deref() {
+        None | Some("recycle") => IdleAction::Recycle,
+        Some("close") => IdleAction::Close,
+        Some(other) => {
+            bail!("policy.idle.action = {other:?} is not one of \"recycle\", \"close\"")
+        }
+    };
+    let rearm_below = raw.rearm_below.unwrap_or(defaults.rearm_below);
+    if !(0.0..=1.0).contains(&rearm_below) {
+        bail!("policy.rearm_below = {rearm_below} must be between 0 and 1");
+    }
+    let idle_timeout = match raw.idle.timeout.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(parse_duration("policy.idle.timeout", text)?),
+    };
+    let policy = PolicyConfig {
+        interval: duration("policy.interval", raw.interval, defaults.interval)?,
+        dry_run: raw.dry_run.unwrap_or(false),
+        soft_limit_bytes: bytes("policy.soft_limit", raw.soft_limit)?,
+        hard_limit_bytes: bytes("policy.hard_limit", raw.hard_limit)?,
+        max_soft_limit_bytes: bytes("policy.max_soft_limit", raw.max_soft_limit)?,
+        max_hard_limit_bytes: bytes("policy.max_hard_limit", raw.max_hard_limit)?,
+        gentle_action,
+        cooldown: duration("policy.cooldown", raw.cooldown, defaults.cooldown)?,
+        rearm_below,
+        max_actions: raw.max_actions.unwrap_or(defaults.max_actions),
+        action_window: duration(
+            "policy.action_window",
+            raw.action_window,
+            defaults.action_window,
+        )?,
+        pressure: PressureConfig {
+            min_available_bytes: bytes(
+                "policy.pressure.min_available",
+                raw.pressure.min_available,
+            )?,
+            psi_some_avg10: raw.pressure.psi_some_avg10,
+            psi_duration: duration(
+                "policy.pressure.psi_for",
+                raw.pressure.psi_for,
+                Duration::from_secs(10),
+            )?,
+        },
+        idle_timeout,
+        idle_action,
+    };
+    if let (Some(soft), Some(hard)) = (policy.soft_limit_bytes, policy.hard_limit_bytes)
+        && hard < soft
+    {
+        bail!("policy.hard_limit ({hard} bytes) is below policy.soft_limit ({soft} bytes)");
+    }
+    if policy.max_actions == 0 {
+        bail!("policy.max_actions must be at least 1");
+    }
+    Ok(policy)
+}
+
+/// Parses a byte size: a number with an optional unit, binary ("KiB", "MiB", "GiB", "TiB")
+/// or decimal ("KB", "MB", "GB", "TB"), e.g. "2GiB", "512 MiB", "1.5GB", "1048576".
+pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a size like \"2GiB\" or \"512MiB\""))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => bail!("{other:?} is not a size unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
+    };
+    Ok((number * multiplier as f64) as u64)
 }
 
 fn parse_duration(key: &str, text: &str) -> anyhow::Result<Duration> {
@@ -344,6 +491,73 @@ mod tests {
         let bad = |name: &str| (name == "TFSD_POOL_SIZE").then(|| "many".to_string());
         let error = Config::parse_with_env("", Path::new("."), bad).expect_err("not a number");
         assert!(format!("{error:#}").contains("TFSD_POOL_SIZE"), "{error:#}");
+    }
+
+    #[test]
+    fn byte_sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("2GiB").expect("size"), 2 << 30);
+        assert_eq!(parse_bytes("512 MiB").expect("size"), 512 << 20);
+        assert_eq!(parse_bytes("1.5GB").expect("size"), 1_500_000_000);
+        assert_eq!(parse_bytes("4096").expect("size"), 4096);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn the_policy_is_read_and_checked() {
+        let text = r#"
+            [policy]
+            interval = "100ms"
+            dry_run = true
+            soft_limit = "1GiB"
+            hard_limit = "2GiB"
+            max_soft_limit = "4GiB"
+            max_hard_limit = "8GiB"
+            gentle_action = "reset_graph"
+            cooldown = "10s"
+            rearm_below = 0.8
+            max_actions = 7
+            action_window = "5m"
+            [policy.pressure]
+            min_available = "512MiB"
+            psi_some_avg10 = 40.0
+            psi_for = "20s"
+            [policy.idle]
+            timeout = "1h"
+            action = "close"
+        "#;
+        let policy = Config::parse(text, Path::new(".")).expect("valid").policy;
+        assert_eq!(policy.interval, Duration::from_millis(100));
+        assert!(policy.dry_run);
+        assert_eq!(policy.soft_limit_bytes, Some(1 << 30));
+        assert_eq!(policy.hard_limit_bytes, Some(2 << 30));
+        assert_eq!(policy.max_soft_limit_bytes, Some(4 << 30));
+        assert_eq!(policy.max_hard_limit_bytes, Some(8 << 30));
+        assert_eq!(policy.gentle_action, GentleAction::ResetGraph);
+        assert_eq!(policy.cooldown, Duration::from_secs(10));
+        assert_eq!(policy.rearm_below, 0.8);
+        assert_eq!(policy.max_actions, 7);
+        assert_eq!(policy.action_window, Duration::from_secs(300));
+        assert_eq!(policy.pressure.min_available_bytes, Some(512 << 20));
+        assert_eq!(policy.pressure.psi_some_avg10, Some(40.0));
+        assert_eq!(policy.pressure.psi_duration, Duration::from_secs(20));
+        assert_eq!(policy.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(policy.idle_action, IdleAction::Close);
+
+        for (text, key) in [
+            ("[policy]\nsoft_limit = \"huge\"", "policy.soft_limit"),
+            (
+                "[policy]\nsoft_limit = \"2GiB\"\nhard_limit = \"1GiB\"",
+                "policy.hard_limit",
+            ),
+            ("[policy]\ngentle_action = \"nuke\"", "policy.gentle_action"),
+            ("[policy]\nrearm_below = 3.0", "policy.rearm_below"),
+            ("[policy.idle]\naction = \"delete\"", "policy.idle.action"),
+            ("[policy.pressure]\nthreshold = 1", "threshold"),
+        ] {
+            let error = Config::parse(text, Path::new(".")).expect_err(text);
+            assert!(format!("{error:#}").contains(key), "{text}: {error:#}");
+        }
     }
 
     #[test]

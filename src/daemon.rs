@@ -62,7 +62,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         health.clone(),
         shutdown.clone(),
     ));
-    let manager = SessionManager::new(pool, metrics.clone(), tracker.clone(), shutdown.clone());
+    let manager = SessionManager::new(
+        pool,
+        metrics.clone(),
+        config.policy.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    );
+    tracker.spawn(crate::policy::run(
+        manager.clone(),
+        config.policy.clone(),
+        shutdown.clone(),
+    ));
     let server = tokio::spawn(crate::grpc::serve(
         listener,
         manager.clone(),

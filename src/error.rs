@@ -28,6 +28,9 @@ pub enum Error {
     WorkerStart(String),
     #[error("session {0} could not be restored after its worker died; RecycleSession retries")]
     SessionBroken(String),
+    /// The memory policy killed the worker under a running step (hard limit).
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("the daemon is shutting down and takes no new work")]
     ShuttingDown,
     #[error("worker protocol error: {0}")]

@@ -25,6 +25,7 @@ pub mod grpc;
 pub mod memory;
 pub mod metrics;
 pub mod notify;
+pub mod policy;
 pub mod proto;
 pub mod session;
 pub mod system;

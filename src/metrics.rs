@@ -164,6 +164,8 @@ impl Metrics {
             EventKind::WorkerExited => "worker_exited",
             EventKind::Restored => "restored",
             EventKind::Closed => "closed",
+            EventKind::Unhealthy => "unhealthy",
+            EventKind::DryRun => "dry_run",
         };
         self.actions
             .get_or_create(&ActionLabels {

@@ -25,6 +25,15 @@ pub fn memory() -> SystemMemory {
     }
 }
 
+/// How many processes the kernel's OOM killer has killed since boot (`/proc/vmstat`).
+pub fn oom_kill_count() -> Option<u64> {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
+    vmstat
+        .lines()
+        .find_map(|line| line.strip_prefix("oom_kill "))
+        .and_then(|count| count.trim().parse().ok())
+}
+
 /// Kernel memory pressure (PSI), percent of time some/all tasks stalled on memory over the
 /// last 10 s.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

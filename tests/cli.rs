@@ -85,6 +85,7 @@ async fn create_labelled(client: &mut Client) -> api::SessionInfo {
             graph_def: model_graph(),
             config: Vec::new(),
             labels: [("experiment".to_string(), "cli".to_string())].into(),
+            ..Default::default()
         })
         .await
         .expect("create")

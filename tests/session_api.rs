@@ -19,6 +19,7 @@ async fn create_run_get_list_and_close() {
             graph_def: model_graph(),
             config: Vec::new(),
             labels,
+            ..Default::default()
         })
         .await
         .expect("create")

@@ -283,6 +283,8 @@ fn event_kind_name(value: i32) -> String {
         Ok(api::EventKind::Restored) => "restored".into(),
         Ok(api::EventKind::Closed) => "closed".into(),
         Ok(api::EventKind::Lagged) => "lagged".into(),
+        Ok(api::EventKind::Unhealthy) => "unhealthy".into(),
+        Ok(api::EventKind::DryRun) => "dry_run".into(),
         Err(_) => format!("unknown({value})"),
     }
 }

@@ -5,6 +5,7 @@ use std::time::SystemTime;
 use prost_types::Timestamp;
 
 use crate::memory::MemoryUsage;
+use crate::policy::{GentleAction, SessionPolicy};
 use crate::proto::tfsd::v1 as api;
 use crate::session::{
     DaemonStatus, EventKind, ResetOutcome, SessionEvent, SessionSnapshot, SessionState,
@@ -46,6 +47,41 @@ pub fn session(snapshot: SessionSnapshot) -> api::SessionInfo {
         worker_restart_count: snapshot.worker_restart_count,
         created_at: Some(timestamp(snapshot.created_at)),
         last_used_at: Some(timestamp(snapshot.last_used_at)),
+        peak_private_bytes: snapshot.peak_private_bytes,
+        memory_policy: Some(memory_policy_to_api(snapshot.policy)),
+        unhealthy: snapshot.unhealthy,
+        automatic_action_count: snapshot.automatic_action_count,
+    }
+}
+
+fn memory_policy_to_api(policy: SessionPolicy) -> api::MemoryPolicy {
+    api::MemoryPolicy {
+        soft_limit_bytes: policy.soft_limit_bytes.unwrap_or(0),
+        hard_limit_bytes: policy.hard_limit_bytes.unwrap_or(0),
+        gentle_action: match policy.gentle_action {
+            None => api::GentleAction::Unspecified,
+            Some(GentleAction::PurgeVariables) => api::GentleAction::PurgeVariables,
+            Some(GentleAction::ResetGraph) => api::GentleAction::ResetGraph,
+        } as i32,
+        preserve_variables: policy.preserve_variables,
+    }
+}
+
+/// A client's requested memory policy (0 and UNSPECIFIED mean "the daemon's default").
+pub fn memory_policy_from_api(policy: Option<api::MemoryPolicy>) -> SessionPolicy {
+    let Some(policy) = policy else {
+        return SessionPolicy::default();
+    };
+    let nonzero = |bytes: u64| (bytes > 0).then_some(bytes);
+    SessionPolicy {
+        soft_limit_bytes: nonzero(policy.soft_limit_bytes),
+        hard_limit_bytes: nonzero(policy.hard_limit_bytes),
+        gentle_action: match api::GentleAction::try_from(policy.gentle_action) {
+            Ok(api::GentleAction::PurgeVariables) => Some(GentleAction::PurgeVariables),
+            Ok(api::GentleAction::ResetGraph) => Some(GentleAction::ResetGraph),
+            _ => None,
+        },
+        preserve_variables: policy.preserve_variables,
     }
 }
 
@@ -71,6 +107,8 @@ fn event_kind(kind: EventKind) -> api::EventKind {
         EventKind::WorkerExited => api::EventKind::WorkerExited,
         EventKind::Restored => api::EventKind::Restored,
         EventKind::Closed => api::EventKind::Closed,
+        EventKind::Unhealthy => api::EventKind::Unhealthy,
+        EventKind::DryRun => api::EventKind::DryRun,
     }
 }
 
@@ -84,6 +122,8 @@ pub fn event(event: SessionEvent) -> api::SessionEvent {
         memory_after: event.memory_after.map(memory),
         graph_version: event.graph_version,
         at: Some(timestamp(event.at)),
+        trigger: event.trigger.to_string(),
+        rung: event.rung,
     }
 }
 

@@ -27,6 +27,28 @@ impl SessionService {
     }
 }
 
+/// A client's memory policy, checked: a known gentle action, and a hard limit (if any) not
+/// below the soft limit.
+fn validate_memory_policy(
+    policy: Option<api::MemoryPolicy>,
+) -> Result<crate::policy::SessionPolicy, Status> {
+    if let Some(policy) = &policy {
+        if api::GentleAction::try_from(policy.gentle_action).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "memory_policy.gentle_action = {} is not a GentleAction",
+                policy.gentle_action
+            )));
+        }
+        if policy.hard_limit_bytes > 0 && policy.hard_limit_bytes < policy.soft_limit_bytes {
+            return Err(Status::invalid_argument(format!(
+                "memory_policy.hard_limit_bytes ({}) is below soft_limit_bytes ({})",
+                policy.hard_limit_bytes, policy.soft_limit_bytes
+            )));
+        }
+    }
+    Ok(convert::memory_policy_from_api(policy))
+}
+
 fn required_id(id: &str) -> Result<&str, Status> {
     if id.is_empty() {
         Err(Status::invalid_argument("session_id is required"))
@@ -44,12 +66,14 @@ impl api::session_service_server::SessionService for SessionService {
         request: Request<api::CreateSessionRequest>,
     ) -> Result<Response<api::CreateSessionResponse>, Status> {
         let request = request.into_inner();
+        let policy = validate_memory_policy(request.memory_policy)?;
         let snapshot = self
             .manager
             .create(
                 request.graph_def.into(),
                 request.config.into(),
                 request.labels.into_iter().collect(),
+                policy,
             )
             .await?;
         Ok(Response::new(api::CreateSessionResponse {

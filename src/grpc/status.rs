@@ -20,6 +20,7 @@ impl From<Error> for Status {
                 Code::Unavailable
             }
             Error::WorkerStart(_) => Code::Unavailable,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Protocol(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

@@ -25,6 +25,31 @@ pub enum EventKind {
     WorkerExited,
     Restored,
     Closed,
+    /// The memory policy acted too often on the session; it is reported, not thrashed.
+    Unhealthy,
+    /// Dry run: what the memory policy would have done.
+    DryRun,
+}
+
+/// Who or what caused an event: the client, or one of the memory policy's triggers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    /// "client", "soft_limit", "hard_limit", "system_pressure", "idle", "worker_exit".
+    pub trigger: &'static str,
+    /// The policy's rung (1 gentle, 2 recycle, 3 hard limit); 0 for anything else.
+    pub rung: u32,
+    /// Why, in a sentence with the figures; empty for a client's request.
+    pub reason: String,
+}
+
+impl Cause {
+    pub fn client() -> Cause {
+        Cause {
+            trigger: "client",
+            rung: 0,
+            reason: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +62,8 @@ pub struct SessionEvent {
     pub memory_after: Option<MemoryUsage>,
     pub graph_version: u64,
     pub at: SystemTime,
+    pub trigger: &'static str,
+    pub rung: u32,
 }
 
 impl SessionEvent {
@@ -50,7 +77,23 @@ impl SessionEvent {
             memory_after: None,
             graph_version,
             at: SystemTime::now(),
+            trigger: "",
+            rung: 0,
         }
+    }
+
+    /// Records the cause; its reason goes first in the event's reason.
+    pub fn cause(mut self, cause: &Cause) -> Self {
+        self.trigger = cause.trigger;
+        self.rung = cause.rung;
+        if !cause.reason.is_empty() {
+            self.reason = if self.reason.is_empty() {
+                cause.reason.clone()
+            } else {
+                format!("{}; {}", cause.reason, self.reason)
+            };
+        }
+        self
     }
 
     pub fn reason(mut self, reason: impl Into<String>) -> Self {
@@ -84,6 +127,8 @@ impl EventBus {
             session_id = %event.session_id,
             worker_pid = event.worker_pid,
             kind = ?event.kind,
+            trigger = event.trigger,
+            rung = event.rung,
             reason = %event.reason,
             "session event"
         );

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Session, SessionCore, SessionEvent,
-    SessionSnapshot, SessionState,
+    Cause, DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Session, SessionCore,
+    SessionEvent, SessionSnapshot, SessionState,
 };
 use crate::error::{Error, Result, TfCode};
 use crate::metrics::Metrics;
+use crate::policy::{PolicyConfig, SessionPolicy};
 use crate::proto::tensorflow::TensorProto;
 use crate::proto::tfsd::worker::v1 as wire;
 use crate::tensor;
@@ -31,20 +33,28 @@ pub struct SessionManager {
     started_at: std::time::SystemTime,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     pool: Arc<WarmPool>,
-    events: EventBus,
+    pub(super) events: EventBus,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Defaults and maxima for sessions' memory limits.
+    policy: PolicyConfig,
+    /// The kernel's OOM-kill count when the sampler last looked, to tell an OOM kill from
+    /// another SIGKILL.
+    pub(super) oom_kills_seen: AtomicU64,
 }
 
 impl SessionManager {
     pub fn new(
         pool: Arc<WarmPool>,
         metrics: Arc<Metrics>,
+        policy: PolicyConfig,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<SessionManager> {
         Arc::new(SessionManager {
+            policy,
+            oom_kills_seen: AtomicU64::new(crate::system::oom_kill_count().unwrap_or(0)),
             started_at: std::time::SystemTime::now(),
             sessions: RwLock::new(HashMap::new()),
             pool,
@@ -63,7 +73,7 @@ impl SessionManager {
         self.events.subscribe()
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Session>> {
+    pub(super) fn get(&self, id: &str) -> Result<Arc<Session>> {
         self.sessions
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -128,14 +138,17 @@ impl SessionManager {
         graph_def: Bytes,
         config: Bytes,
         labels: BTreeMap<String, String>,
+        policy: SessionPolicy,
     ) -> Result<SessionSnapshot> {
         let manager = self.clone();
+        let policy = self.policy.effective(policy);
         self.detached(async move {
             let worker = manager.start_worker(&graph_def, &config).await?;
             let id = format!("s-{}", uuid::Uuid::new_v4().simple());
             let session = Arc::new(Session::new(
                 id.clone(),
                 labels,
+                policy,
                 worker.clone(),
                 graph_def.to_vec(),
                 config,
@@ -200,7 +213,23 @@ impl SessionManager {
 
     async fn restore_after_crash(self: Arc<Self>, session: Arc<Session>, dead: Arc<WorkerProcess>) {
         let how = dead.exited().await;
-        let graph_version = session.stats().graph_version;
+        let (graph_version, pending_kill, last_private) = {
+            let stats = session.stats();
+            let pending = stats
+                .pending_kill
+                .as_ref()
+                .filter(|(pid, _)| *pid == dead.pid())
+                .map(|(_, cause)| cause.clone());
+            (stats.graph_version, pending, stats.last_private_bytes)
+        };
+        let cause = match pending_kill {
+            Some(cause) => cause,
+            None => Cause {
+                trigger: "worker_exit",
+                rung: 0,
+                reason: self.describe_unexpected_exit(&how, last_private),
+            },
+        };
         self.events.publish(
             SessionEvent::new(
                 session.id(),
@@ -208,7 +237,8 @@ impl SessionManager {
                 dead.pid(),
                 graph_version,
             )
-            .reason(format!("worker pid {} {how}", dead.pid())),
+            .reason(format!("worker pid {} {how}", dead.pid()))
+            .cause(&cause),
         );
         session.touch(|stats| stats.state = SessionState::Restoring);
         let mut core = session.core.write().await;
@@ -226,7 +256,9 @@ impl SessionManager {
                 session.touch(|stats| {
                     stats.state = SessionState::Ready;
                     stats.worker_pid = worker.pid();
+                    stats.worker = Arc::downgrade(&worker);
                     stats.worker_restart_count += 1;
+                    stats.pending_kill = None;
                 });
                 self.events.publish(
                     SessionEvent::new(
@@ -239,7 +271,8 @@ impl SessionManager {
                         "graph restored in a fresh worker after worker pid {} {how}; \
                              variables were lost",
                         dead.pid()
-                    )),
+                    ))
+                    .cause(&cause),
                 );
             }
             Err(error) => {
@@ -317,22 +350,38 @@ impl SessionManager {
         self.metrics.record_run(started.elapsed(), ok);
         match reply {
             Ok(Reply::Run(result)) => Ok(result.outputs),
+            Err(WorkerError::Died { pid, .. }) if session.kill_cause(pid).is_some() => {
+                let cause = session.kill_cause(pid).unwrap_or_else(Cause::client);
+                Err(Error::ResourceExhausted(format!(
+                    "the step was stopped by tfsd's memory policy: {}; the session is being \
+                     restored in a fresh worker (variables are lost)",
+                    cause.reason
+                )))
+            }
             other => Err(unexpected(&worker, other)),
         }
     }
 
     /// ResetGraph: an empty graph and a new TensorFlow session in the same worker.
     pub async fn reset_graph(self: &Arc<Self>, id: &str) -> Result<ResetOutcome> {
-        self.in_place_reset(id, EventKind::GraphReset).await
+        self.in_place_reset(id, EventKind::GraphReset, Cause::client())
+            .await
     }
 
     /// PurgeVariables: the same graph in a new TensorFlow session, so every variable is
     /// uninitialised. Each worker hosts exactly one session, so no other session is touched.
     pub async fn purge_variables(self: &Arc<Self>, id: &str) -> Result<ResetOutcome> {
-        self.in_place_reset(id, EventKind::VariablesPurged).await
+        self.in_place_reset(id, EventKind::VariablesPurged, Cause::client())
+            .await
     }
 
-    async fn in_place_reset(self: &Arc<Self>, id: &str, kind: EventKind) -> Result<ResetOutcome> {
+    /// ResetGraph (`kind` GraphReset) or PurgeVariables, for the client or the policy.
+    pub(super) async fn in_place_reset(
+        self: &Arc<Self>,
+        id: &str,
+        kind: EventKind,
+        cause: Cause,
+    ) -> Result<ResetOutcome> {
         let session = self.get(id)?;
         let manager = self.clone();
         self.detached(async move {
@@ -349,7 +398,7 @@ impl SessionManager {
                 core.graph_def.clear();
             }
             let after = worker.memory();
-            session.touch(|stats| match kind {
+            session.touch_because(&cause, |stats| match kind {
                 EventKind::GraphReset => {
                     stats.graph_reset_count += 1;
                     stats.graph_version = 0;
@@ -359,7 +408,8 @@ impl SessionManager {
             let snapshot = session.snapshot();
             manager.events.publish(
                 SessionEvent::new(session.id(), kind, worker.pid(), snapshot.graph_version)
-                    .memory(before, after),
+                    .memory(before, after)
+                    .cause(&cause),
             );
             Ok(ResetOutcome {
                 session: snapshot,
@@ -380,6 +430,16 @@ impl SessionManager {
         self: &Arc<Self>,
         id: &str,
         preserve_variables: bool,
+    ) -> Result<ResetOutcome> {
+        self.recycle_because(id, preserve_variables, Cause::client())
+            .await
+    }
+
+    pub(super) async fn recycle_because(
+        self: &Arc<Self>,
+        id: &str,
+        preserve_variables: bool,
+        cause: Cause,
     ) -> Result<ResetOutcome> {
         let session = self.get(id)?;
         let manager = self.clone();
@@ -425,9 +485,10 @@ impl SessionManager {
                 old.stop().await;
             }
             let after = fresh.memory();
-            session.touch(|stats| {
+            session.touch_because(&cause, |stats| {
                 stats.state = SessionState::Ready;
                 stats.worker_pid = fresh.pid();
+                stats.worker = Arc::downgrade(&fresh);
                 stats.recycle_count += 1;
             });
             let snapshot = session.snapshot();
@@ -444,7 +505,8 @@ impl SessionManager {
                      preserved",
                     fresh.pid()
                 ))
-                .memory(before, after),
+                .memory(before, after)
+                .cause(&cause),
             );
             Ok(ResetOutcome {
                 session: snapshot,
@@ -460,6 +522,14 @@ impl SessionManager {
     }
 
     pub async fn close(self: &Arc<Self>, id: &str) -> Result<()> {
+        let cause = Cause {
+            reason: "closed by the client".to_string(),
+            ..Cause::client()
+        };
+        self.close_because(id, cause).await
+    }
+
+    pub(super) async fn close_because(self: &Arc<Self>, id: &str, cause: Cause) -> Result<()> {
         let session = self
             .sessions
             .write()
@@ -468,12 +538,12 @@ impl SessionManager {
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
         let manager = self.clone();
         self.tracker
-            .spawn(async move { manager.close_session(session, "closed by the client").await })
+            .spawn(async move { manager.close_session(session, cause).await })
             .await
             .map_err(|error| Error::Protocol(format!("close panicked: {error}")))
     }
 
-    async fn close_session(&self, session: Arc<Session>, reason: &str) {
+    async fn close_session(&self, session: Arc<Session>, cause: Cause) {
         let mut core = session.core.write().await;
         core.closed = true;
         let worker = core.worker.take();
@@ -487,7 +557,7 @@ impl SessionManager {
             stats.worker_pid = 0;
         });
         self.events.publish(
-            SessionEvent::new(session.id(), EventKind::Closed, pid, graph_version).reason(reason),
+            SessionEvent::new(session.id(), EventKind::Closed, pid, graph_version).cause(&cause),
         );
     }
 
@@ -502,7 +572,12 @@ impl SessionManager {
             .map(|(_, session)| session)
             .collect();
         for session in sessions {
-            let closed = self.close_session(session.clone(), "the daemon is shutting down");
+            let cause = Cause {
+                trigger: "shutdown",
+                rung: 0,
+                reason: "the daemon is shutting down".to_string(),
+            };
+            let closed = self.close_session(session.clone(), cause);
             if tokio::time::timeout(grace, closed).await.is_err() {
                 // A step outlived the grace period: kill the worker under it.
                 let worker = session.core.try_read().ok().and_then(|c| c.worker.clone());

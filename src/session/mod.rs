@@ -11,6 +11,7 @@
 
 mod events;
 mod manager;
+mod supervision;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,10 +19,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use events::{EVENT_BUFFER, EventBus, EventKind, SessionEvent};
+pub use events::{Cause, EVENT_BUFFER, EventBus, EventKind, SessionEvent};
 pub use manager::SessionManager;
+pub use supervision::ActionOutcome;
 
 use crate::memory::MemoryUsage;
+use crate::policy::SessionPolicy;
 use crate::proto::tensorflow::TensorProto;
 use crate::worker::WorkerProcess;
 
@@ -52,6 +55,10 @@ pub struct SessionSnapshot {
     pub worker_restart_count: u64,
     pub created_at: SystemTime,
     pub last_used_at: SystemTime,
+    pub peak_private_bytes: u64,
+    pub policy: SessionPolicy,
+    pub unhealthy: bool,
+    pub automatic_action_count: u64,
 }
 
 /// What a reset, purge or recycle did.
@@ -115,12 +122,24 @@ struct SessionStats {
     recycle_count: u64,
     worker_restart_count: u64,
     last_used_at: SystemTime,
+    peak_private_bytes: u64,
+    /// The private memory the sampler saw last, for reporting a worker the kernel killed.
+    last_private_bytes: u64,
+    unhealthy: bool,
+    automatic_action_count: u64,
+    /// The current worker, for killing it under a running step without the session lock.
+    worker: std::sync::Weak<WorkerProcess>,
+    /// Set just before the memory policy kills the worker with this pid: why, so that the
+    /// failed runs and the exit event say so.
+    pending_kill: Option<(u32, Cause)>,
 }
 
 #[derive(Debug)]
 pub struct Session {
     id: String,
     labels: BTreeMap<String, String>,
+    /// The effective memory policy (the session's request capped by the operator's maxima).
+    policy: SessionPolicy,
     created_at: SystemTime,
     core: tokio::sync::RwLock<SessionCore>,
     stats: Mutex<SessionStats>,
@@ -130,6 +149,7 @@ impl Session {
     fn new(
         id: String,
         labels: BTreeMap<String, String>,
+        policy: SessionPolicy,
         worker: Arc<WorkerProcess>,
         graph_def: Vec<u8>,
         config: Bytes,
@@ -138,6 +158,7 @@ impl Session {
         Session {
             id,
             labels,
+            policy,
             created_at: now,
             stats: Mutex::new(SessionStats {
                 state: SessionState::Ready,
@@ -150,6 +171,12 @@ impl Session {
                 recycle_count: 0,
                 worker_restart_count: 0,
                 last_used_at: now,
+                peak_private_bytes: 0,
+                last_private_bytes: 0,
+                unhealthy: false,
+                automatic_action_count: 0,
+                worker: Arc::downgrade(&worker),
+                pending_kill: None,
             }),
             core: tokio::sync::RwLock::new(SessionCore {
                 worker: Some(worker),
@@ -175,13 +202,41 @@ impl Session {
         stats.last_used_at = SystemTime::now();
     }
 
+    /// Updates the counters without marking the session used: what the memory policy does
+    /// to a session is not the client using it (idle time and victim order depend on that).
+    fn touch_policy(&self, update: impl FnOnce(&mut SessionStats)) {
+        update(&mut self.stats());
+    }
+
+    /// `touch` for the client's own operations, `touch_policy` for anything else.
+    fn touch_because(&self, cause: &Cause, update: impl FnOnce(&mut SessionStats)) {
+        if cause.trigger == "client" {
+            self.touch(update);
+        } else {
+            self.touch_policy(update);
+        }
+    }
+
+    /// Why the memory policy killed worker `pid`, if it did.
+    fn kill_cause(&self, pid: u32) -> Option<Cause> {
+        self.stats()
+            .pending_kill
+            .as_ref()
+            .filter(|(killed, _)| *killed == pid)
+            .map(|(_, cause)| cause.clone())
+    }
+
     pub fn snapshot(&self) -> SessionSnapshot {
-        let stats = self.stats();
+        let mut stats = self.stats();
         let memory = if stats.worker_pid == 0 {
             MemoryUsage::default()
         } else {
             crate::memory::process_memory(stats.worker_pid).unwrap_or_default()
         };
+        stats.peak_private_bytes = stats.peak_private_bytes.max(memory.private_bytes);
+        if memory.private_bytes > 0 {
+            stats.last_private_bytes = memory.private_bytes;
+        }
         SessionSnapshot {
             id: self.id.clone(),
             labels: self.labels.clone(),
@@ -197,6 +252,10 @@ impl Session {
             worker_restart_count: stats.worker_restart_count,
             created_at: self.created_at,
             last_used_at: stats.last_used_at,
+            peak_private_bytes: stats.peak_private_bytes,
+            policy: self.policy,
+            unhealthy: stats.unhealthy,
+            automatic_action_count: stats.automatic_action_count,
         }
     }
 }

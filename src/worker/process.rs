@@ -385,6 +385,13 @@ impl WorkerProcess {
         }
     }
 
+    /// Kills the worker without marking the exit as expected, so that whoever watches it
+    /// (the session's monitor) handles it like a crash and restores the session. Used by the
+    /// memory policy's hard limit, which must stop a step that is still running.
+    pub fn kill_as_failure(&self) {
+        self.signal_kill();
+    }
+
     /// Kills the worker on purpose and waits until it is reaped.
     pub async fn stop(&self) -> ExitDescription {
         self.expected_exit.store(true, Ordering::SeqCst);

@@ -1,0 +1,533 @@
+//! The policy, exhaustively: every rung, cooldown, hysteresis, unhealthy marking, the hard
+//! limit mid-step, pressure victims, idle culling and dry run, with made-up samples and
+//! times (no clock, no processes).
+
+use super::*;
+
+const MIB: u64 = 1024 * 1024;
+
+fn config() -> PolicyConfig {
+    PolicyConfig {
+        soft_limit_bytes: Some(100 * MIB),
+        hard_limit_bytes: Some(200 * MIB),
+        cooldown: Duration::from_secs(30),
+        max_actions: 3,
+        action_window: Duration::from_secs(600),
+        ..PolicyConfig::default()
+    }
+}
+
+fn session(id: &str, private_mib: u64) -> SessionSample {
+    SessionSample {
+        session_id: id.to_string(),
+        worker_pid: 1000,
+        private_bytes: private_mib * MIB,
+        policy: config().effective(SessionPolicy::default()),
+        runs_in_flight: 0,
+        idle_for: Duration::ZERO,
+        ready: true,
+    }
+}
+
+fn observe(sessions: Vec<SessionSample>) -> Observation {
+    Observation {
+        sessions,
+        system: SystemSample {
+            available_bytes: 20_000 * MIB,
+            psi_some_avg10: Some(0.0),
+        },
+    }
+}
+
+/// Decides, records every action as taken, returns the actions.
+fn tick(
+    observation: &Observation,
+    config: &PolicyConfig,
+    state: &mut PolicyState,
+    now: Instant,
+) -> Vec<Action> {
+    let actions = decide(observation, config, state, now);
+    for action in &actions {
+        state.record(action, now);
+    }
+    actions
+}
+
+fn kinds(actions: &[Action]) -> Vec<ActionKind> {
+    actions.iter().map(|a| a.kind).collect()
+}
+
+#[test]
+fn under_the_soft_limit_nothing_happens() {
+    let mut state = PolicyState::default();
+    let actions = tick(
+        &observe(vec![session("a", 99)]),
+        &config(),
+        &mut state,
+        Instant::now(),
+    );
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn the_ladder_goes_gentle_then_recycle() {
+    let config = config();
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    let first = tick(&observe(vec![session("a", 150)]), &config, &mut state, t0);
+    assert_eq!(
+        kinds(&first),
+        [ActionKind::Gentle(GentleAction::PurgeVariables)]
+    );
+    assert_eq!(first[0].trigger, Trigger::SoftLimit);
+    assert_eq!(first[0].rung, 1);
+    assert!(first[0].reason.contains("150.0 MiB") && first[0].reason.contains("100.0 MiB"));
+
+    // Re-measured right after: still over → escalate at once, cooldown notwithstanding.
+    let second = tick(&observe(vec![session("a", 140)]), &config, &mut state, t0);
+    assert_eq!(
+        kinds(&second),
+        [ActionKind::Recycle {
+            preserve_variables: false
+        }]
+    );
+    assert_eq!(second[0].rung, 2);
+
+    // Recycled and back under: nothing.
+    let third = tick(&observe(vec![session("a", 30)]), &config, &mut state, t0);
+    assert!(third.is_empty());
+}
+
+#[test]
+fn the_session_policy_picks_the_gentle_action_and_variable_preservation() {
+    let config = config();
+    let mut sample = session("a", 150);
+    sample.policy = config.effective(SessionPolicy {
+        gentle_action: Some(GentleAction::ResetGraph),
+        preserve_variables: true,
+        ..SessionPolicy::default()
+    });
+    let mut state = PolicyState::default();
+    let now = Instant::now();
+    let first = tick(&observe(vec![sample.clone()]), &config, &mut state, now);
+    assert_eq!(
+        kinds(&first),
+        [ActionKind::Gentle(GentleAction::ResetGraph)]
+    );
+    let second = tick(&observe(vec![sample]), &config, &mut state, now);
+    assert_eq!(
+        kinds(&second),
+        [ActionKind::Recycle {
+            preserve_variables: true
+        }]
+    );
+}
+
+#[test]
+fn a_success_that_does_not_rearm_escalates_next_time() {
+    // Hysteresis: after the gentle action memory is at 95 MiB, under the limit but above
+    // 0.9 × 100 MiB. Crossing again then goes straight to a recycle.
+    let config = config();
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    tick(&observe(vec![session("a", 150)]), &config, &mut state, t0);
+    assert!(tick(&observe(vec![session("a", 95)]), &config, &mut state, t0).is_empty());
+    let again = tick(
+        &observe(vec![session("a", 120)]),
+        &config,
+        &mut state,
+        t0 + Duration::from_secs(1),
+    );
+    assert_eq!(again[0].rung, 2);
+}
+
+#[test]
+fn a_rearmed_session_inside_the_cooldown_waits() {
+    let config = config();
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    tick(&observe(vec![session("a", 150)]), &config, &mut state, t0);
+    // Well under: re-armed.
+    assert!(tick(&observe(vec![session("a", 50)]), &config, &mut state, t0).is_empty());
+    // Over again 10 s later: inside the 30 s cooldown, so no action.
+    let t1 = t0 + Duration::from_secs(10);
+    assert!(tick(&observe(vec![session("a", 150)]), &config, &mut state, t1).is_empty());
+    // After the cooldown: the gentle rung again.
+    let t2 = t0 + Duration::from_secs(31);
+    let late = tick(&observe(vec![session("a", 150)]), &config, &mut state, t2);
+    assert_eq!(
+        kinds(&late),
+        [ActionKind::Gentle(GentleAction::PurgeVariables)]
+    );
+}
+
+#[test]
+fn after_a_recycle_another_waits_for_the_cooldown() {
+    let config = config();
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    tick(&observe(vec![session("a", 150)]), &config, &mut state, t0);
+    tick(&observe(vec![session("a", 150)]), &config, &mut state, t0); // recycle
+    assert!(tick(&observe(vec![session("a", 150)]), &config, &mut state, t0).is_empty());
+    let later = t0 + Duration::from_secs(31);
+    let again = tick(
+        &observe(vec![session("a", 150)]),
+        &config,
+        &mut state,
+        later,
+    );
+    assert_eq!(again[0].rung, 2);
+}
+
+#[test]
+fn too_many_actions_mark_the_session_unhealthy_once() {
+    let config = config(); // max 3 actions per 600 s
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    let mut taken = Vec::new();
+    for second in [0, 0, 31, 62, 93] {
+        let now = t0 + Duration::from_secs(second);
+        taken.extend(tick(
+            &observe(vec![session("a", 150)]),
+            &config,
+            &mut state,
+            now,
+        ));
+    }
+    assert_eq!(
+        kinds(&taken),
+        [
+            ActionKind::Gentle(GentleAction::PurgeVariables),
+            ActionKind::Recycle {
+                preserve_variables: false
+            },
+            ActionKind::Recycle {
+                preserve_variables: false
+            },
+            ActionKind::MarkUnhealthy,
+        ]
+    );
+    assert!(state.sessions["a"].unhealthy);
+    // No more soft-limit actions…
+    let quiet = tick(
+        &observe(vec![session("a", 150)]),
+        &config,
+        &mut state,
+        t0 + Duration::from_secs(200),
+    );
+    assert!(quiet.is_empty());
+    // …but the hard limit still holds.
+    let hard = tick(
+        &observe(vec![session("a", 250)]),
+        &config,
+        &mut state,
+        t0 + Duration::from_secs(201),
+    );
+    assert_eq!(hard[0].trigger, Trigger::HardLimit);
+}
+
+#[test]
+fn old_actions_leave_the_window() {
+    let config = config();
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    for second in [0, 0, 31] {
+        tick(
+            &observe(vec![session("a", 150)]),
+            &config,
+            &mut state,
+            t0 + Duration::from_secs(second),
+        );
+    }
+    // Ten minutes later the three actions are out of the window: recycle, not unhealthy.
+    let later = tick(
+        &observe(vec![session("a", 150)]),
+        &config,
+        &mut state,
+        t0 + Duration::from_secs(700),
+    );
+    assert_eq!(later[0].rung, 2);
+    assert!(!state.sessions["a"].unhealthy);
+}
+
+#[test]
+fn soft_actions_wait_for_the_gap_between_steps() {
+    let mut busy = session("a", 150);
+    busy.runs_in_flight = 1;
+    let mut state = PolicyState::default();
+    assert!(tick(&observe(vec![busy]), &config(), &mut state, Instant::now()).is_empty());
+}
+
+#[test]
+fn the_hard_limit_acts_at_once_killing_a_running_step() {
+    let config = config();
+    let mut state = PolicyState::default();
+    let mut busy = session("a", 250);
+    busy.runs_in_flight = 2;
+    let actions = tick(&observe(vec![busy]), &config, &mut state, Instant::now());
+    assert_eq!(kinds(&actions), [ActionKind::KillAndRestore]);
+    assert_eq!(actions[0].trigger, Trigger::HardLimit);
+    assert_eq!(actions[0].rung, 3);
+    assert!(actions[0].reason.contains("250.0 MiB") && actions[0].reason.contains("200.0 MiB"));
+
+    // Between steps the hard limit recycles (keeping variables if the session asked).
+    let mut idle = session("b", 250);
+    idle.policy.preserve_variables = true;
+    let actions = tick(&observe(vec![idle]), &config, &mut state, Instant::now());
+    assert_eq!(
+        kinds(&actions),
+        [ActionKind::Recycle {
+            preserve_variables: true
+        }]
+    );
+}
+
+#[test]
+fn session_limits_are_clamped_by_the_operator_maxima() {
+    let config = PolicyConfig {
+        max_soft_limit_bytes: Some(500 * MIB),
+        max_hard_limit_bytes: Some(800 * MIB),
+        ..config()
+    };
+    let asked = config.effective(SessionPolicy {
+        soft_limit_bytes: Some(10_000 * MIB),
+        hard_limit_bytes: Some(300 * MIB),
+        ..SessionPolicy::default()
+    });
+    assert_eq!(asked.soft_limit_bytes, Some(500 * MIB));
+    assert_eq!(asked.hard_limit_bytes, Some(300 * MIB));
+    let defaults = config.effective(SessionPolicy::default());
+    assert_eq!(defaults.soft_limit_bytes, Some(100 * MIB));
+    assert_eq!(defaults.gentle_action, Some(GentleAction::PurgeVariables));
+}
+
+#[test]
+fn sessions_that_are_restoring_are_left_alone() {
+    let mut restoring = session("a", 500);
+    restoring.ready = false;
+    let mut state = PolicyState::default();
+    assert!(
+        tick(
+            &observe(vec![restoring]),
+            &config(),
+            &mut state,
+            Instant::now()
+        )
+        .is_empty()
+    );
+}
+
+fn pressure_config() -> PolicyConfig {
+    PolicyConfig {
+        soft_limit_bytes: None,
+        hard_limit_bytes: None,
+        pressure: PressureConfig {
+            min_available_bytes: Some(1024 * MIB),
+            psi_some_avg10: Some(20.0),
+            psi_duration: Duration::from_secs(10),
+        },
+        ..config()
+    }
+}
+
+/// A session without limits of its own, as the pressure tests want.
+fn unlimited(id: &str, private_mib: u64) -> SessionSample {
+    SessionSample {
+        policy: pressure_config().effective(SessionPolicy::default()),
+        ..session(id, private_mib)
+    }
+}
+
+fn under_pressure(sessions: Vec<SessionSample>) -> Observation {
+    Observation {
+        sessions,
+        system: SystemSample {
+            available_bytes: 512 * MIB,
+            psi_some_avg10: None,
+        },
+    }
+}
+
+#[test]
+fn pressure_takes_one_victim_per_tick_in_a_careful_order() {
+    let config = pressure_config();
+    let mut over_budget = unlimited("over-budget", 300);
+    over_budget.policy.soft_limit_bytes = Some(200 * MIB);
+    let mut long_idle = unlimited("long-idle", 50);
+    long_idle.idle_for = Duration::from_secs(600);
+    let mut big_running = unlimited("big-running", 5000);
+    big_running.runs_in_flight = 1;
+    let mut big_idle = unlimited("big-idle", 900);
+    big_idle.idle_for = Duration::from_secs(5);
+    let mut small_idle = unlimited("small-idle", 100);
+    small_idle.idle_for = Duration::from_secs(5);
+    let all = vec![big_running, small_idle, long_idle, big_idle, over_budget];
+
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let actions = tick(&under_pressure(all.clone()), &config, &mut state, t0);
+        assert_eq!(actions.len(), 1, "one action at a time");
+        order.push((actions[0].session_id.clone(), actions[0].trigger));
+    }
+    // The session over its own budget goes first, through its own ladder (gentle, then
+    // recycle); then pressure victims: idle before running, longest idle, then largest.
+    let expected = [
+        ("over-budget", Trigger::SoftLimit),
+        ("over-budget", Trigger::SoftLimit),
+        ("long-idle", Trigger::SystemPressure),
+        ("big-idle", Trigger::SystemPressure),
+        ("small-idle", Trigger::SystemPressure),
+        ("big-running", Trigger::SystemPressure),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(id, trigger)| (id.to_string(), *trigger))
+        .collect();
+    assert_eq!(order, expected);
+    // Everyone was just acted on: nothing left to take until the cooldown passes.
+    assert!(tick(&under_pressure(all), &config, &mut state, t0).is_empty());
+}
+
+#[test]
+fn pressure_stops_when_it_clears() {
+    let config = pressure_config();
+    let mut state = PolicyState::default();
+    let calm = Observation {
+        sessions: vec![unlimited("a", 900)],
+        system: SystemSample {
+            available_bytes: 4096 * MIB,
+            psi_some_avg10: Some(1.0),
+        },
+    };
+    assert!(tick(&calm, &config, &mut state, Instant::now()).is_empty());
+}
+
+#[test]
+fn psi_must_stay_high_for_its_duration() {
+    let config = pressure_config();
+    let mut state = PolicyState::default();
+    let high = |psi| Observation {
+        sessions: vec![unlimited("a", 900)],
+        system: SystemSample {
+            available_bytes: 4096 * MIB,
+            psi_some_avg10: Some(psi),
+        },
+    };
+    let t0 = Instant::now();
+    assert!(tick(&high(50.0), &config, &mut state, t0).is_empty());
+    assert!(
+        tick(
+            &high(50.0),
+            &config,
+            &mut state,
+            t0 + Duration::from_secs(5)
+        )
+        .is_empty()
+    );
+    // A dip resets the clock.
+    assert!(tick(&high(5.0), &config, &mut state, t0 + Duration::from_secs(6)).is_empty());
+    assert!(
+        tick(
+            &high(50.0),
+            &config,
+            &mut state,
+            t0 + Duration::from_secs(7)
+        )
+        .is_empty()
+    );
+    let acted = tick(
+        &high(50.0),
+        &config,
+        &mut state,
+        t0 + Duration::from_secs(17),
+    );
+    assert_eq!(acted.len(), 1);
+    assert!(acted[0].reason.contains("PSI"), "{}", acted[0].reason);
+}
+
+#[test]
+fn idle_sessions_are_culled_once_per_idle_period() {
+    let config = PolicyConfig {
+        idle_timeout: Some(Duration::from_secs(60)),
+        idle_action: IdleAction::Recycle,
+        ..config()
+    };
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    let mut idle = session("a", 50);
+    idle.idle_for = Duration::from_secs(61);
+    let first = tick(&observe(vec![idle.clone()]), &config, &mut state, t0);
+    assert_eq!(first[0].trigger, Trigger::Idle);
+    assert!(matches!(first[0].kind, ActionKind::Recycle { .. }));
+    // Still idle: already handled.
+    assert!(tick(&observe(vec![idle.clone()]), &config, &mut state, t0).is_empty());
+    // Used, then idle again: culled again.
+    let mut used = idle.clone();
+    used.idle_for = Duration::from_secs(1);
+    tick(&observe(vec![used]), &config, &mut state, t0);
+    let again = tick(&observe(vec![idle]), &config, &mut state, t0);
+    assert_eq!(again.len(), 1);
+
+    let closing = PolicyConfig {
+        idle_action: IdleAction::Close,
+        ..config
+    };
+    let mut idle = session("b", 50);
+    idle.idle_for = Duration::from_secs(61);
+    let closed = tick(
+        &observe(vec![idle]),
+        &closing,
+        &mut PolicyState::default(),
+        t0,
+    );
+    assert_eq!(kinds(&closed), [ActionKind::Close]);
+}
+
+#[test]
+fn a_running_session_is_never_idle_culled() {
+    let config = PolicyConfig {
+        idle_timeout: Some(Duration::from_secs(60)),
+        ..config()
+    };
+    let mut busy = session("a", 50);
+    busy.idle_for = Duration::from_secs(3600);
+    busy.runs_in_flight = 1;
+    assert!(
+        tick(
+            &observe(vec![busy]),
+            &config,
+            &mut PolicyState::default(),
+            Instant::now()
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn dry_run_decides_the_same_and_marks_every_action() {
+    let live = config();
+    let dry = PolicyConfig {
+        dry_run: true,
+        ..config()
+    };
+    let observation = observe(vec![session("a", 150), session("b", 250)]);
+    let now = Instant::now();
+    let real = decide(&observation, &live, &mut PolicyState::default(), now);
+    let reported = decide(&observation, &dry, &mut PolicyState::default(), now);
+    assert_eq!(kinds(&real), kinds(&reported));
+    assert!(reported.iter().all(|action| action.dry_run));
+    assert!(real.iter().all(|action| !action.dry_run));
+}
+
+#[test]
+fn closed_sessions_are_forgotten() {
+    let config = config();
+    let mut state = PolicyState::default();
+    let now = Instant::now();
+    tick(&observe(vec![session("a", 150)]), &config, &mut state, now);
+    assert!(state.sessions.contains_key("a"));
+    tick(&observe(vec![]), &config, &mut state, now);
+    assert!(state.sessions.is_empty());
+}

@@ -1,0 +1,370 @@
+//! The memory policy's loop with real workers and real TensorFlow: limits trip on memory a
+//! graph really allocates, and the tests wait on WatchEvents, never on sleeps.
+
+mod common;
+
+use common::*;
+use tensorflow::{DataType, Graph, Shape, Tensor};
+use tfsd::proto::tfsd::v1 as api;
+use tonic::Code;
+
+const MIB: u64 = 1024 * 1024;
+
+/// A daemon with `policy_toml` (and `extra_toml`) as its config.
+fn daemon_with(policy_toml: &str) -> Daemon {
+    let dir = std::env::temp_dir().join(format!(
+        "tfsd-policy-{}-{}",
+        std::process::id(),
+        uuid_like()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("tfsd.toml");
+    std::fs::write(&path, policy_toml).expect("config");
+    let path = path.to_string_lossy().to_string();
+    Daemon::start_with(&["--config", &path])
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_nanos()
+}
+
+/// `big` (VariableV2 of `elements` floats) set from a fed value by `big_init`; `fill` is the
+/// same tensor as a plain output; `queue`/`dequeue` block a step for as long as a test needs.
+fn growing_graph(elements: i64) -> Vec<u8> {
+    let mut graph = Graph::new();
+    let big = add_op(&mut graph, "VariableV2", "big", &[], |d| {
+        d.set_attr_type("dtype", DataType::Float).expect("dtype");
+        d.set_attr_shape("shape", &Shape::from(Some(vec![Some(elements)])))
+            .expect("shape");
+    });
+    let dims = add_op(&mut graph, "Const", "dims", &[], |d| {
+        d.set_attr_type("dtype", DataType::Int64).expect("dtype");
+        d.set_attr_tensor(
+            "value",
+            Tensor::<i64>::new(&[1])
+                .with_values(&[elements])
+                .expect("value"),
+        )
+        .expect("value");
+    });
+    let value = placeholder(&mut graph, "value", DataType::Float);
+    let fill = add_op(&mut graph, "Fill", "fill", &[&dims, &value], |_| {});
+    add_op(&mut graph, "Assign", "big_init", &[&big, &fill], |_| {});
+    // A step that holds `fill` and then blocks on the empty queue.
+    let queue = add_op(&mut graph, "FIFOQueueV2", "queue", &[], |d| {
+        d.set_attr_type_list("component_types", &[DataType::Float])
+            .expect("component_types");
+    });
+    let dequeue = add_op(&mut graph, "QueueDequeueV2", "dequeue", &[&queue], |d| {
+        d.set_attr_type_list("component_types", &[DataType::Float])
+            .expect("component_types");
+    });
+    let axis = add_op(&mut graph, "Const", "axis", &[], |d| {
+        d.set_attr_type("dtype", DataType::Int32).expect("dtype");
+        d.set_attr_tensor(
+            "value",
+            Tensor::<i32>::new(&[1]).with_values(&[0]).expect("v"),
+        )
+        .expect("value");
+    });
+    add_op(&mut graph, "Sum", "sum", &[&fill, &axis], |_| {});
+    // `fill` passed through once the queue yields (never): the step allocates `fill` and
+    // keeps it alive while it waits, so only the policy can end it.
+    add_op(&mut graph, "Identity", "hold_and_wait", &[&fill], |d| {
+        d.add_control_input(&dequeue);
+    });
+    graph.graph_def().expect("graph_def")
+}
+
+async fn create_with_policy(
+    client: &mut Client,
+    graph_def: Vec<u8>,
+    policy: api::MemoryPolicy,
+) -> api::SessionInfo {
+    client
+        .create_session(api::CreateSessionRequest {
+            graph_def,
+            memory_policy: Some(policy),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .session
+        .expect("session")
+}
+
+async fn watch(client: &mut Client, id: &str) -> tonic::Streaming<api::SessionEvent> {
+    client
+        .watch_events(api::WatchEventsRequest {
+            session_id: id.to_string(),
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+fn private(memory: &Option<api::MemoryUsage>) -> u64 {
+    memory.as_ref().expect("memory").private_bytes
+}
+
+/// A soft limit some 40 MiB above what a fresh worker holds.
+fn soft_limit_over(info: &api::SessionInfo) -> u64 {
+    private(&info.memory) + 40 * MIB
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_soft_limit_purges_between_steps_and_memory_comes_back() {
+    let daemon = daemon_with("[policy]\ninterval = \"100ms\"\n");
+    let mut client = daemon.client().await;
+    // Learn a fresh worker's footprint, then set the limit from it.
+    let probe = create(&mut client, growing_graph(16 << 20)).await;
+    let soft = soft_limit_over(&probe);
+    let session = create_with_policy(
+        &mut client,
+        growing_graph(16 << 20),
+        api::MemoryPolicy {
+            soft_limit_bytes: soft,
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = session.session_id.clone();
+    let effective = session.memory_policy.expect("policy");
+    assert_eq!(effective.soft_limit_bytes, soft);
+
+    let mut events = watch(&mut client, &id).await;
+    // 64 MiB of variable: over the soft limit.
+    run(
+        &mut client,
+        &id,
+        &[("value", scalar(1.0))],
+        &[],
+        &["big_init"],
+    )
+    .await
+    .expect("init");
+    let purged = next_event(&mut events, api::EventKind::VariablesPurged).await;
+    assert_eq!(purged.trigger, "soft_limit");
+    assert_eq!(purged.rung, 1);
+    assert!(purged.reason.contains("soft limit"), "{purged:?}");
+    assert!(private(&purged.memory_before) > soft);
+    assert!(private(&purged.memory_after) < soft, "{purged:?}");
+
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(info.automatic_action_count, 1);
+    assert!(info.peak_private_bytes > soft);
+    // The purge really happened: the variable is uninitialised.
+    let status = run(&mut client, &id, &[], &["big"], &[])
+        .await
+        .expect_err("purged");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_gentle_action_is_not_enough_the_policy_recycles() {
+    // With oneDNN's allocator a purge keeps the memory pooled in the process (FACTS §3):
+    // the gentle rung cannot help, the recycle does.
+    let daemon = daemon_with(
+        "[policy]\ninterval = \"100ms\"\n[workers.env]\nTF_ENABLE_ONEDNN_OPTS = \"1\"\n",
+    );
+    let mut client = daemon.client().await;
+    let probe = create(&mut client, growing_graph(16 << 20)).await;
+    let soft = soft_limit_over(&probe);
+    let session = create_with_policy(
+        &mut client,
+        growing_graph(16 << 20),
+        api::MemoryPolicy {
+            soft_limit_bytes: soft,
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = session.session_id.clone();
+    let mut events = watch(&mut client, &id).await;
+    run(
+        &mut client,
+        &id,
+        &[("value", scalar(1.0))],
+        &[],
+        &["big_init"],
+    )
+    .await
+    .expect("init");
+
+    let purged = next_event(&mut events, api::EventKind::VariablesPurged).await;
+    assert_eq!((purged.trigger.as_str(), purged.rung), ("soft_limit", 1));
+    assert!(
+        private(&purged.memory_after) > soft,
+        "oneDNN keeps it: {purged:?}"
+    );
+    let recycled = next_event(&mut events, api::EventKind::Recycled).await;
+    assert_eq!(
+        (recycled.trigger.as_str(), recycled.rung),
+        ("soft_limit", 2)
+    );
+    assert!(private(&recycled.memory_after) < soft, "{recycled:?}");
+    assert_ne!(recycled.worker_pid, session.worker_pid);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hard_limit_stops_a_running_step_and_the_session_recovers() {
+    let daemon = daemon_with("[policy]\ninterval = \"100ms\"\n");
+    let mut client = daemon.client().await;
+    let probe = create(&mut client, growing_graph(16 << 20)).await;
+    let hard = soft_limit_over(&probe);
+    let session = create_with_policy(
+        &mut client,
+        growing_graph(16 << 20),
+        api::MemoryPolicy {
+            hard_limit_bytes: hard,
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = session.session_id.clone();
+    let mut events = watch(&mut client, &id).await;
+
+    // The step allocates 64 MiB and then waits on an empty queue: only the policy ends it.
+    let status = tokio::time::timeout(
+        DEADLINE,
+        run(
+            &mut client.clone(),
+            &id,
+            &[("value", scalar(1.0))],
+            &["hold_and_wait"],
+            &[],
+        ),
+    )
+    .await
+    .expect("the policy must stop the step")
+    .expect_err("stopped");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("hard limit"), "{status:?}");
+    assert!(status.message().contains("MiB"), "{status:?}");
+
+    let exited = next_event(&mut events, api::EventKind::WorkerExited).await;
+    assert_eq!((exited.trigger.as_str(), exited.rung), ("hard_limit", 3));
+    let restored = next_event(&mut events, api::EventKind::Restored).await;
+    assert_ne!(restored.worker_pid, session.worker_pid);
+
+    // Back in a fresh worker with its graph (a small step: a 64 MiB one would cross the
+    // hard limit again, and rightly be stopped again).
+    let outputs = run(&mut client, &id, &[], &["dims"], &[])
+        .await
+        .expect("runs again");
+    assert_eq!(outputs[0].tensor_content.as_ref(), (16i64 << 20).to_le_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_reports_and_touches_nothing() {
+    let daemon = daemon_with("[policy]\ninterval = \"100ms\"\ndry_run = true\n");
+    let mut client = daemon.client().await;
+    let probe = create(&mut client, growing_graph(16 << 20)).await;
+    let soft = soft_limit_over(&probe);
+    let id = create_with_policy(
+        &mut client,
+        growing_graph(16 << 20),
+        api::MemoryPolicy {
+            soft_limit_bytes: soft,
+            ..Default::default()
+        },
+    )
+    .await
+    .session_id;
+    let mut events = watch(&mut client, &id).await;
+    run(
+        &mut client,
+        &id,
+        &[("value", scalar(1.0))],
+        &[],
+        &["big_init"],
+    )
+    .await
+    .expect("init");
+    let reported = next_event(&mut events, api::EventKind::DryRun).await;
+    assert_eq!(reported.trigger, "soft_limit");
+    assert!(reported.reason.contains("would purge"), "{reported:?}");
+    // Nothing was done: the variable still holds its value.
+    let outputs = run(&mut client, &id, &[], &["big"], &[])
+        .await
+        .expect("still initialised");
+    assert_eq!(outputs[0].tensor_content.len() as u64, 64 * MIB);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_are_closed_when_configured() {
+    let daemon = daemon_with(
+        "[policy]\ninterval = \"100ms\"\n[policy.idle]\ntimeout = \"1s\"\naction = \"close\"\n",
+    );
+    let mut client = daemon.client().await;
+    let id = create(&mut client, model_graph()).await.session_id;
+    let mut events = watch(&mut client, &id).await;
+    let closed = next_event(&mut events, api::EventKind::Closed).await;
+    assert_eq!(closed.trigger, "idle");
+    let status = client
+        .get_session(api::GetSessionRequest { session_id: id })
+        .await
+        .expect_err("closed");
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn system_pressure_recycles_a_victim() {
+    // Available memory is always below 1000 TiB: permanent pressure.
+    let daemon = daemon_with(
+        "[policy]\ninterval = \"100ms\"\ncooldown = \"1h\"\n[policy.pressure]\nmin_available = \"1000TiB\"\n",
+    );
+    let mut client = daemon.client().await;
+    let mut events = client
+        .watch_events(api::WatchEventsRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let session = create(&mut client, model_graph()).await;
+    let recycled = next_event(&mut events, api::EventKind::Recycled).await;
+    assert_eq!(recycled.session_id, session.session_id);
+    assert_eq!(recycled.trigger, "system_pressure");
+    assert!(recycled.reason.contains("available memory"), "{recycled:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_are_capped_by_the_operator_and_bad_policies_rejected() {
+    let daemon = daemon_with("[policy]\nmax_soft_limit = \"1GiB\"\nhard_limit = \"8GiB\"\n");
+    let mut client = daemon.client().await;
+    let session = create_with_policy(
+        &mut client,
+        model_graph(),
+        api::MemoryPolicy {
+            soft_limit_bytes: 100 << 30,
+            ..Default::default()
+        },
+    )
+    .await;
+    let policy = session.memory_policy.expect("policy");
+    assert_eq!(policy.soft_limit_bytes, 1 << 30);
+    assert_eq!(policy.hard_limit_bytes, 8 << 30);
+
+    let status = client
+        .create_session(api::CreateSessionRequest {
+            memory_policy: Some(api::MemoryPolicy {
+                soft_limit_bytes: 2 << 30,
+                hard_limit_bytes: 1 << 30,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("hard below soft");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("hard_limit_bytes"), "{status:?}");
+}
