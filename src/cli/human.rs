@@ -135,6 +135,23 @@ impl Human for SessionReport {
             ("created", ago(self.created_at)),
             ("last used", ago(self.last_used_at)),
             ("labels", labels(&self.labels)),
+            ("peak private", format::mib(self.peak_private_bytes)),
+            (
+                "limits",
+                format!(
+                    "soft {}, hard {}",
+                    self.soft_limit_bytes.map_or("none".into(), format::mib),
+                    self.hard_limit_bytes.map_or("none".into(), format::mib)
+                ),
+            ),
+            (
+                "memory policy",
+                format!(
+                    "{} automatic actions{}",
+                    self.automatic_action_count,
+                    if self.unhealthy { ", UNHEALTHY" } else { "" }
+                ),
+            ),
         ])
     }
 }
@@ -198,6 +215,13 @@ impl Human for EventReport {
         let rss = arrow(self.memory_before, self.memory_after, |m| m.rss_bytes);
         if let (Some(private), Some(rss)) = (private, rss) {
             line.push_str(&format!("  private {private}  RSS {rss}"));
+        }
+        if let Some(trigger) = self.trigger.as_deref().filter(|t| *t != "client") {
+            line.push_str(&format!("  [{trigger}"));
+            if self.rung > 0 {
+                line.push_str(&format!(", rung {}", self.rung));
+            }
+            line.push(']');
         }
         if let Some(reason) = &self.reason {
             line.push_str("  ");
@@ -298,6 +322,8 @@ mod tests {
                 rss_bytes: MIB,
                 private_bytes: 0,
             }),
+            trigger: Some("client".into()),
+            rung: 0,
         };
         let line = event.human(SystemTime::now());
         assert_eq!(line.lines().count(), 1);
@@ -305,6 +331,19 @@ mod tests {
         assert!(line.contains("pid 7"));
         assert!(
             line.ends_with("private 1.0→0.0 MiB  RSS 2.0→1.0 MiB\n"),
+            "{line}"
+        );
+
+        // The memory policy's actions say which trigger and rung.
+        let automatic = EventReport {
+            trigger: Some("soft_limit".into()),
+            rung: 1,
+            reason: Some("private memory 3.1 GiB is over the soft limit 3.0 GiB".into()),
+            ..event
+        };
+        let line = automatic.human(SystemTime::now());
+        assert!(
+            line.contains("[soft_limit, rung 1]  private memory 3.1 GiB"),
             "{line}"
         );
     }

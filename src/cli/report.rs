@@ -121,6 +121,13 @@ pub struct SessionReport {
     /// Time since the last call that used the session, as of the command.
     pub idle_ms: Option<u64>,
     pub labels: BTreeMap<String, String>,
+    /// The highest private memory the daemon's sampler has seen.
+    pub peak_private_bytes: u64,
+    /// The effective memory limits; `null` when none applies.
+    pub soft_limit_bytes: Option<u64>,
+    pub hard_limit_bytes: Option<u64>,
+    pub unhealthy: bool,
+    pub automatic_action_count: u64,
 }
 
 impl SessionReport {
@@ -146,6 +153,19 @@ impl SessionReport {
                 .iter()
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect(),
+            peak_private_bytes: session.peak_private_bytes,
+            soft_limit_bytes: session
+                .memory_policy
+                .as_ref()
+                .map(|p| p.soft_limit_bytes)
+                .filter(|b| *b > 0),
+            hard_limit_bytes: session
+                .memory_policy
+                .as_ref()
+                .map(|p| p.hard_limit_bytes)
+                .filter(|b| *b > 0),
+            unhealthy: session.unhealthy,
+            automatic_action_count: session.automatic_action_count,
         }
     }
 }
@@ -237,6 +257,10 @@ pub struct EventReport {
     pub graph_version: u64,
     pub memory_before: Option<MemoryReport>,
     pub memory_after: Option<MemoryReport>,
+    /// "client", or the memory policy's trigger ("soft_limit", "hard_limit", ...).
+    pub trigger: Option<String>,
+    /// The memory policy's rung (1 gentle, 2 recycle, 3 hard limit); 0 otherwise.
+    pub rung: u32,
 }
 
 impl EventReport {
@@ -250,6 +274,8 @@ impl EventReport {
             graph_version: event.graph_version,
             memory_before: MemoryReport::from_proto(event.memory_before.as_ref()),
             memory_after: MemoryReport::from_proto(event.memory_after.as_ref()),
+            trigger: Some(event.trigger.clone()).filter(|trigger| !trigger.is_empty()),
+            rung: event.rung,
         }
     }
 }
