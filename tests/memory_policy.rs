@@ -262,7 +262,10 @@ async fn a_hard_limit_stops_a_running_step_and_the_session_recovers() {
     let outputs = run(&mut client, &id, &[], &["dims"], &[])
         .await
         .expect("runs again");
-    assert_eq!(outputs[0].tensor_content.as_ref(), (16i64 << 20).to_le_bytes());
+    assert_eq!(
+        outputs[0].tensor_content.as_ref(),
+        (16i64 << 20).to_le_bytes()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
