@@ -115,6 +115,9 @@ class Daemon:
     def __init__(self, *extra_args: str) -> None:
         env = dict(os.environ)
         env["RUST_LOG"] = os.environ.get("TFSD_TEST_LOG", "warn")
+        # Free ports for the other listeners too: fixed defaults would collide between
+        # daemons (and with a tfsd an operator runs on this machine).
+        env["TFSD_METRICS_LISTEN"] = "127.0.0.1:0"
         self.process = subprocess.Popen(
             [str(daemon_binary()), "serve", "--listen", "127.0.0.1:0", *extra_args],
             cwd=REPO_ROOT,
