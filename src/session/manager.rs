@@ -178,7 +178,7 @@ impl SessionManager {
             graph_def: graph_def.to_vec(),
             config: config.to_vec(),
         });
-        match expect_done(&worker, worker.call(load).await) {
+        match expect_done(&worker, worker.call(load).await).map_err(rejected_graph) {
             Ok(()) => Ok(worker),
             Err(error) => {
                 worker.stop().await;
@@ -307,7 +307,7 @@ impl SessionManager {
             let extend = Kind::Extend(wire::Extend {
                 graph_def: graph_def.to_vec(),
             });
-            expect_done(&worker, worker.call(extend).await)?;
+            expect_done(&worker, worker.call(extend).await).map_err(rejected_graph)?;
             core.graph_def.extend_from_slice(&graph_def);
             let version = actual + 1;
             session.touch(|stats| stats.graph_version = version);
@@ -614,6 +614,15 @@ fn expect_done(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Res
     match reply {
         Ok(Reply::Done(_)) => Ok(()),
         other => Err(unexpected(worker, other)),
+    }
+}
+
+/// A GraphDef or ConfigProto TensorFlow refused is the client's invalid argument, whatever
+/// code TensorFlow used (an unregistered op is NOT_FOUND to it); its message is kept.
+fn rejected_graph(error: Error) -> Error {
+    match error {
+        Error::Tensorflow { message, .. } => Error::InvalidArgument(message),
+        other => other,
     }
 }
 
