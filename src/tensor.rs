@@ -142,6 +142,11 @@ pub enum TensorError {
         shape: Vec<i64>,
         elements: u64,
     },
+    #[error(
+        "tensor_content of a string tensor of shape {shape:?} must hold {elements} varint \
+         lengths and then the strings' bytes, as TensorFlow encodes it"
+    )]
+    StringContent { shape: Vec<i64>, elements: u64 },
     #[error("a {dtype} tensor must use {expected}, but {found} is set")]
     WrongValueField {
         dtype: &'static str,
@@ -302,6 +307,14 @@ fn check_values(proto: &TensorProto, dtype: DType, elements: u64) -> Result<(), 
         });
     }
     match dtype.element_size() {
+        None if !proto.tensor_content.is_empty() => {
+            decode_string_list(&proto.tensor_content, elements)
+                .map(drop)
+                .ok_or_else(|| TensorError::StringContent {
+                    shape: raw_shape(proto),
+                    elements,
+                })
+        }
         Some(element_size) if !proto.tensor_content.is_empty() => {
             let expected = elements.checked_mul(element_size as u64).ok_or_else(|| {
                 TensorError::TooManyElements {
@@ -351,6 +364,38 @@ fn value_count(proto: &TensorProto, dtype: DType) -> usize {
     }
 }
 
+/// A string tensor's `tensor_content` as TensorFlow's C++ runtime writes it (its own remote
+/// clients send strings this way, e.g. the MasterService client): `elements` lengths as
+/// varint32s, then the strings' bytes back to back. `None` unless it holds exactly that.
+fn decode_string_list(content: &[u8], elements: u64) -> Option<Vec<Vec<u8>>> {
+    let mut at = 0usize;
+    let mut lengths = Vec::new();
+    for _ in 0..elements {
+        let mut length = 0u64;
+        let mut shift = 0;
+        loop {
+            let byte = *content.get(at)?;
+            at += 1;
+            length |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 28 {
+                return None;
+            }
+        }
+        lengths.push(usize::try_from(length).ok()?);
+    }
+    let mut strings = Vec::with_capacity(lengths.len());
+    for length in lengths {
+        let end = at.checked_add(length)?;
+        strings.push(content.get(at..end)?.to_vec());
+        at = end;
+    }
+    (at == content.len()).then_some(strings)
+}
+
 /// Decodes a tensor into its dense form, accepting `tensor_content` and the typed `*_val`
 /// fields (with TensorFlow's broadcast of the last value).
 pub fn decode(proto: &TensorProto) -> Result<DenseTensor, TensorError> {
@@ -358,7 +403,16 @@ pub fn decode(proto: &TensorProto) -> Result<DenseTensor, TensorError> {
     let (dims, elements) = shape_of(proto)?;
     check_values(proto, dtype, elements)?;
     let field = value_field(dtype);
-    let data = if dtype == DType::String {
+    let data = if dtype == DType::String && !proto.tensor_content.is_empty() {
+        DenseData::Strings(
+            decode_string_list(&proto.tensor_content, elements).ok_or_else(|| {
+                TensorError::StringContent {
+                    shape: raw_shape(proto),
+                    elements,
+                }
+            })?,
+        )
+    } else if dtype == DType::String {
         let strings = expand(&proto.string_val, elements, field, proto)?;
         DenseData::Strings(strings)
     } else if !proto.tensor_content.is_empty() || elements == 0 {

@@ -112,6 +112,31 @@ fn strings_round_trip_and_broadcast() {
 }
 
 #[test]
+fn strings_in_tensor_content_decode_as_tensorflow_encodes_them() {
+    // TensorFlow's C++ runtime (e.g. its MasterService client) sends a string tensor as
+    // every length as a varint, then the bytes: here b"ab", 200 bytes of 'x', b"".
+    let mut proto = shaped(DType::String, &[3]);
+    let mut content = vec![2, 0xc8, 0x01, 0];
+    content.extend_from_slice(b"ab");
+    content.extend_from_slice(&[b'x'; 200]);
+    proto.tensor_content = Bytes::from(content.clone());
+    validate(&proto).expect("valid tensor");
+    let dense = decode(&proto).expect("valid tensor");
+    assert_eq!(
+        dense.data,
+        DenseData::Strings(vec![b"ab".to_vec(), vec![b'x'; 200], Vec::new()])
+    );
+
+    content.pop();
+    proto.tensor_content = Bytes::from(content);
+    let error = validate(&proto).expect_err("one byte short");
+    assert!(
+        matches!(error, TensorError::StringContent { .. }),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_missing_shape_is_a_scalar() {
     let proto = TensorProto {
         dtype: DType::Double.to_proto(),
