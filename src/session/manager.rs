@@ -4,6 +4,8 @@
 //! the manager's `TaskTracker`; the caller awaits the task. A gRPC handler dropped because its
 //! client went away therefore never leaves a session half-reset, and shutdown waits for them.
 
+mod partial_run;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -27,6 +29,8 @@ use crate::proto::tfsd::worker::v1 as wire;
 use crate::tensor;
 use crate::worker::{WarmPool, WorkerError, WorkerProcess};
 use wire::{worker_request::Kind, worker_response::Result as Reply};
+
+pub use partial_run::PartialRunSpec;
 
 #[derive(Debug)]
 pub struct SessionManager {
@@ -651,5 +655,6 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Run(_) => "run result",
         Reply::Variables(_) => "variables",
         Reply::Ready(_) => "ready",
+        Reply::PartialRunHandle(_) => "partial run handle",
     }
 }

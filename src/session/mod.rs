@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 pub use events::{Cause, EVENT_BUFFER, EventBus, EventKind, SessionEvent};
-pub use manager::SessionManager;
+pub use manager::{PartialRunSpec, SessionManager};
 pub use supervision::ActionOutcome;
 
 use crate::memory::MemoryUsage;

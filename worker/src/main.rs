@@ -152,5 +152,11 @@ fn handle(runtime: &Runtime, kind: Option<Kind>) -> Result<Reply, Failure> {
         Kind::ImportVariables(import) => {
             runtime.import_variables(import.variables).map(|()| done())
         }
+        Kind::PartialRunSetup(setup) => runtime
+            .partial_run_setup(setup)
+            .map(|handle| Reply::PartialRunHandle(wire::PartialRunHandle { handle })),
+        Kind::PartialRun(run) => runtime
+            .partial_run(run)
+            .map(|outputs| Reply::Run(wire::RunResult { outputs })),
     }
 }

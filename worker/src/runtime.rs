@@ -6,6 +6,8 @@
 //! their resource managers, and nothing else in the process is touched. `TF_Reset` is never
 //! used (it closes every session in the process, FACTS §3).
 
+mod partial_run;
+
 use std::collections::HashSet;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
