@@ -504,3 +504,9 @@ pub fn encode(tensor: DenseTensor) -> TensorProto {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
+mod fuzz;
