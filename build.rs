@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/tfsd/v1/tfsd.proto",
         "proto/tfsd/worker/v1/worker.proto",
+        "proto/tensorflow/core/protobuf/master_service.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(protos, ["proto"])?;

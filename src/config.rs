@@ -17,10 +17,15 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Address of the Prometheus endpoint (`GET /metrics`) when the config names none.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
+/// Address of TensorFlow's MasterService (`tf.compat.v1.Session("grpc://127.0.0.1:2222")`)
+/// when the config names none: TensorFlow's customary port for a local server.
+pub const DEFAULT_MASTER_LISTEN: &str = "127.0.0.1:2222";
+
 /// Environment variables that override one config key each, applied on top of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 7] = [
+pub const ENV_OVERRIDES: [(&str, &str); 8] = [
     ("TFSD_LISTEN", "server.listen"),
     ("TFSD_METRICS_LISTEN", "metrics.listen"),
+    ("TFSD_MASTER_LISTEN", "master.listen"),
     ("TFSD_WORKER_BINARY", "workers.binary"),
     ("TFSD_POOL_SIZE", "workers.pool_size"),
     ("TFSD_WORKER_START_TIMEOUT", "workers.start_timeout"),
@@ -52,6 +57,8 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    master: RawMaster,
     #[serde(default)]
     log: RawLog,
 }
@@ -93,6 +100,12 @@ struct RawIdle {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMaster {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Option<String>,
 }
@@ -126,6 +139,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `None` when metrics are switched off (`metrics.listen = ""`).
     pub metrics_listen: Option<SocketAddr>,
+    /// TensorFlow's MasterService; `None` when switched off (`master.listen = ""`).
+    pub master_listen: Option<SocketAddr>,
     pub workers: WorkerConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
@@ -221,6 +236,22 @@ impl Config {
             })?)
         };
 
+        let master_text = raw
+            .master
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_MASTER_LISTEN);
+        let master_listen = if master_text.is_empty() {
+            None
+        } else {
+            Some(master_text.parse().with_context(|| {
+                format!(
+                    "master.listen = {master_text:?} is not an address like \"127.0.0.1:2222\" \
+                     (or \"\" to switch the MasterService off)"
+                )
+            })?)
+        };
+
         let binary = match raw.workers.binary {
             Some(path) => base.join(path),
             None => default_worker_binary()?,
@@ -256,6 +287,7 @@ impl Config {
             listen,
             metrics_listen,
             policy,
+            master_listen,
             workers: WorkerConfig {
                 binary,
                 pool_size,
@@ -276,6 +308,7 @@ impl RawConfig {
             match key {
                 "server.listen" => self.server.listen = Some(value.clone()),
                 "metrics.listen" => self.metrics.listen = Some(value.clone()),
+                "master.listen" => self.master.listen = Some(value.clone()),
                 "workers.binary" => self.workers.binary = Some(PathBuf::from(&value)),
                 "workers.pool_size" => {
                     self.workers.pool_size = Some(value.parse().with_context(invalid)?)
@@ -428,6 +461,10 @@ mod tests {
         let config = Config::parse("", Path::new("/etc/tfsd")).expect("valid");
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.workers.pool_size, DEFAULT_POOL_SIZE);
+        assert_eq!(
+            config.master_listen.map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_MASTER_LISTEN)
+        );
         assert_eq!(config.workers.start_timeout, DEFAULT_WORKER_START_TIMEOUT);
         assert_eq!(config.workers.env["TF_ENABLE_ONEDNN_OPTS"], "0");
         assert_eq!(config.log.format, LogFormat::Human);
@@ -479,6 +516,7 @@ mod tests {
         let env = |name: &str| match name {
             "TFSD_POOL_SIZE" => Some("4".to_string()),
             "TFSD_METRICS_LISTEN" => Some(String::new()),
+            "TFSD_MASTER_LISTEN" => Some("127.0.0.1:0".to_string()),
             "TFSD_LISTEN" => Some("127.0.0.1:0".to_string()),
             _ => None,
         };
@@ -486,6 +524,7 @@ mod tests {
             .expect("valid");
         assert_eq!(config.workers.pool_size, 4);
         assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.master_listen.map(|a| a.port()), Some(0));
         assert_eq!(config.listen.port(), 0);
 
         let bad = |name: &str| (name == "TFSD_POOL_SIZE").then(|| "many".to_string());
@@ -570,6 +609,7 @@ mod tests {
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("[server]\nlisten = \"localhost\"", "server.listen"),
+            ("[master]\nlisten = \"2222\"", "master.listen"),
             (
                 "[workers]\nstart_timeout = \"soon\"",
                 "workers.start_timeout",

@@ -19,7 +19,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const SERVER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until a signal, then drains. Prints "tfsd listening on ADDRESS" on stdout
-/// once connections are accepted.
+/// once connections are accepted (after "tfsd metrics on URL" and "tfsd master on ADDRESS"
+/// for the endpoints that are switched on).
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config)?;
     // Listen for signals before anything else: a SIGTERM right after start-up must drain,
@@ -41,6 +42,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tokio::net::TcpListener::bind(metrics_address)
                 .await
                 .with_context(|| format!("bind the metrics endpoint {metrics_address}"))?,
+        ),
+        None => None,
+    };
+    let master_listener = match config.master_listen {
+        Some(master_address) => Some(
+            tokio::net::TcpListener::bind(master_address)
+                .await
+                .with_context(|| format!("bind the MasterService {master_address}"))?,
         ),
         None => None,
     };
@@ -91,6 +100,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         println!("tfsd metrics on http://{metrics_address}/metrics");
+    }
+    if let Some(master_listener) = master_listener {
+        let master_address = master_listener
+            .local_addr()
+            .context("read the MasterService address")?;
+        // Not on the tracker: a TensorFlow client's open connection must not hold the drain.
+        tokio::spawn(serve_master(
+            master_listener,
+            manager.clone(),
+            shutdown.clone(),
+        ));
+        println!("tfsd master on {master_address}");
     }
     tracing::info!(%address, pool_size = config.workers.pool_size, "tfsd serving tfsd.v1");
     println!("tfsd listening on {address}");
@@ -165,6 +186,16 @@ async fn serve_metrics(
 ) {
     if let Err(error) = crate::metrics::serve(listener, metrics, manager, shutdown).await {
         tracing::error!(%error, "the metrics endpoint failed");
+    }
+}
+
+async fn serve_master(
+    listener: tokio::net::TcpListener,
+    manager: Arc<SessionManager>,
+    shutdown: CancellationToken,
+) {
+    if let Err(error) = crate::master::serve(listener, manager, shutdown).await {
+        tracing::error!(%error, "the MasterService failed");
     }
 }
 

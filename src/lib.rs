@@ -6,6 +6,7 @@
 //! - `config`: the TOML config, validated into `Config`.
 //! - `daemon`: the daemon's life: start, serve, drain on a signal, reap.
 //! - `grpc`: the tonic services (tfsd.v1), thin over the domain.
+//! - `master`: TensorFlow's MasterService, so `tf.compat.v1.Session("grpc://…")` runs here.
 //! - `session`: sessions, their operations (`SessionManager`) and lifecycle events.
 //! - `worker`: worker processes (spawn, protocol, death, reaping) and the warm pool.
 //! - `tensor`: TensorFlow's TensorProto, validated and decoded (shared with the worker).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod grpc;
+pub mod master;
 pub mod memory;
 pub mod metrics;
 pub mod notify;

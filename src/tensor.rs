@@ -507,6 +507,3 @@ mod tests;
 
 #[cfg(test)]
 mod fuzz;
-
-#[cfg(test)]
-mod fuzz;

@@ -16,7 +16,7 @@ fn dtype() -> impl Strategy<Value = i32> {
     prop_oneof![
         8 => prop::sample::select(DType::ALL.map(DType::to_proto).to_vec()),
         1 => any::<i32>(),
-        1 => (100..125i32),
+        1 => 100..125i32,
     ]
 }
 

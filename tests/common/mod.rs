@@ -28,6 +28,8 @@ pub struct Daemon {
     pub address: String,
     /// `http://HOST:PORT/metrics`.
     pub metrics_url: String,
+    /// `HOST:PORT` of TensorFlow's MasterService.
+    pub master_address: String,
 }
 
 impl Daemon {
@@ -69,6 +71,7 @@ impl Daemon {
             .args(args)
             // Every test daemon gets its own free port for metrics too.
             .env("TFSD_METRICS_LISTEN", "127.0.0.1:0")
+            .env("TFSD_MASTER_LISTEN", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 std::env::var("TFSD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -83,17 +86,25 @@ impl Daemon {
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut metrics_url = String::new();
+            let mut master_address = String::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(url) = line.strip_prefix("tfsd metrics on ") {
                     metrics_url = url.to_string();
                 }
+                if let Some(address) = line.strip_prefix("tfsd master on ") {
+                    master_address = address.to_string();
+                }
                 if let Some(address) = line.strip_prefix("tfsd listening on ") {
-                    let _ = sender.send((address.to_string(), metrics_url.clone()));
+                    let _ = sender.send((
+                        address.to_string(),
+                        metrics_url.clone(),
+                        master_address.clone(),
+                    ));
                 }
             }
         });
-        let (address, metrics_url) = receiver
+        let (address, metrics_url, master_address) = receiver
             .recv_timeout(DEADLINE)
             .expect("tfsd did not say it listens");
         (
@@ -102,6 +113,7 @@ impl Daemon {
                 stopped: false,
                 address,
                 metrics_url,
+                master_address,
             },
             (),
         )

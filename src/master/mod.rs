@@ -1,0 +1,64 @@
+//! TensorFlow's MasterService, so that an unmodified `tf.compat.v1.Session("grpc://HOST:PORT")`
+//! (and graph-mode Keras 2 on top of it) runs on tfsd. Served on its own listener
+//! (`[master] listen`), beside tfsd.v1.
+//!
+//! Every MasterService session is an ordinary tfsd session created through the
+//! `SessionManager`: its own worker, listed by ListSessions with the label
+//! `tfsd.origin=master`, resettable and recyclable by an operator through tfsd.v1. The
+//! session handle the client gets *is* the tfsd session id, so a recycle (same id) is
+//! invisible to the client. This module owns only what TensorFlow's protocol adds on top:
+//! - `service.rs`: the handlers, thin over the manager;
+//! - `convert.rs`: the fields tfsd reads from ConfigProto / RunOptions / CallableOptions,
+//!   named tensors, the device list;
+//! - `sessions.rs`: which sessions are MasterService sessions, their client address (the
+//!   scope of Reset), their operation timeout and callables;
+//! - `callables.rs`: MakeCallable / RunCallable / ReleaseCallable as ordinary runs;
+//! - `dedup.rs`: `request_id` de-duplication, so a retried step never runs twice;
+//! - `errors.rs`: errors in the response body (`store_errors_in_response_body`).
+//!
+//! It must not touch sessions created through tfsd.v1: their handles are unknown here.
+
+mod callables;
+mod convert;
+mod dedup;
+mod errors;
+mod service;
+mod sessions;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+pub use service::{CLIENT_LABEL, NAME_LABEL, ORIGIN_LABEL, ORIGIN_MASTER};
+
+use crate::grpc::MAX_MESSAGE_BYTES;
+use crate::proto::tensorflow::master_service_server::MasterServiceServer;
+use crate::session::SessionManager;
+
+/// Serves MasterService on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    manager: Arc<SessionManager>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let sessions = Arc::new(sessions::MasterSessions::default());
+    tokio::spawn(
+        sessions
+            .clone()
+            .forget_closed(manager.clone(), shutdown.clone()),
+    );
+    let service = MasterServiceServer::new(service::MasterService::new(service::Master::new(
+        manager, sessions,
+    )))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Steps are small request/response pairs: Nagle's algorithm would hold them back.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! The MasterService handlers: validate, convert (`convert.rs`), call the `SessionManager`,
+//! convert back. Requests that carry a `request_id` go through `RecentRequests`, so a
+//! client's retry never runs a step twice.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::callables;
+use super::convert;
+use super::dedup::RecentRequests;
+use super::errors;
+use super::sessions::{MasterSession, MasterSessions, not_found};
+use crate::error::Error;
+use crate::policy::SessionPolicy;
+use crate::proto::tensorflow as tf;
+use crate::session::{PartialRunSpec, RunSpec, SessionManager};
+
+/// Label on every tfsd session the MasterService created.
+pub const ORIGIN_LABEL: &str = "tfsd.origin";
+pub const ORIGIN_MASTER: &str = "master";
+/// Label with the address (IP:port) of the TensorFlow client that created the session.
+pub const CLIENT_LABEL: &str = "tfsd.master.client";
+/// Label with the name the client gave its session in
+/// `ConfigProto.experimental.session_metadata.name` (`NAME/VERSION` for a non-zero version).
+pub const NAME_LABEL: &str = "tfsd.master.name";
+
+type Answer<T> = Result<T, Status>;
+
+/// The size of an answer, for the de-duplication cache's byte bound.
+fn answer_size<T: Message>(answer: &Answer<T>) -> usize {
+    match answer {
+        Ok(message) => message.encoded_len(),
+        Err(status) => status.message().len(),
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct Master {
+    manager: Arc<SessionManager>,
+    sessions: Arc<MasterSessions>,
+    run_steps: Arc<RecentRequests<Answer<tf::RunStepResponse>>>,
+    partial_run_setups: Arc<RecentRequests<Answer<tf::PartialRunSetupResponse>>>,
+    make_callables: Arc<RecentRequests<Answer<tf::MakeCallableResponse>>>,
+    run_callables: Arc<RecentRequests<Answer<tf::RunCallableResponse>>>,
+}
+
+impl Master {
+    pub fn new(manager: Arc<SessionManager>, sessions: Arc<MasterSessions>) -> Arc<Master> {
+        Arc::new(Master {
+            manager,
+            sessions,
+            run_steps: Arc::new(RecentRequests::new(answer_size)),
+            partial_run_setups: Arc::new(RecentRequests::new(answer_size)),
+            make_callables: Arc::new(RecentRequests::new(answer_size)),
+            run_callables: Arc::new(RecentRequests::new(answer_size)),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct MasterService {
+    master: Arc<Master>,
+}
+
+impl MasterService {
+    pub fn new(master: Arc<Master>) -> MasterService {
+        MasterService { master }
+    }
+}
+
+/// Unwraps a de-duplicated answer (cloned only when a retry shares it).
+fn replayed<T: Clone>(answer: Result<Arc<Answer<T>>, Status>) -> Answer<T> {
+    let answer = answer?;
+    Arc::try_unwrap(answer).unwrap_or_else(|shared| (*shared).clone())
+}
+
+fn required_handle(handle: &str) -> Result<&str, Status> {
+    if handle.is_empty() {
+        Err(Status::invalid_argument("session_handle is required"))
+    } else {
+        Ok(handle)
+    }
+}
+
+#[tonic::async_trait]
+impl tf::master_service_server::MasterService for MasterService {
+    async fn create_session(
+        &self,
+        request: Request<tf::CreateSessionRequest>,
+    ) -> Result<Response<tf::CreateSessionResponse>, Status> {
+        let client = request.remote_addr();
+        let request = request.into_inner();
+        let config = convert::session_config(&request.config)?;
+        let mut labels = std::collections::BTreeMap::from([(
+            ORIGIN_LABEL.to_string(),
+            ORIGIN_MASTER.to_string(),
+        )]);
+        if let Some(client) = client {
+            labels.insert(CLIENT_LABEL.to_string(), client.to_string());
+        }
+        if let Some(name) = &config.name {
+            labels.insert(NAME_LABEL.to_string(), name.clone());
+        }
+        let snapshot = self
+            .master
+            .manager
+            .create(
+                request.graph_def.into(),
+                config.worker_config.into(),
+                labels,
+                // A TensorFlow client cannot re-initialise variables it does not know were
+                // lost, so a recycle by the memory policy carries them over.
+                SessionPolicy {
+                    preserve_variables: true,
+                    ..SessionPolicy::default()
+                },
+            )
+            .await
+            .map_err(errors::status)?;
+        tracing::info!(session_id = %snapshot.id, client = ?client, "MasterService session created");
+        self.master.sessions.insert(
+            snapshot.id.clone(),
+            MasterSession {
+                client_ip: client.map(|address| address.ip()),
+                operation_timeout: config.operation_timeout,
+                callables: callables::Callables::default(),
+            },
+        );
+        Ok(Response::new(tf::CreateSessionResponse {
+            session_handle: snapshot.id,
+            graph_version: snapshot.graph_version as i64,
+        }))
+    }
+
+    async fn extend_session(
+        &self,
+        request: Request<tf::ExtendSessionRequest>,
+    ) -> Result<Response<tf::ExtendSessionResponse>, Status> {
+        let request = request.into_inner();
+        let handle = required_handle(&request.session_handle)?;
+        self.master.sessions.with(handle, |_| Ok(()))?;
+        let current = u64::try_from(request.current_graph_version)
+            .map_err(|_| Status::invalid_argument("current_graph_version must not be negative"))?;
+        let version = self
+            .master
+            .manager
+            .extend(handle, request.graph_def.into(), current)
+            .await
+            .map_err(errors::status)?;
+        Ok(Response::new(tf::ExtendSessionResponse {
+            new_graph_version: version as i64,
+        }))
+    }
+
+    async fn partial_run_setup(
+        &self,
+        request: Request<tf::PartialRunSetupRequest>,
+    ) -> Result<Response<tf::PartialRunSetupResponse>, Status> {
+        let request = request.into_inner();
+        let master = self.master.clone();
+        let answer = self
+            .master
+            .partial_run_setups
+            .run(request.request_id, async move {
+                let handle = required_handle(&request.session_handle)?;
+                master.sessions.with(handle, |_| Ok(()))?;
+                let spec = PartialRunSpec {
+                    feeds: request.feed,
+                    fetches: request.fetch,
+                    targets: request.target,
+                };
+                let partial_run_handle = master
+                    .manager
+                    .partial_run_setup(handle, spec)
+                    .await
+                    .map_err(errors::status)?;
+                Ok(tf::PartialRunSetupResponse { partial_run_handle })
+            })
+            .await;
+        replayed(answer).map(Response::new)
+    }
+
+    async fn run_step(
+        &self,
+        request: Request<tf::RunStepRequest>,
+    ) -> Result<Response<tf::RunStepResponse>, Status> {
+        let request = request.into_inner();
+        let store_errors_in_response_body = request.store_errors_in_response_body;
+        let master = self.master.clone();
+        let answer = self
+            .master
+            .run_steps
+            .run(request.request_id, run_step(master, request))
+            .await;
+        errors::run_step_answer(store_errors_in_response_body, replayed(answer))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<tf::CloseSessionRequest>,
+    ) -> Result<Response<tf::CloseSessionResponse>, Status> {
+        let handle = required_handle(&request.get_ref().session_handle)?;
+        if !self.master.sessions.remove(handle) {
+            return Err(not_found(handle));
+        }
+        match self.master.manager.close(handle).await {
+            // Closed already (by an operator): the client's wish is fulfilled.
+            Ok(()) | Err(Error::SessionNotFound(_)) => {}
+            Err(error) => return Err(errors::status(error)),
+        }
+        tracing::info!(session_id = %handle, "MasterService session closed");
+        Ok(Response::new(tf::CloseSessionResponse {}))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<tf::ListDevicesRequest>,
+    ) -> Result<Response<tf::ListDevicesResponse>, Status> {
+        let handle = &request.get_ref().session_handle;
+        let incarnation = if handle.is_empty() {
+            convert::incarnation(&["tfsd", &std::process::id().to_string()])
+        } else {
+            self.master.sessions.with(handle, |_| Ok(()))?;
+            let snapshot = self
+                .master
+                .manager
+                .session(handle)
+                .map_err(errors::status)?;
+            convert::incarnation(&[handle, &snapshot.worker_pid.to_string()])
+        };
+        Ok(Response::new(tf::ListDevicesResponse {
+            local_device: vec![convert::cpu_device(incarnation)],
+            remote_device: Vec::new(),
+        }))
+    }
+
+    async fn reset(
+        &self,
+        request: Request<tf::ResetRequest>,
+    ) -> Result<Response<tf::ResetResponse>, Status> {
+        let client_ip = request.remote_addr().map(|address| address.ip());
+        let containers = request.into_inner().container;
+        // Detached, so that a client hanging up cannot leave its sessions half reset.
+        let master = self.master.clone();
+        tokio::spawn(async move { reset(&master, client_ip, &containers).await })
+            .await
+            .map_err(|error| Status::internal(format!("Reset failed: {error}")))??;
+        Ok(Response::new(tf::ResetResponse {}))
+    }
+
+    async fn make_callable(
+        &self,
+        request: Request<tf::MakeCallableRequest>,
+    ) -> Result<Response<tf::MakeCallableResponse>, Status> {
+        let request = request.into_inner();
+        let master = self.master.clone();
+        let answer = self
+            .master
+            .make_callables
+            .run(request.request_id, async move {
+                let handle = required_handle(&request.session_handle)?;
+                let spec = convert::callable_spec(&request.options)?;
+                let callable = master
+                    .sessions
+                    .with(handle, |session| session.callables.make(spec))?;
+                Ok(tf::MakeCallableResponse { handle: callable })
+            })
+            .await;
+        replayed(answer).map(Response::new)
+    }
+
+    async fn run_callable(
+        &self,
+        request: Request<tf::RunCallableRequest>,
+    ) -> Result<Response<tf::RunCallableResponse>, Status> {
+        let request = request.into_inner();
+        let master = self.master.clone();
+        let answer = self
+            .master
+            .run_callables
+            .run(request.request_id, async move {
+                let handle = required_handle(&request.session_handle)?;
+                let spec = master.sessions.with(handle, |session| {
+                    let callable = session.callables.get(request.handle)?;
+                    callables::run_spec(callable, request.feed, session.operation_timeout)
+                })?;
+                let fetch = master
+                    .manager
+                    .run(handle, spec)
+                    .await
+                    .map_err(errors::status)?;
+                Ok(tf::RunCallableResponse {
+                    fetch,
+                    metadata: Vec::new(),
+                })
+            })
+            .await;
+        replayed(answer).map(Response::new)
+    }
+
+    async fn release_callable(
+        &self,
+        request: Request<tf::ReleaseCallableRequest>,
+    ) -> Result<Response<tf::ReleaseCallableResponse>, Status> {
+        let request = request.into_inner();
+        let handle = required_handle(&request.session_handle)?;
+        self.master
+            .sessions
+            .with(handle, |session| session.callables.release(request.handle))?;
+        Ok(Response::new(tf::ReleaseCallableResponse {}))
+    }
+}
+
+/// One RunStep: an ordinary step, or the next part of a partial run.
+async fn run_step(master: Arc<Master>, request: tf::RunStepRequest) -> Answer<tf::RunStepResponse> {
+    let handle = required_handle(&request.session_handle)?;
+    let operation_timeout = master
+        .sessions
+        .with(handle, |session| Ok(session.operation_timeout))?;
+    let feeds = convert::feeds(request.feed)?;
+    let fetches = request.fetch;
+    let outputs = if request.partial_run_handle.is_empty() {
+        let spec = RunSpec {
+            feeds,
+            fetches: fetches.clone(),
+            targets: request.target,
+            timeout: convert::run_timeout(&request.options)?.or(operation_timeout),
+        };
+        master.manager.run(handle, spec).await
+    } else {
+        master
+            .manager
+            .partial_run(handle, &request.partial_run_handle, feeds, fetches.clone())
+            .await
+    }
+    .map_err(errors::status)?;
+    Ok(tf::RunStepResponse {
+        tensor: convert::named(&fetches, outputs),
+        ..tf::RunStepResponse::default()
+    })
+}
+
+/// Reset: clears the state of every MasterService session created from the caller's address
+/// (a purge: the same graph in a fresh TensorFlow session, so every container is cleared).
+/// Unlike TensorFlow's server, the sessions stay open and sessions of other clients and of
+/// tfsd.v1 are not touched.
+async fn reset(
+    master: &Master,
+    client_ip: Option<IpAddr>,
+    containers: &[String],
+) -> Result<(), Status> {
+    let handles = master.sessions.created_from(client_ip);
+    let mut failures = Vec::new();
+    for handle in &handles {
+        match master.manager.purge_variables(handle).await {
+            Ok(_) | Err(Error::SessionNotFound(_)) => {}
+            Err(error) => failures.push(format!("{handle}: {error}")),
+        }
+    }
+    tracing::info!(
+        client = ?client_ip,
+        ?containers,
+        sessions = handles.len(),
+        failed = failures.len(),
+        "MasterService Reset cleared the client's sessions"
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Status::internal(format!(
+            "Reset could not clear {} of {} sessions: {}",
+            failures.len(),
+            handles.len(),
+            failures.join("; ")
+        )))
+    }
+}

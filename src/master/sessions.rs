@@ -1,0 +1,103 @@
+//! The MasterService's own view of its sessions: which tfsd sessions it created (the
+//! session handle *is* the tfsd session id), the client address each came from (the scope of
+//! Reset), the ConfigProto's `operation_timeout_in_ms`, and the session's callables.
+//!
+//! Handles of sessions created through tfsd.v1 are not here, so a TensorFlow client can
+//! neither run nor reset them. Entries go when the MasterService closes the session, or when
+//! anyone else (an operator, the daemon) closes it: `forget_closed` follows the event bus.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::callables::Callables;
+use crate::session::{EventKind, SessionManager};
+
+#[derive(Debug)]
+pub struct MasterSession {
+    /// The address the client that created the session connected from.
+    pub client_ip: Option<IpAddr>,
+    pub operation_timeout: Option<Duration>,
+    pub callables: Callables,
+}
+
+#[derive(Debug, Default)]
+pub struct MasterSessions {
+    sessions: Mutex<HashMap<String, MasterSession>>,
+}
+
+impl MasterSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, MasterSession>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, handle: String, session: MasterSession) {
+        self.lock().insert(handle, session);
+    }
+
+    /// Forgets a session; false if it was not a MasterService session.
+    pub fn remove(&self, handle: &str) -> bool {
+        self.lock().remove(handle).is_some()
+    }
+
+    /// Runs `f` on the session, or answers NOT_FOUND for a handle that is not (or no longer)
+    /// a MasterService session.
+    pub fn with<R>(
+        &self,
+        handle: &str,
+        f: impl FnOnce(&mut MasterSession) -> Result<R, Status>,
+    ) -> Result<R, Status> {
+        match self.lock().get_mut(handle) {
+            Some(session) => f(session),
+            None => Err(not_found(handle)),
+        }
+    }
+
+    /// The handles of the sessions a Reset from `client_ip` reaches: those created from the
+    /// same address.
+    pub fn created_from(&self, client_ip: Option<IpAddr>) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, session)| session.client_ip == client_ip)
+            .map(|(handle, _)| handle.clone())
+            .collect()
+    }
+
+    /// Forgets sessions closed by anyone, until `shutdown`.
+    pub async fn forget_closed(
+        self: Arc<Self>,
+        manager: Arc<SessionManager>,
+        shutdown: CancellationToken,
+    ) {
+        let mut events = manager.subscribe();
+        loop {
+            let received = tokio::select! {
+                received = events.recv() => received,
+                _ = shutdown.cancelled() => return,
+            };
+            match received {
+                Ok(event) if event.kind == EventKind::Closed => {
+                    self.remove(&event.session_id);
+                }
+                Ok(_) => {}
+                // Missed events: keep only the sessions the manager still has.
+                Err(RecvError::Lagged(_)) => self
+                    .lock()
+                    .retain(|handle, _| manager.session(handle).is_ok()),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+pub fn not_found(handle: &str) -> Status {
+    Status::not_found(format!(
+        "no MasterService session with handle {handle:?}: it was closed (by the client or an \
+         operator), or never created through this MasterService"
+    ))
+}
