@@ -35,6 +35,7 @@ API_PROTO = "tfsd/v1/tfsd.proto"
 DEADLINE_S = 60.0
 
 LISTENING_PREFIX = "tfsd listening on "
+MASTER_PREFIX = "tfsd master on "
 
 # grpcio's default limits are 4 MiB received; graphs and tensors may be larger.
 CHANNEL_OPTIONS = [
@@ -118,6 +119,7 @@ class Daemon:
         # Free ports for the other listeners too: fixed defaults would collide between
         # daemons (and with a tfsd an operator runs on this machine).
         env["TFSD_METRICS_LISTEN"] = "127.0.0.1:0"
+        env["TFSD_MASTER_LISTEN"] = "127.0.0.1:0"
         self.process = subprocess.Popen(
             [str(daemon_binary()), "serve", "--listen", "127.0.0.1:0", *extra_args],
             cwd=REPO_ROOT,
@@ -144,6 +146,9 @@ class Daemon:
 
         deadline = time.monotonic() + DEADLINE_S
         self.address = ""
+        # TensorFlow's MasterService (printed before the listening line); a TensorFlow client
+        # uses f"grpc://{daemon.master_address}".
+        self.master_address = ""
         while not self.address:
             remaining = deadline - time.monotonic()
             try:
@@ -154,6 +159,8 @@ class Daemon:
             if line is None:
                 code = self.process.wait(timeout=DEADLINE_S)
                 pytest.fail(f"tfsd exited with {code} before it listened: {self.stdout_lines}")
+            if line.startswith(MASTER_PREFIX):
+                self.master_address = line[len(MASTER_PREFIX) :].strip()
             if line.startswith(LISTENING_PREFIX):
                 self.address = line[len(LISTENING_PREFIX) :].strip()
 

@@ -12,7 +12,7 @@ use super::callables;
 use super::convert;
 use super::dedup::RecentRequests;
 use super::errors;
-use super::sessions::{MasterSession, MasterSessions, not_found};
+use super::sessions::{MasterSession, MasterSessions};
 use crate::error::Error;
 use crate::policy::SessionPolicy;
 use crate::proto::tensorflow as tf;
@@ -204,11 +204,13 @@ impl tf::master_service_server::MasterService for MasterService {
         request: Request<tf::CloseSessionRequest>,
     ) -> Result<Response<tf::CloseSessionResponse>, Status> {
         let handle = required_handle(&request.get_ref().session_handle)?;
+        // A handle that is not (or no longer) a MasterService session answers OK: an
+        // operator may have closed it already, and the client's `close()` (or the end of its
+        // `with` block) should not fail for that. tfsd.v1 sessions are never closed here.
         if !self.master.sessions.remove(handle) {
-            return Err(not_found(handle));
+            return Ok(Response::new(tf::CloseSessionResponse {}));
         }
         match self.master.manager.close(handle).await {
-            // Closed already (by an operator): the client's wish is fulfilled.
             Ok(()) | Err(Error::SessionNotFound(_)) => {}
             Err(error) => return Err(errors::status(error)),
         }
