@@ -60,7 +60,30 @@ struct RawConfig {
     #[serde(default)]
     master: RawMaster,
     #[serde(default)]
+    auth: crate::auth::RawAuth,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    limits: crate::limits::RawLimits,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+/// TLS for the tfsd.v1 listener: the server's certificate chain and key (PEM), and, for
+/// client certificates (mTLS), the CA that signs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +166,10 @@ pub struct Config {
     pub master_listen: Option<SocketAddr>,
     pub workers: WorkerConfig,
     pub policy: PolicyConfig,
+    pub auth: crate::auth::AuthConfig,
+    /// `None`: plaintext (the default; fine on loopback).
+    pub tls: Option<TlsConfig>,
+    pub limits: crate::limits::Limits,
     pub log: LogConfig,
 }
 
@@ -216,7 +243,7 @@ impl Config {
 
     fn from_raw(raw: RawConfig, base: &Path) -> anyhow::Result<Config> {
         let listen_text = raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen = listen_text.parse().with_context(|| {
+        let listen: SocketAddr = listen_text.parse().with_context(|| {
             format!("server.listen = {listen_text:?} is not an address like \"127.0.0.1:50051\"")
         })?;
 
@@ -282,11 +309,25 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string());
 
         let policy = policy_from_raw(raw.policy)?;
+        let auth = crate::auth::AuthConfig::from_raw(raw.auth, base)?;
+        let tls = match (raw.tls.cert, raw.tls.key, raw.tls.client_ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => Some(TlsConfig {
+                cert: base.join(cert),
+                key: base.join(key),
+                client_ca: client_ca.map(|ca| base.join(ca)),
+            }),
+            _ => bail!("tls needs both tls.cert and tls.key (tls.client_ca is optional)"),
+        };
+        let limits = crate::limits::Limits::from_raw(raw.limits)?;
 
-        Ok(Config {
+        let config = Config {
             listen,
             metrics_listen,
             policy,
+            auth,
+            tls,
+            limits,
             master_listen,
             workers: WorkerConfig {
                 binary,
@@ -296,7 +337,28 @@ impl Config {
                 env,
             },
             log: LogConfig { filter, format },
-        })
+        };
+        config.ensure_safe_exposure()?;
+        Ok(config)
+    }
+
+    /// Secure by default: nobody off this machine reaches an unauthenticated API unless the
+    /// operator says so in as many words. Checked when the config is read and again after
+    /// command-line overrides, before anything is bound.
+    pub fn ensure_safe_exposure(&self) -> anyhow::Result<()> {
+        if !self.listen.ip().is_loopback()
+            && !self.auth.required()
+            && !self.auth.allow_unauthenticated
+        {
+            bail!(
+                "server.listen = {} is not a loopback address and no [auth] credentials are \
+                 configured: anyone who can reach it could run code in tfsd's workers. \
+                 Configure [[auth.tokens]] or [[auth.certificates]], or set \
+                 auth.allow_unauthenticated = true to accept the risk",
+                self.listen
+            );
+        }
+        Ok(())
     }
 }
 

@@ -23,6 +23,14 @@ const SERVER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// for the endpoints that are switched on).
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config)?;
+    config.ensure_safe_exposure()?;
+    if !config.listen.ip().is_loopback() && !config.auth.required() {
+        tracing::warn!(
+            listen = %config.listen,
+            "SERVING tfsd.v1 WITHOUT AUTHENTICATION ON A NON-LOOPBACK ADDRESS \
+             (auth.allow_unauthenticated = true): anyone who reaches it can run graphs"
+        );
+    }
     // Listen for signals before anything else: a SIGTERM right after start-up must drain,
     // not kill the daemon with its default action.
     let mut signals = Signals::new()?;
@@ -87,6 +95,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         listener,
         manager.clone(),
         health_service,
+        crate::grpc::ServeOptions {
+            auth: Arc::new(config.auth.clone()),
+            tls: config.tls.clone(),
+            limits: config.limits.clone(),
+        },
         shutdown.clone(),
     ));
     if let Some(metrics_listener) = metrics_listener {

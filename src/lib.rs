@@ -3,9 +3,11 @@
 //!
 //! Layout (see `docs/ARCHITECTURE.md` for the invariants):
 //! - `cli`: the operator CLI (`tfsd status`, `sessions`, `watch`, ...), a tfsd.v1 client.
+//! - `auth`: who is calling (bearer tokens, client certificates) and what they may see.
 //! - `config`: the TOML config, validated into `Config`.
 //! - `daemon`: the daemon's life: start, serve, drain on a signal, reap.
 //! - `grpc`: the tonic services (tfsd.v1), thin over the domain.
+//! - `limits`: operator maxima on what clients may ask.
 //! - `master`: TensorFlow's MasterService, so `tf.compat.v1.Session("grpc://…")` runs here.
 //! - `session`: sessions, their operations (`SessionManager`) and lifecycle events.
 //! - `worker`: worker processes (spawn, protocol, death, reaping) and the warm pool.
@@ -18,11 +20,13 @@
 //!
 //! This crate never links libtensorflow: only the `tfsd-worker` binary (in `worker/`) does.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod grpc;
+pub mod limits;
 pub mod master;
 pub mod memory;
 pub mod metrics;

@@ -51,6 +51,7 @@ pub fn session(snapshot: SessionSnapshot) -> api::SessionInfo {
         memory_policy: Some(memory_policy_to_api(snapshot.policy)),
         unhealthy: snapshot.unhealthy,
         automatic_action_count: snapshot.automatic_action_count,
+        owner: snapshot.owner,
     }
 }
 
@@ -124,6 +125,7 @@ pub fn event(event: SessionEvent) -> api::SessionEvent {
         at: Some(timestamp(event.at)),
         trigger: event.trigger.to_string(),
         rung: event.rung,
+        actor: event.actor,
     }
 }
 

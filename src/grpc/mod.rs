@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::auth::AuthConfig;
+use crate::config::TlsConfig;
+use crate::limits::Limits;
 use crate::proto::tfsd::v1::session_service_server::SessionServiceServer;
 use crate::session::SessionManager;
 
@@ -62,20 +65,54 @@ impl Health {
 
 /// Serves tfsd.v1, health and reflection on `listener` until `shutdown` is cancelled, then
 /// lets in-flight calls end.
+/// What the tfsd.v1 listener needs besides the domain: who may call, how to encrypt, and
+/// the operator's limits.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub auth: Arc<AuthConfig>,
+    pub tls: Option<TlsConfig>,
+    pub limits: Limits,
+}
+
+/// The rustls configuration for the listener: the server's identity and, when a client CA
+/// is configured, client certificates signed by it (optional at the TLS layer: a caller may
+/// use a bearer token instead; the interceptor decides who gets in).
+fn tls_config(tls: &TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).with_context(|| format!("read the {what} {}", path.display()))
+    };
+    let identity = Identity::from_pem(read(&tls.cert, "tls.cert")?, read(&tls.key, "tls.key")?);
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(ca, "tls.client_ca")?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
+}
+
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<SessionManager>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let max_message = options.limits.max_message_bytes;
     let sessions = SessionServiceServer::new(session_service::SessionService::new(
         manager,
+        options.limits.clone(),
         shutdown.clone(),
     ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    let sessions = tonic::service::interceptor::InterceptedService::new(
+        sessions,
+        crate::auth::interceptor(options.auth.clone()),
+    );
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -87,7 +124,13 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .context("build the v1alpha reflection service")?;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder
+            .tls_config(tls_config(tls)?)
+            .context("configure TLS for the tfsd.v1 listener")?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,5 +1,6 @@
-//! tfsd.v1.SessionService: each handler validates, converts, calls the `SessionManager`,
-//! and converts back. No domain logic lives here.
+//! tfsd.v1.SessionService: each handler checks who is calling (`authorize`) and the
+//! operator's limits, validates, converts, calls the `SessionManager`, and converts back.
+//! No domain logic lives here.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,19 +12,27 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::auth::Caller;
+use crate::error::Error;
+use crate::limits::Limits;
 use crate::proto::tfsd::v1 as api;
-use crate::session::{RunSpec, SessionManager};
+use crate::session::{Cause, EventKind, RunSpec, SessionManager};
 
 #[derive(Debug)]
 pub struct SessionService {
     manager: Arc<SessionManager>,
+    limits: Limits,
     /// Ends event streams when the daemon shuts down, so they do not hold the drain open.
     shutdown: CancellationToken,
 }
 
 impl SessionService {
-    pub fn new(manager: Arc<SessionManager>, shutdown: CancellationToken) -> Self {
-        SessionService { manager, shutdown }
+    pub fn new(manager: Arc<SessionManager>, limits: Limits, shutdown: CancellationToken) -> Self {
+        SessionService {
+            manager,
+            limits,
+            shutdown,
+        }
     }
 }
 
@@ -65,11 +74,15 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::CreateSessionRequest>,
     ) -> Result<Response<api::CreateSessionResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         let policy = validate_memory_policy(request.memory_policy)?;
+        self.check_graph_size(request.graph_def.len())?;
+        self.check_session_count(&caller)?;
         let snapshot = self
             .manager
-            .create(
+            .create_owned(
+                caller.principal,
                 request.graph_def.into(),
                 request.config.into(),
                 request.labels.into_iter().collect(),
@@ -85,13 +98,15 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::ExtendGraphRequest>,
     ) -> Result<Response<api::ExtendGraphResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
-        let id = required_id(&request.session_id)?;
+        let id = self.authorize(&caller, &request.session_id)?;
         if request.graph_def.is_empty() {
             return Err(Status::invalid_argument(
                 "graph_def is empty: ExtendGraph needs the new nodes",
             ));
         }
+        self.check_graph_size(request.graph_def.len())?;
         let new_graph_version = self
             .manager
             .extend(id, request.graph_def.into(), request.current_graph_version)
@@ -105,18 +120,31 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::RunRequest>,
     ) -> Result<Response<api::RunResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
-        let id = required_id(&request.session_id)?;
+        let id = self.authorize(&caller, &request.session_id)?;
         if request.fetches.is_empty() && request.targets.is_empty() {
             return Err(Status::invalid_argument(
                 "a run needs at least one fetch or target",
             ));
         }
+        if let Some(max) = self.limits.max_feed_elements {
+            for (name, tensor) in &request.feeds {
+                let elements = element_count(tensor);
+                if elements > max {
+                    return Err(Status::invalid_argument(format!(
+                        "feed {name:?} has {elements} elements; limits.max_feed_elements is {max}"
+                    )));
+                }
+            }
+        }
+        let requested = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
         let spec = RunSpec {
             feeds: request.feeds.into_iter().collect(),
             fetches: request.fetches,
             targets: request.targets,
-            timeout: (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms)),
+            timeout: self.limits.run_timeout(requested),
+            max_runs_in_flight: self.limits.max_concurrent_runs_per_session,
         };
         let outputs = self.manager.run(id, spec).await?;
         Ok(Response::new(api::RunResponse { outputs }))
@@ -126,8 +154,12 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::ResetGraphRequest>,
     ) -> Result<Response<api::ResetResponse>, Status> {
-        let id = required_id(&request.get_ref().session_id)?;
-        let outcome = self.manager.reset_graph(id).await?;
+        let caller = Caller::of(&request);
+        let id = self.authorize(&caller, &request.get_ref().session_id)?;
+        let outcome = self
+            .manager
+            .in_place_reset(id, EventKind::GraphReset, Cause::by(caller.actor()))
+            .await?;
         Ok(Response::new(convert::reset(outcome)))
     }
 
@@ -135,8 +167,12 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::PurgeVariablesRequest>,
     ) -> Result<Response<api::ResetResponse>, Status> {
-        let id = required_id(&request.get_ref().session_id)?;
-        let outcome = self.manager.purge_variables(id).await?;
+        let caller = Caller::of(&request);
+        let id = self.authorize(&caller, &request.get_ref().session_id)?;
+        let outcome = self
+            .manager
+            .in_place_reset(id, EventKind::VariablesPurged, Cause::by(caller.actor()))
+            .await?;
         Ok(Response::new(convert::reset(outcome)))
     }
 
@@ -144,9 +180,13 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::RecycleSessionRequest>,
     ) -> Result<Response<api::ResetResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
-        let id = required_id(&request.session_id)?;
-        let outcome = self.manager.recycle(id, request.preserve_variables).await?;
+        let id = self.authorize(&caller, &request.session_id)?;
+        let outcome = self
+            .manager
+            .recycle_because(id, request.preserve_variables, Cause::by(caller.actor()))
+            .await?;
         Ok(Response::new(convert::reset(outcome)))
     }
 
@@ -154,8 +194,13 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::CloseSessionRequest>,
     ) -> Result<Response<api::CloseSessionResponse>, Status> {
-        let id = required_id(&request.get_ref().session_id)?;
-        self.manager.close(id).await?;
+        let caller = Caller::of(&request);
+        let id = self.authorize(&caller, &request.get_ref().session_id)?;
+        let cause = Cause {
+            reason: format!("closed by {}", caller.actor()),
+            ..Cause::by(caller.actor())
+        };
+        self.manager.close_because(id, cause).await?;
         Ok(Response::new(api::CloseSessionResponse {}))
     }
 
@@ -163,18 +208,21 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::GetSessionRequest>,
     ) -> Result<Response<api::SessionInfo>, Status> {
-        let id = required_id(&request.get_ref().session_id)?;
+        let caller = Caller::of(&request);
+        let id = self.authorize(&caller, &request.get_ref().session_id)?;
         Ok(Response::new(convert::session(self.manager.session(id)?)))
     }
 
     async fn list_sessions(
         &self,
-        _request: Request<api::ListSessionsRequest>,
+        request: Request<api::ListSessionsRequest>,
     ) -> Result<Response<api::ListSessionsResponse>, Status> {
+        let caller = Caller::of(&request);
         let sessions = self
             .manager
             .list()
             .into_iter()
+            .filter(|session| caller.may_access(&session.owner))
             .map(convert::session)
             .collect();
         Ok(Response::new(api::ListSessionsResponse { sessions }))
@@ -193,7 +241,11 @@ impl api::session_service_server::SessionService for SessionService {
         &self,
         request: Request<api::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let caller = Caller::of(&request);
         let only = request.into_inner().session_id;
+        if !only.is_empty() {
+            self.authorize(&caller, &only)?;
+        }
         let mut events = self.manager.subscribe();
         let shutdown = self.shutdown.clone();
         let stream = async_stream(move |yield_event| async move {
@@ -203,7 +255,10 @@ impl api::session_service_server::SessionService for SessionService {
                     _ = shutdown.cancelled() => break,
                 };
                 let event = match received {
-                    Ok(event) if only.is_empty() || event.session_id == only => {
+                    Ok(event)
+                        if (only.is_empty() || event.session_id == only)
+                            && caller.may_access(&event.owner) =>
+                    {
                         convert::event(event)
                     }
                     Ok(_) => continue,
@@ -217,6 +272,73 @@ impl api::session_service_server::SessionService for SessionService {
         });
         Ok(Response::new(stream))
     }
+}
+
+impl SessionService {
+    /// The session id, if the caller may act on that session. Another principal's session
+    /// answers exactly like a missing one: its existence is not theirs to know.
+    fn authorize<'a>(&self, caller: &Caller, id: &'a str) -> Result<&'a str, Status> {
+        let id = required_id(id)?;
+        let snapshot = self.manager.session(id)?;
+        if caller.may_access(&snapshot.owner) {
+            Ok(id)
+        } else {
+            Err(Error::SessionNotFound(id.to_string()).into())
+        }
+    }
+
+    fn check_graph_size(&self, bytes: usize) -> Result<(), Status> {
+        match self.limits.max_graph_def_bytes {
+            Some(max) if bytes > max => Err(Status::invalid_argument(format!(
+                "graph_def is {bytes} bytes; limits.max_graph_def_size is {max} bytes"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// limits.max_sessions and max_sessions_per_principal. Checked before the worker is
+    /// taken; concurrent creates may overshoot by the number in flight.
+    fn check_session_count(&self, caller: &Caller) -> Result<(), Status> {
+        let sessions = self.manager.list();
+        if let Some(max) = self.limits.max_sessions
+            && sessions.len() >= max
+        {
+            return Err(Status::resource_exhausted(format!(
+                "the daemon already hosts {} sessions, the most limits.max_sessions allows; \
+                 close one first",
+                sessions.len()
+            )));
+        }
+        if let Some(max) = self.limits.max_sessions_per_principal {
+            let own = sessions
+                .iter()
+                .filter(|session| session.owner == caller.principal)
+                .count();
+            if own >= max {
+                return Err(Status::resource_exhausted(format!(
+                    "{} already has {own} sessions, the most \
+                     limits.max_sessions_per_principal allows; close one first",
+                    caller.actor()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Elements in a feed by its declared shape (0 for a malformed shape: validation reports it).
+fn element_count(tensor: &crate::proto::tensorflow::TensorProto) -> u64 {
+    tensor.tensor_shape.as_ref().map_or(1, |shape| {
+        shape
+            .dim
+            .iter()
+            .try_fold(1u64, |total, dim| {
+                u64::try_from(dim.size)
+                    .ok()
+                    .and_then(|size| total.checked_mul(size))
+            })
+            .unwrap_or(u64::MAX)
+    })
 }
 
 /// A stream fed by a producer task through a small bounded channel; the task ends when the

@@ -75,6 +75,7 @@ pub fn run_spec(
         fetches: spec.fetches.clone(),
         targets: spec.targets.clone(),
         timeout: spec.timeout.or(operation_timeout),
+        max_runs_in_flight: None,
     })
 }
 

@@ -331,6 +331,7 @@ async fn run_step(master: Arc<Master>, request: tf::RunStepRequest) -> Answer<tf
             fetches: fetches.clone(),
             targets: request.target,
             timeout: convert::run_timeout(&request.options)?.or(operation_timeout),
+            max_runs_in_flight: None,
         };
         master.manager.run(handle, spec).await
     } else {

@@ -40,14 +40,23 @@ pub struct Cause {
     pub rung: u32,
     /// Why, in a sentence with the figures; empty for a client's request.
     pub reason: String,
+    /// Who acted: the principal that called, "policy" for the memory policy, "tfsd" for
+    /// the daemon itself (restores, shutdown).
+    pub actor: String,
 }
 
 impl Cause {
     pub fn client() -> Cause {
+        Cause::by("client")
+    }
+
+    /// A client's or operator's own request, attributed to `actor`.
+    pub fn by(actor: impl Into<String>) -> Cause {
         Cause {
             trigger: "client",
             rung: 0,
             reason: String::new(),
+            actor: actor.into(),
         }
     }
 }
@@ -55,6 +64,8 @@ impl Cause {
 #[derive(Debug, Clone)]
 pub struct SessionEvent {
     pub session_id: String,
+    /// The session's owner, so that a client's WatchEvents shows only its own sessions.
+    pub owner: String,
     pub kind: EventKind,
     pub reason: String,
     pub worker_pid: u32,
@@ -64,12 +75,14 @@ pub struct SessionEvent {
     pub at: SystemTime,
     pub trigger: &'static str,
     pub rung: u32,
+    pub actor: String,
 }
 
 impl SessionEvent {
     pub fn new(session_id: &str, kind: EventKind, worker_pid: u32, graph_version: u64) -> Self {
         SessionEvent {
             session_id: session_id.to_string(),
+            owner: String::new(),
             kind,
             reason: String::new(),
             worker_pid,
@@ -79,6 +92,7 @@ impl SessionEvent {
             at: SystemTime::now(),
             trigger: "",
             rung: 0,
+            actor: String::new(),
         }
     }
 
@@ -86,6 +100,7 @@ impl SessionEvent {
     pub fn cause(mut self, cause: &Cause) -> Self {
         self.trigger = cause.trigger;
         self.rung = cause.rung;
+        self.actor = cause.actor.clone();
         if !cause.reason.is_empty() {
             self.reason = if self.reason.is_empty() {
                 cause.reason.clone()
@@ -128,6 +143,7 @@ impl EventBus {
             worker_pid = event.worker_pid,
             kind = ?event.kind,
             trigger = event.trigger,
+            actor = %event.actor,
             rung = event.rung,
             reason = %event.reason,
             "session event"

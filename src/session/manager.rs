@@ -144,6 +144,20 @@ impl SessionManager {
         labels: BTreeMap<String, String>,
         policy: SessionPolicy,
     ) -> Result<SessionSnapshot> {
+        self.create_owned(String::new(), graph_def, config, labels, policy)
+            .await
+    }
+
+    /// `create` for an authenticated principal, who then owns the session: clients see and
+    /// act on their own sessions only.
+    pub async fn create_owned(
+        self: &Arc<Self>,
+        owner: String,
+        graph_def: Bytes,
+        config: Bytes,
+        labels: BTreeMap<String, String>,
+        policy: SessionPolicy,
+    ) -> Result<SessionSnapshot> {
         let manager = self.clone();
         let policy = self.policy.effective(policy);
         self.detached(async move {
@@ -151,6 +165,7 @@ impl SessionManager {
             let id = format!("s-{}", uuid::Uuid::new_v4().simple());
             let session = Arc::new(Session::new(
                 id.clone(),
+                owner,
                 labels,
                 policy,
                 worker.clone(),
@@ -165,7 +180,7 @@ impl SessionManager {
             manager.watch_worker(&session, &worker);
             manager
                 .events
-                .publish(SessionEvent::new(&id, EventKind::Created, worker.pid(), 0));
+                .publish(session.event(EventKind::Created, worker.pid(), 0));
             Ok(session.snapshot())
         })
         .await
@@ -232,17 +247,14 @@ impl SessionManager {
                 trigger: "worker_exit",
                 rung: 0,
                 reason: self.describe_unexpected_exit(&how, last_private),
+                actor: "tfsd".to_string(),
             },
         };
         self.events.publish(
-            SessionEvent::new(
-                session.id(),
-                EventKind::WorkerExited,
-                dead.pid(),
-                graph_version,
-            )
-            .reason(format!("worker pid {} {how}", dead.pid()))
-            .cause(&cause),
+            session
+                .event(EventKind::WorkerExited, dead.pid(), graph_version)
+                .reason(format!("worker pid {} {how}", dead.pid()))
+                .cause(&cause),
         );
         session.touch(|stats| stats.state = SessionState::Restoring);
         let mut core = session.core.write().await;
@@ -265,18 +277,14 @@ impl SessionManager {
                     stats.pending_kill = None;
                 });
                 self.events.publish(
-                    SessionEvent::new(
-                        session.id(),
-                        EventKind::Restored,
-                        worker.pid(),
-                        graph_version,
-                    )
-                    .reason(format!(
-                        "graph restored in a fresh worker after worker pid {} {how}; \
+                    session
+                        .event(EventKind::Restored, worker.pid(), graph_version)
+                        .reason(format!(
+                            "graph restored in a fresh worker after worker pid {} {how}; \
                              variables were lost",
-                        dead.pid()
-                    ))
-                    .cause(&cause),
+                            dead.pid()
+                        ))
+                        .cause(&cause),
                 );
             }
             Err(error) => {
@@ -315,12 +323,9 @@ impl SessionManager {
             core.graph_def.extend_from_slice(&graph_def);
             let version = actual + 1;
             session.touch(|stats| stats.graph_version = version);
-            manager.events.publish(SessionEvent::new(
-                session.id(),
-                EventKind::Extended,
-                worker.pid(),
-                version,
-            ));
+            manager
+                .events
+                .publish(session.event(EventKind::Extended, worker.pid(), version));
             Ok(version)
         })
         .await
@@ -343,7 +348,20 @@ impl SessionManager {
                 .map_or(0, |timeout| timeout.as_millis().max(1) as u64),
         });
         let started = Instant::now();
-        session.touch(|stats| stats.runs_in_flight += 1);
+        {
+            let mut stats = session.stats();
+            if let Some(max) = spec.max_runs_in_flight
+                && stats.runs_in_flight >= max
+            {
+                return Err(Error::ResourceExhausted(format!(
+                    "session {id} already has {} runs in flight, the most \
+                     limits.max_concurrent_runs_per_session allows",
+                    stats.runs_in_flight
+                )));
+            }
+            stats.runs_in_flight += 1;
+            stats.last_used_at = std::time::SystemTime::now();
+        }
         // Counted down even if the caller goes away mid-run.
         let in_flight = InFlight(&session);
         let reply = worker.call(run).await;
@@ -379,8 +397,9 @@ impl SessionManager {
             .await
     }
 
-    /// ResetGraph (`kind` GraphReset) or PurgeVariables, for the client or the policy.
-    pub(super) async fn in_place_reset(
+    /// ResetGraph (`kind` GraphReset) or PurgeVariables, attributed to `cause` (the calling
+    /// principal, or the memory policy).
+    pub async fn in_place_reset(
         self: &Arc<Self>,
         id: &str,
         kind: EventKind,
@@ -411,7 +430,8 @@ impl SessionManager {
             });
             let snapshot = session.snapshot();
             manager.events.publish(
-                SessionEvent::new(session.id(), kind, worker.pid(), snapshot.graph_version)
+                session
+                    .event(kind, worker.pid(), snapshot.graph_version)
                     .memory(before, after)
                     .cause(&cause),
             );
@@ -439,7 +459,7 @@ impl SessionManager {
             .await
     }
 
-    pub(super) async fn recycle_because(
+    pub async fn recycle_because(
         self: &Arc<Self>,
         id: &str,
         preserve_variables: bool,
@@ -498,19 +518,15 @@ impl SessionManager {
             let snapshot = session.snapshot();
             let old_pid = old.as_ref().map_or(0, |w| w.pid());
             manager.events.publish(
-                SessionEvent::new(
-                    session.id(),
-                    EventKind::Recycled,
-                    fresh.pid(),
-                    snapshot.graph_version,
-                )
-                .reason(format!(
-                    "moved from worker pid {old_pid} to {}; {variables_preserved} variables \
+                session
+                    .event(EventKind::Recycled, fresh.pid(), snapshot.graph_version)
+                    .reason(format!(
+                        "moved from worker pid {old_pid} to {}; {variables_preserved} variables \
                      preserved",
-                    fresh.pid()
-                ))
-                .memory(before, after)
-                .cause(&cause),
+                        fresh.pid()
+                    ))
+                    .memory(before, after)
+                    .cause(&cause),
             );
             Ok(ResetOutcome {
                 session: snapshot,
@@ -533,7 +549,7 @@ impl SessionManager {
         self.close_because(id, cause).await
     }
 
-    pub(super) async fn close_because(self: &Arc<Self>, id: &str, cause: Cause) -> Result<()> {
+    pub async fn close_because(self: &Arc<Self>, id: &str, cause: Cause) -> Result<()> {
         let session = self
             .sessions
             .write()
@@ -561,7 +577,9 @@ impl SessionManager {
             stats.worker_pid = 0;
         });
         self.events.publish(
-            SessionEvent::new(session.id(), EventKind::Closed, pid, graph_version).cause(&cause),
+            session
+                .event(EventKind::Closed, pid, graph_version)
+                .cause(&cause),
         );
     }
 
@@ -580,6 +598,7 @@ impl SessionManager {
                 trigger: "shutdown",
                 rung: 0,
                 reason: "the daemon is shutting down".to_string(),
+                actor: "tfsd".to_string(),
             };
             let closed = self.close_session(session.clone(), cause);
             if tokio::time::timeout(grace, closed).await.is_err() {

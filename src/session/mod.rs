@@ -42,6 +42,7 @@ pub enum SessionState {
 #[derive(Debug, Clone)]
 pub struct SessionSnapshot {
     pub id: String,
+    pub owner: String,
     pub labels: BTreeMap<String, String>,
     pub state: SessionState,
     pub worker_pid: u32,
@@ -95,6 +96,9 @@ pub struct RunSpec {
     pub fetches: Vec<String>,
     pub targets: Vec<String>,
     pub timeout: Option<Duration>,
+    /// Refuse the run (RESOURCE_EXHAUSTED) when the session already has this many in
+    /// flight (limits.max_concurrent_runs_per_session).
+    pub max_runs_in_flight: Option<u32>,
 }
 
 /// The session's definition and current worker; see the module doc for the locking rule.
@@ -137,6 +141,8 @@ struct SessionStats {
 #[derive(Debug)]
 pub struct Session {
     id: String,
+    /// The principal that created it ("" when authentication is off).
+    owner: String,
     labels: BTreeMap<String, String>,
     /// The effective memory policy (the session's request capped by the operator's maxima).
     policy: SessionPolicy,
@@ -148,6 +154,7 @@ pub struct Session {
 impl Session {
     fn new(
         id: String,
+        owner: String,
         labels: BTreeMap<String, String>,
         policy: SessionPolicy,
         worker: Arc<WorkerProcess>,
@@ -157,6 +164,7 @@ impl Session {
         let now = SystemTime::now();
         Session {
             id,
+            owner,
             labels,
             policy,
             created_at: now,
@@ -217,6 +225,13 @@ impl Session {
         }
     }
 
+    /// A new event about this session.
+    fn event(&self, kind: EventKind, worker_pid: u32, graph_version: u64) -> SessionEvent {
+        let mut event = SessionEvent::new(&self.id, kind, worker_pid, graph_version);
+        event.owner = self.owner.clone();
+        event
+    }
+
     /// Why the memory policy killed worker `pid`, if it did.
     fn kill_cause(&self, pid: u32) -> Option<Cause> {
         self.stats()
@@ -239,6 +254,7 @@ impl Session {
         }
         SessionSnapshot {
             id: self.id.clone(),
+            owner: self.owner.clone(),
             labels: self.labels.clone(),
             state: stats.state,
             worker_pid: stats.worker_pid,

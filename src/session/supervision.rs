@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use super::{Cause, EventKind, SessionEvent, SessionManager, SessionState};
+use super::{Cause, EventKind, SessionManager, SessionState};
 use crate::error::Result;
 use crate::memory::MemoryUsage;
 use crate::policy::{Action, ActionKind, GentleAction, Observation, SessionSample, SystemSample};
@@ -81,18 +81,15 @@ impl SessionManager {
             trigger: action.trigger.as_str(),
             rung: action.rung,
             reason: action.reason.clone(),
+            actor: "policy".to_string(),
         };
         let graph_version = session.stats().graph_version;
         if action.dry_run {
             self.events.publish(
-                SessionEvent::new(
-                    &action.session_id,
-                    EventKind::DryRun,
-                    action.worker_pid,
-                    graph_version,
-                )
-                .reason(format!("would {}", describe(action.kind)))
-                .cause(&cause),
+                session
+                    .event(EventKind::DryRun, action.worker_pid, graph_version)
+                    .reason(format!("would {}", describe(action.kind)))
+                    .cause(&cause),
             );
             return Ok(ActionOutcome { memory_after: None });
         }
@@ -136,13 +133,9 @@ impl SessionManager {
                     stats.automatic_action_count -= 1;
                 });
                 self.events.publish(
-                    SessionEvent::new(
-                        &action.session_id,
-                        EventKind::Unhealthy,
-                        action.worker_pid,
-                        graph_version,
-                    )
-                    .cause(&cause),
+                    session
+                        .event(EventKind::Unhealthy, action.worker_pid, graph_version)
+                        .cause(&cause),
                 );
                 None
             }

@@ -52,7 +52,15 @@ impl Daemon {
     pub fn start_capturing_log(
         env: &[(&str, &std::ffi::OsStr)],
     ) -> (Daemon, std::sync::mpsc::Receiver<String>) {
-        let (mut daemon, _) = Daemon::spawn(&[], env, Stdio::piped());
+        Daemon::start_capturing_log_with(&[], env)
+    }
+
+    /// `start_capturing_log` with extra `tfsd serve` arguments.
+    pub fn start_capturing_log_with(
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Daemon, std::sync::mpsc::Receiver<String>) {
+        let (mut daemon, _) = Daemon::spawn(args, env, Stdio::piped());
         let stderr = daemon.child.stderr.take().expect("stderr");
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -67,7 +75,13 @@ impl Daemon {
 
     fn spawn(args: &[&str], env: &[(&str, &std::ffi::OsStr)], stderr: Stdio) -> (Daemon, ()) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tfsd"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("serve")
+            // Port 0 on loopback unless the test listens elsewhere itself.
+            .args(if args.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
             .args(args)
             // Every test daemon gets its own free port for metrics too.
             .env("TFSD_METRICS_LISTEN", "127.0.0.1:0")

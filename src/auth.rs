@@ -1,0 +1,338 @@
+//! Who is calling: authentication of tfsd.v1 callers and the principal each request runs as.
+//!
+//! A caller proves who it is with a bearer token (`authorization: Bearer TOKEN` metadata)
+//! or, on a TLS listener with `tls.client_ca`, with a client certificate. The config maps
+//! each credential to a principal and a role: clients see and act on their own sessions
+//! only; operators on all. tfsd keeps only SHA-256 digests of tokens and certificates, so
+//! the config holds nothing that can be replayed.
+//!
+//! With no credential configured, authentication is off and every caller is the anonymous
+//! operator — acceptable only on loopback, which `Config` enforces unless the operator says
+//! otherwise explicitly.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Status};
+
+/// What a principal may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sees and acts on its own sessions only.
+    Client,
+    /// Sees and acts on every session.
+    Operator,
+}
+
+/// The identity a request runs as, put into the request's extensions by `authenticate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The principal's name; empty for the anonymous caller (authentication off).
+    pub principal: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// The caller when authentication is off.
+    pub fn anonymous() -> Caller {
+        Caller {
+            principal: String::new(),
+            role: Role::Operator,
+        }
+    }
+
+    /// Whether this caller may see and act on a session owned by `owner`.
+    pub fn may_access(&self, owner: &str) -> bool {
+        self.role == Role::Operator || self.principal == owner
+    }
+
+    /// How events and logs name this caller.
+    pub fn actor(&self) -> String {
+        if self.principal.is_empty() {
+            "client".to_string()
+        } else {
+            self.principal.clone()
+        }
+    }
+
+    /// The caller a handler runs as (set by the interceptor; anonymous if none ran).
+    pub fn of<T>(request: &Request<T>) -> Caller {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(Caller::anonymous)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Serve tfsd.v1 without authentication on a non-loopback address (not recommended).
+    allow_unauthenticated: Option<bool>,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    principal: String,
+    role: Option<String>,
+    /// Hex SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    sha256: Option<String>,
+    /// A file holding the token itself (its digest is taken at start-up).
+    file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    principal: String,
+    role: Option<String>,
+    /// Hex SHA-256 of the client certificate in DER form
+    /// (`openssl x509 -in client.pem -outform der | sha256sum`).
+    sha256: String,
+}
+
+/// The validated credentials.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub allow_unauthenticated: bool,
+    tokens: HashMap<[u8; 32], Caller>,
+    certificates: HashMap<[u8; 32], Caller>,
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn parse_digest(key: &str, text: &str) -> anyhow::Result<[u8; 32]> {
+    let bytes = hex::decode(text.trim())
+        .ok()
+        .filter(|bytes| bytes.len() == 32)
+        .with_context(|| format!("{key} = {text:?} is not a hex SHA-256 digest (64 hex digits)"))?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&bytes);
+    Ok(out)
+}
+
+fn parse_role(key: &str, role: Option<&str>) -> anyhow::Result<Role> {
+    match role {
+        None | Some("client") => Ok(Role::Client),
+        Some("operator") => Ok(Role::Operator),
+        Some(other) => bail!("{key} = {other:?} is not one of \"client\", \"operator\""),
+    }
+}
+
+impl AuthConfig {
+    /// Validates the `[auth]` table; `base` resolves token files.
+    pub fn from_raw(raw: RawAuth, base: &Path) -> anyhow::Result<AuthConfig> {
+        let mut config = AuthConfig {
+            allow_unauthenticated: raw.allow_unauthenticated.unwrap_or(false),
+            ..AuthConfig::default()
+        };
+        for (index, token) in raw.tokens.into_iter().enumerate() {
+            let key = format!("auth.tokens[{index}]");
+            if token.principal.is_empty() {
+                bail!("{key}.principal is empty");
+            }
+            let digest = match (&token.sha256, &token.file) {
+                (Some(text), None) => parse_digest(&format!("{key}.sha256"), text)?,
+                (None, Some(file)) => {
+                    let path = base.join(file);
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("{key}.file: read {}", path.display()))?;
+                    let token = text.trim();
+                    if token.len() < 16 {
+                        bail!(
+                            "{key}.file: the token in {} is shorter than 16 characters",
+                            path.display()
+                        );
+                    }
+                    digest(token.as_bytes())
+                }
+                _ => bail!("{key} needs exactly one of sha256, file"),
+            };
+            let caller = Caller {
+                role: parse_role(&format!("{key}.role"), token.role.as_deref())?,
+                principal: token.principal,
+            };
+            if config.tokens.insert(digest, caller).is_some() {
+                bail!("{key}: the same token is configured twice");
+            }
+        }
+        for (index, certificate) in raw.certificates.into_iter().enumerate() {
+            let key = format!("auth.certificates[{index}]");
+            let digest = parse_digest(&format!("{key}.sha256"), &certificate.sha256)?;
+            let caller = Caller {
+                role: parse_role(&format!("{key}.role"), certificate.role.as_deref())?,
+                principal: certificate.principal,
+            };
+            config.certificates.insert(digest, caller);
+        }
+        Ok(config)
+    }
+
+    /// Whether any credential is configured (then every call must present one).
+    pub fn required(&self) -> bool {
+        !self.tokens.is_empty() || !self.certificates.is_empty()
+    }
+
+    /// The caller behind a request's credentials.
+    pub fn authenticate(
+        &self,
+        token: Option<&str>,
+        peer_certificates: &[Vec<u8>],
+    ) -> Result<Caller, Status> {
+        if !self.required() {
+            return Ok(Caller::anonymous());
+        }
+        for certificate in peer_certificates {
+            if let Some(caller) = self.certificates.get(&digest(certificate)) {
+                return Ok(caller.clone());
+            }
+        }
+        match token {
+            Some(token) => self
+                .tokens
+                .get(&digest(token.as_bytes()))
+                .cloned()
+                .ok_or_else(|| Status::unauthenticated("the bearer token is not valid")),
+            None if !peer_certificates.is_empty() => Err(Status::unauthenticated(
+                "the client certificate is not one tfsd knows",
+            )),
+            None => Err(Status::unauthenticated(
+                "authentication required: send `authorization: Bearer TOKEN` metadata or a \
+                 client certificate",
+            )),
+        }
+    }
+}
+
+/// A tonic interceptor that authenticates every call and records the caller.
+pub fn interceptor(
+    config: Arc<AuthConfig>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let token = match request.metadata().get("authorization") {
+            None => None,
+            Some(value) => {
+                let value = value
+                    .to_str()
+                    .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
+                let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+                    Status::unauthenticated("the authorization header must be `Bearer TOKEN`")
+                })?;
+                Some(token.trim().to_string())
+            }
+        };
+        let certificates: Vec<Vec<u8>> = request
+            .peer_certs()
+            .map(|certs| certs.iter().map(|cert| cert.to_vec()).collect())
+            .unwrap_or_default();
+        let caller = config.authenticate(token.as_deref(), &certificates)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> anyhow::Result<AuthConfig> {
+        let raw: RawAuth = toml::from_str(text)?;
+        AuthConfig::from_raw(raw, Path::new("."))
+    }
+
+    const ALICE: &str = "alice-token-0123456789";
+
+    fn alice_digest() -> String {
+        hex::encode(digest(ALICE.as_bytes()))
+    }
+
+    #[test]
+    fn no_credentials_means_anonymous_operator() {
+        let auth = config("").expect("valid");
+        assert!(!auth.required());
+        assert_eq!(
+            auth.authenticate(None, &[]).expect("anonymous"),
+            Caller::anonymous()
+        );
+    }
+
+    #[test]
+    fn tokens_map_to_principals_and_roles() {
+        let auth = config(&format!(
+            "[[tokens]]\nprincipal = \"alice\"\nsha256 = \"{}\"\n\
+             [[tokens]]\nprincipal = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            alice_digest(),
+            hex::encode(digest(b"ops-token-abcdefghijkl"))
+        ))
+        .expect("valid");
+        assert!(auth.required());
+        let alice = auth.authenticate(Some(ALICE), &[]).expect("alice");
+        assert_eq!(alice.principal, "alice");
+        assert_eq!(alice.role, Role::Client);
+        assert!(alice.may_access("alice") && !alice.may_access("bob"));
+        let ops = auth
+            .authenticate(Some("ops-token-abcdefghijkl"), &[])
+            .expect("ops");
+        assert!(ops.may_access("bob"));
+
+        let missing = auth.authenticate(None, &[]).expect_err("no token");
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        let wrong = auth
+            .authenticate(Some("guess"), &[])
+            .expect_err("bad token");
+        assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn certificates_map_by_digest() {
+        let der = b"pretend DER bytes".to_vec();
+        let auth = config(&format!(
+            "[[certificates]]\nprincipal = \"trainer\"\nsha256 = \"{}\"\n",
+            hex::encode(digest(&der))
+        ))
+        .expect("valid");
+        let caller = auth.authenticate(None, &[der]).expect("known cert");
+        assert_eq!(caller.principal, "trainer");
+        let stranger = auth
+            .authenticate(None, &[b"other".to_vec()])
+            .expect_err("unknown cert");
+        assert!(stranger.message().contains("certificate"));
+    }
+
+    #[test]
+    fn bad_entries_name_their_key() {
+        for (text, key) in [
+            (
+                "[[tokens]]\nprincipal = \"a\"\nsha256 = \"xyz\"\n",
+                "auth.tokens[0].sha256",
+            ),
+            ("[[tokens]]\nprincipal = \"a\"\n", "auth.tokens[0]"),
+            (
+                &format!(
+                    "[[tokens]]\nprincipal = \"a\"\nrole = \"root\"\nsha256 = \"{}\"\n",
+                    alice_digest()
+                ),
+                "auth.tokens[0].role",
+            ),
+            (
+                "[[tokens]]\nprincipal = \"a\"\nfile = \"/nonexistent/token\"\n",
+                "auth.tokens[0].file",
+            ),
+        ] {
+            let error = config(text).expect_err(text);
+            assert!(format!("{error:#}").contains(key), "{text}: {error:#}");
+        }
+    }
+}
