@@ -28,6 +28,22 @@ def target(daemon) -> str:
     return f"grpc://{daemon.master_address}"
 
 
+def wait_for_a_ready_worker(daemon) -> None:
+    """Waits (with a deadline) until tfsd.v1 reports SERVING, i.e. a worker has started, so
+    that creating a session does not wait for TensorFlow to load. Raw grpc.health.v1 bytes:
+    HealthCheckRequest{service} in, HealthCheckResponse{status: SERVING = 1} out."""
+    import grpc
+
+    service = b"tfsd.v1.SessionService"
+    request = b"\n" + bytes([len(service)]) + service
+    with grpc.insecure_channel(daemon.address) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")(request, timeout=DEADLINE_S)
+        for response in watch:
+            if response == b"\x08\x01":
+                watch.cancel()
+                return
+
+
 def master_sessions(client) -> list:
     """The daemon's MasterService sessions, as tfsd.v1 lists them."""
     return [s for s in client.list() if s.labels.get("tfsd.origin") == "master"]
@@ -269,7 +285,10 @@ class TestErrorsSurfaceAsTensorFlowExceptions:
             queue = tf.queue.FIFOQueue(1, tf.float32)
             dequeue = queue.dequeue()
             one = tf.constant(1.0)
-        config = tf.compat.v1.ConfigProto(operation_timeout_in_ms=2000)
+        # The timeout is also the client's deadline for creating the session: start with a
+        # worker ready, so that a loaded machine does not fail the first step.
+        wait_for_a_ready_worker(daemon)
+        config = tf.compat.v1.ConfigProto(operation_timeout_in_ms=3000)
         with tf.compat.v1.Session(target(daemon), graph=graph, config=config) as session:
             assert session.run(one) == 1.0
             with pytest.raises(tf.errors.DeadlineExceededError):
