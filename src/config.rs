@@ -546,6 +546,8 @@ mod tests {
             [log]
             filter = "debug"
             format = "json"
+            [auth]
+            allow_unauthenticated = true
         "#;
         let config = Config::parse(text, Path::new("/etc/tfsd")).expect("valid");
         assert_eq!(config.listen.to_string(), "0.0.0.0:7000");
@@ -659,6 +661,21 @@ mod tests {
             let error = Config::parse(text, Path::new(".")).expect_err(text);
             assert!(format!("{error:#}").contains(key), "{text}: {error:#}");
         }
+    }
+
+    #[test]
+    fn a_non_loopback_address_needs_credentials_or_an_explicit_yes() {
+        let error = Config::parse("[server]\nlisten = \"0.0.0.0:7000\"\n", Path::new("."))
+            .expect_err("exposed without auth");
+        assert!(
+            format!("{error:#}").contains("auth.allow_unauthenticated"),
+            "{error:#}"
+        );
+        let digest = "a".repeat(64);
+        let with_token = format!(
+            "[server]\nlisten = \"0.0.0.0:7000\"\n[[auth.tokens]]\nprincipal = \"p\"\nsha256 = \"{digest}\"\n"
+        );
+        assert!(Config::parse(&with_token, Path::new(".")).is_ok());
     }
 
     #[test]
