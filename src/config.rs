@@ -358,6 +358,20 @@ impl Config {
                 self.listen
             );
         }
+        // TensorFlow's client sends no credentials, so tokens cannot protect the
+        // MasterService: only loopback or an explicit yes.
+        if let Some(master) = self.master_listen
+            && !master.ip().is_loopback()
+            && !self.auth.allow_unauthenticated
+        {
+            bail!(
+                "master.listen = {master} is not a loopback address, and TensorFlow's \
+                 MasterService client cannot authenticate: anyone who can reach it could run \
+                 code in tfsd's workers. Keep it on loopback, switch it off with \
+                 master.listen = \"\", or set auth.allow_unauthenticated = true to accept the \
+                 risk"
+            );
+        }
         Ok(())
     }
 }
@@ -700,5 +714,21 @@ mod tests {
             let error = Config::parse(text, Path::new(".")).expect_err(text);
             assert!(format!("{error:#}").contains(key), "{text}: {error:#}");
         }
+    }
+
+    #[test]
+    fn an_exposed_master_service_needs_an_explicit_yes() {
+        let exposed = "[master]\nlisten = \"0.0.0.0:2222\"\n";
+        let error = Config::parse(exposed, Path::new(".")).expect_err("exposed");
+        assert!(format!("{error:#}").contains("master.listen"), "{error:#}");
+        let digest = "a".repeat(64);
+        let with_token =
+            format!("{exposed}[[auth.tokens]]\nprincipal = \"p\"\nsha256 = \"{digest}\"\n");
+        assert!(
+            Config::parse(&with_token, Path::new(".")).is_err(),
+            "tokens do not protect the MasterService"
+        );
+        let accepted = format!("{exposed}[auth]\nallow_unauthenticated = true\n");
+        assert!(Config::parse(&accepted, Path::new(".")).is_ok());
     }
 }
