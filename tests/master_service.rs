@@ -92,7 +92,10 @@ async fn a_master_session_is_a_tfsd_session_that_survives_a_recycle() {
         .into_inner();
     assert_eq!(answer.status_code, 0, "{}", answer.status_error_message);
     assert_eq!(answer.tensor[0].name, "y:0");
-    assert_eq!(as_f32(answer.tensor[0].tensor.as_ref().expect("tensor")), 6.0);
+    assert_eq!(
+        as_f32(answer.tensor[0].tensor.as_ref().expect("tensor")),
+        6.0
+    );
 
     // An operator recycles the session; the client's handle goes on working, values kept.
     let recycled = client
@@ -109,7 +112,10 @@ async fn a_master_session_is_a_tfsd_session_that_survives_a_recycle() {
         .await
         .expect("RunStep after the recycle")
         .into_inner();
-    assert_eq!(as_f32(answer.tensor[0].tensor.as_ref().expect("tensor")), 6.0);
+    assert_eq!(
+        as_f32(answer.tensor[0].tensor.as_ref().expect("tensor")),
+        6.0
+    );
 
     master
         .close_session(tf::CloseSessionRequest {
@@ -182,7 +188,10 @@ async fn a_retried_step_runs_once() {
             .await
             .expect("RunStep")
             .into_inner();
-        assert_eq!(as_f32(answer.tensor[0].tensor.as_ref().expect("tensor")), 5.0);
+        assert_eq!(
+            as_f32(answer.tensor[0].tensor.as_ref().expect("tensor")),
+            5.0
+        );
     }
     let read = master
         .run_step(step(&handle, "w:0", &[]))
