@@ -22,10 +22,11 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_MASTER_LISTEN: &str = "127.0.0.1:2222";
 
 /// Environment variables that override one config key each, applied on top of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 8] = [
+pub const ENV_OVERRIDES: [(&str, &str); 9] = [
     ("TFSD_LISTEN", "server.listen"),
     ("TFSD_METRICS_LISTEN", "metrics.listen"),
     ("TFSD_MASTER_LISTEN", "master.listen"),
+    ("TFSD_STATE_DIR", "state.dir"),
     ("TFSD_WORKER_BINARY", "workers.binary"),
     ("TFSD_POOL_SIZE", "workers.pool_size"),
     ("TFSD_WORKER_START_TIMEOUT", "workers.start_timeout"),
@@ -66,8 +67,27 @@ struct RawConfig {
     #[serde(default)]
     limits: crate::limits::RawLimits,
     #[serde(default)]
+    state: RawState,
+    #[serde(default)]
     log: RawLog,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<PathBuf>,
+    checkpoint_interval: Option<String>,
+}
+
+/// Durable sessions: where they are kept, and how often durable variables are checkpointed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+    pub checkpoint_interval: Duration,
+}
+
+/// How often durable sessions' variables are checkpointed when the config says nothing.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,6 +190,8 @@ pub struct Config {
     /// `None`: plaintext (the default; fine on loopback).
     pub tls: Option<TlsConfig>,
     pub limits: crate::limits::Limits,
+    /// `None`: sessions live as long as the daemon (no state directory).
+    pub state: Option<StateConfig>,
     pub log: LogConfig,
 }
 
@@ -320,6 +342,17 @@ impl Config {
             _ => bail!("tls needs both tls.cert and tls.key (tls.client_ca is optional)"),
         };
         let limits = crate::limits::Limits::from_raw(raw.limits)?;
+        let state = match raw.state.dir {
+            None => None,
+            Some(dir) if dir.as_os_str().is_empty() => None,
+            Some(dir) => Some(StateConfig {
+                dir: base.join(dir),
+                checkpoint_interval: match raw.state.checkpoint_interval {
+                    Some(text) => parse_duration("state.checkpoint_interval", &text)?,
+                    None => DEFAULT_CHECKPOINT_INTERVAL,
+                },
+            }),
+        };
 
         let config = Config {
             listen,
@@ -328,6 +361,7 @@ impl Config {
             auth,
             tls,
             limits,
+            state,
             master_listen,
             workers: WorkerConfig {
                 binary,
@@ -392,6 +426,7 @@ impl RawConfig {
                 "workers.start_timeout" => self.workers.start_timeout = Some(value.clone()),
                 "log.filter" => self.log.filter = Some(value.clone()),
                 "log.format" => self.log.format = Some(value.clone()),
+                "state.dir" => self.state.dir = Some(PathBuf::from(&value)),
                 _ => unreachable!("every ENV_OVERRIDES key is handled"),
             }
         }

@@ -41,6 +41,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.workers.binary.display()
         );
     }
+    let store = match &config.state {
+        Some(state) => Some(Arc::new(
+            crate::store::SessionStore::open(&state.dir)
+                .with_context(|| format!("open the state directory {}", state.dir.display()))?,
+        )),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind {}", config.listen))?;
@@ -86,6 +93,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracker.clone(),
         shutdown.clone(),
     );
+    if let (Some(store), Some(state)) = (store, &config.state) {
+        manager.attach_store(store);
+        let restored = manager.restore_from_store().await;
+        tracing::info!(restored, dir = %state.dir.display(), "durable sessions brought back");
+        tracker.spawn(checkpoint_periodically(
+            manager.clone(),
+            state.checkpoint_interval,
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(crate::policy::run(
         manager.clone(),
         config.policy.clone(),
@@ -189,6 +206,22 @@ async fn drain(manager: Arc<SessionManager>, tracker: TaskTracker) {
     manager.shutdown(SHUTDOWN_GRACE).await;
     tracker.close();
     tracker.wait().await;
+}
+
+/// Checkpoints durable sessions' variables every `interval` until shutdown.
+async fn checkpoint_periodically(
+    manager: Arc<SessionManager>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await; // the first tick is immediate: nothing to save yet
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => manager.checkpoint_all().await,
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn serve_metrics(

@@ -15,6 +15,7 @@
 //! - `memory`: a process's RSS and private memory from `/proc`.
 //! - `metrics`: Prometheus metrics and their HTTP endpoint.
 //! - `notify`: systemd readiness and watchdog notifications.
+//! - `store`: durable sessions (SQLite) and variable checkpoints in the state directory.
 //! - `system`: system-wide memory (sysinfo).
 //! - `proto`: generated code.
 //!
@@ -34,6 +35,7 @@ pub mod notify;
 pub mod policy;
 pub mod proto;
 pub mod session;
+pub mod store;
 pub mod system;
 pub mod tensor;
 pub mod worker;

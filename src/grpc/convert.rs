@@ -52,6 +52,7 @@ pub fn session(snapshot: SessionSnapshot) -> api::SessionInfo {
         unhealthy: snapshot.unhealthy,
         automatic_action_count: snapshot.automatic_action_count,
         owner: snapshot.owner,
+        durable_variables: snapshot.durable_variables,
     }
 }
 

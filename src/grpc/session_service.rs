@@ -83,6 +83,7 @@ impl api::session_service_server::SessionService for SessionService {
             .manager
             .create_owned(
                 caller.principal,
+                request.durable_variables,
                 request.graph_def.into(),
                 request.config.into(),
                 request.labels.into_iter().collect(),

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{
     Cause, DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Session, SessionCore,
-    SessionEvent, SessionSnapshot, SessionState,
+    SessionDefinition, SessionEvent, SessionSnapshot, SessionState,
 };
 use crate::error::{Error, Result, TfCode};
 use crate::metrics::Metrics;
@@ -35,14 +35,16 @@ pub use partial_run::PartialRunSpec;
 #[derive(Debug)]
 pub struct SessionManager {
     started_at: std::time::SystemTime,
-    sessions: RwLock<HashMap<String, Arc<Session>>>,
-    pool: Arc<WarmPool>,
+    pub(super) sessions: RwLock<HashMap<String, Arc<Session>>>,
+    pub(super) pool: Arc<WarmPool>,
     pub(super) events: EventBus,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     /// Defaults and maxima for sessions' memory limits.
     policy: PolicyConfig,
+    /// Where sessions are made durable; set once at start-up when state.dir is configured.
+    pub(super) store: std::sync::OnceLock<Arc<crate::store::SessionStore>>,
     /// The kernel's OOM-kill count when the sampler last looked, to tell an OOM kill from
     /// another SIGKILL.
     pub(super) oom_kills_seen: AtomicU64,
@@ -57,6 +59,7 @@ impl SessionManager {
         shutdown: CancellationToken,
     ) -> Arc<SessionManager> {
         Arc::new(SessionManager {
+            store: std::sync::OnceLock::new(),
             policy,
             oom_kills_seen: AtomicU64::new(crate::system::oom_kill_count().unwrap_or(0)),
             started_at: std::time::SystemTime::now(),
@@ -124,7 +127,7 @@ impl SessionManager {
     }
 
     /// Runs `operation` to completion even if the caller stops waiting.
-    async fn detached<T: Send + 'static>(
+    pub(super) async fn detached<T: Send + 'static>(
         &self,
         operation: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
@@ -144,7 +147,7 @@ impl SessionManager {
         labels: BTreeMap<String, String>,
         policy: SessionPolicy,
     ) -> Result<SessionSnapshot> {
-        self.create_owned(String::new(), graph_def, config, labels, policy)
+        self.create_owned(String::new(), false, graph_def, config, labels, policy)
             .await
     }
 
@@ -153,6 +156,7 @@ impl SessionManager {
     pub async fn create_owned(
         self: &Arc<Self>,
         owner: String,
+        durable_variables: bool,
         graph_def: Bytes,
         config: Bytes,
         labels: BTreeMap<String, String>,
@@ -163,14 +167,18 @@ impl SessionManager {
         self.detached(async move {
             let worker = manager.start_worker(&graph_def, &config).await?;
             let id = format!("s-{}", uuid::Uuid::new_v4().simple());
+            let stored_config = config.clone();
             let session = Arc::new(Session::new(
-                id.clone(),
-                owner,
-                labels,
-                policy,
+                SessionDefinition {
+                    id: id.clone(),
+                    owner,
+                    durable_variables,
+                    labels,
+                    policy,
+                    graph_def: graph_def.to_vec(),
+                    config,
+                },
                 worker.clone(),
-                graph_def.to_vec(),
-                config,
             ));
             manager
                 .sessions
@@ -178,6 +186,9 @@ impl SessionManager {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id.clone(), session.clone());
             manager.watch_worker(&session, &worker);
+            manager.persist(|store| {
+                store.put(&manager.record_of(&session, &graph_def, &stored_config))
+            });
             manager
                 .events
                 .publish(session.event(EventKind::Created, worker.pid(), 0));
@@ -187,7 +198,11 @@ impl SessionManager {
     }
 
     /// A worker from the pool with the graph loaded; the worker is stopped if loading fails.
-    async fn start_worker(&self, graph_def: &[u8], config: &Bytes) -> Result<Arc<WorkerProcess>> {
+    pub(super) async fn start_worker(
+        &self,
+        graph_def: &[u8],
+        config: &Bytes,
+    ) -> Result<Arc<WorkerProcess>> {
         let worker = self
             .pool
             .take()
@@ -207,7 +222,11 @@ impl SessionManager {
     }
 
     /// Restores the session in a fresh worker if this worker dies without being asked to.
-    fn watch_worker(self: &Arc<Self>, session: &Arc<Session>, worker: &Arc<WorkerProcess>) {
+    pub(super) fn watch_worker(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        worker: &Arc<WorkerProcess>,
+    ) {
         worker.assign_session(session.id());
         let exited = worker.exit_signal();
         let manager = Arc::downgrade(self);
@@ -267,6 +286,8 @@ impl SessionManager {
         }
         match self.start_worker(&core.graph_def, &core.config).await {
             Ok(worker) => {
+                // A durable session gets its last checkpoint back.
+                let restored = self.restore_checkpoint(&session, &worker).await;
                 core.worker = Some(worker.clone());
                 self.watch_worker(&session, &worker);
                 session.touch(|stats| {
@@ -276,12 +297,16 @@ impl SessionManager {
                     stats.worker_restart_count += 1;
                     stats.pending_kill = None;
                 });
+                let variables = match restored {
+                    0 => "variables were lost".to_string(),
+                    count => format!("{count} variables restored from the last checkpoint"),
+                };
                 self.events.publish(
                     session
                         .event(EventKind::Restored, worker.pid(), graph_version)
                         .reason(format!(
                             "graph restored in a fresh worker after worker pid {} {how}; \
-                             variables were lost",
+                             {variables}",
                             dead.pid()
                         ))
                         .cause(&cause),
@@ -321,6 +346,7 @@ impl SessionManager {
             });
             expect_done(&worker, worker.call(extend).await).map_err(rejected_graph)?;
             core.graph_def.extend_from_slice(&graph_def);
+            manager.persist(|store| store.set_graph(session.id(), &core.graph_def, actual + 1));
             let version = actual + 1;
             session.touch(|stats| stats.graph_version = version);
             manager
@@ -419,7 +445,10 @@ impl SessionManager {
             expect_done(&worker, worker.call(request).await)?;
             if kind == EventKind::GraphReset {
                 core.graph_def.clear();
+                manager.persist(|store| store.set_graph(session.id(), &[], 0));
             }
+            // The checkpointed values no longer apply.
+            manager.persist(|store| store.drop_checkpoint(session.id()));
             let after = worker.memory();
             session.touch_because(&cause, |stats| match kind {
                 EventKind::GraphReset => {
@@ -495,6 +524,9 @@ impl SessionManager {
                 (_, false) => Vec::new(),
             };
             let variables_preserved = variables.len() as u32;
+            if session.durable_variables && !variables.is_empty() {
+                manager.persist_blocking(|store| store.write_checkpoint(session.id(), &variables));
+            }
             let fresh = manager.start_worker(&core.graph_def, &core.config).await?;
             if !variables.is_empty() {
                 let import = Kind::ImportVariables(wire::ImportVariables { variables });
@@ -566,6 +598,10 @@ impl SessionManager {
     async fn close_session(&self, session: Arc<Session>, cause: Cause) {
         let mut core = session.core.write().await;
         core.closed = true;
+        // A daemon shutting down keeps its sessions for the next start; a close is final.
+        if cause.trigger != "shutdown" {
+            self.persist(|store| store.remove(session.id()));
+        }
         let worker = core.worker.take();
         let pid = worker.as_ref().map_or(0, |w| w.pid());
         if let Some(worker) = worker {
@@ -586,6 +622,13 @@ impl SessionManager {
     /// Closes every session and reaps every worker, waiting at most `grace` for in-flight
     /// operations to finish before their workers are killed anyway.
     pub async fn shutdown(&self, grace: Duration) {
+        // Variables of durable sessions go to disk before their workers go.
+        if tokio::time::timeout(grace, self.checkpoint_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!("checkpointing took longer than the grace period; closing anyway");
+        }
         let sessions: Vec<_> = self
             .sessions
             .write()
@@ -633,7 +676,7 @@ fn usable_worker(session: &Session, core: &SessionCore) -> Result<Arc<WorkerProc
         .ok_or_else(|| Error::SessionBroken(session.id().to_string()))
 }
 
-fn expect_done(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Result<()> {
+pub(super) fn expect_done(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Result<()> {
     match reply {
         Ok(Reply::Done(_)) => Ok(()),
         other => Err(unexpected(worker, other)),
@@ -650,7 +693,7 @@ fn rejected_graph(error: Error) -> Error {
 }
 
 /// Turns any answer but the expected one into the domain error.
-fn unexpected(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Error {
+pub(super) fn unexpected(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Error {
     match reply {
         Ok(Reply::Error(error)) => Error::Tensorflow {
             code: TfCode(error.code),

@@ -9,6 +9,7 @@
 //! exclusively, so a reset never interleaves with a step. The counters in `Session::stats`
 //! sit behind a plain mutex so that GetSession/ListSessions never wait behind a long step.
 
+mod durability;
 mod events;
 mod manager;
 mod supervision;
@@ -43,6 +44,7 @@ pub enum SessionState {
 pub struct SessionSnapshot {
     pub id: String,
     pub owner: String,
+    pub durable_variables: bool,
     pub labels: BTreeMap<String, String>,
     pub state: SessionState,
     pub worker_pid: u32,
@@ -143,6 +145,8 @@ pub struct Session {
     id: String,
     /// The principal that created it ("" when authentication is off).
     owner: String,
+    /// Variables are checkpointed to the store and restored (see `store`).
+    durable_variables: bool,
     labels: BTreeMap<String, String>,
     /// The effective memory policy (the session's request capped by the operator's maxima).
     policy: SessionPolicy,
@@ -151,20 +155,33 @@ pub struct Session {
     stats: Mutex<SessionStats>,
 }
 
+/// What a session is made of, apart from its worker.
+struct SessionDefinition {
+    id: String,
+    owner: String,
+    durable_variables: bool,
+    labels: BTreeMap<String, String>,
+    policy: SessionPolicy,
+    graph_def: Vec<u8>,
+    config: Bytes,
+}
+
 impl Session {
-    fn new(
-        id: String,
-        owner: String,
-        labels: BTreeMap<String, String>,
-        policy: SessionPolicy,
-        worker: Arc<WorkerProcess>,
-        graph_def: Vec<u8>,
-        config: Bytes,
-    ) -> Session {
+    fn new(definition: SessionDefinition, worker: Arc<WorkerProcess>) -> Session {
+        let SessionDefinition {
+            id,
+            owner,
+            durable_variables,
+            labels,
+            policy,
+            graph_def,
+            config,
+        } = definition;
         let now = SystemTime::now();
         Session {
             id,
             owner,
+            durable_variables,
             labels,
             policy,
             created_at: now,
@@ -255,6 +272,7 @@ impl Session {
         SessionSnapshot {
             id: self.id.clone(),
             owner: self.owner.clone(),
+            durable_variables: self.durable_variables,
             labels: self.labels.clone(),
             state: stats.state,
             worker_pid: stats.worker_pid,

@@ -1,0 +1,191 @@
+//! Durable sessions, from the manager's side: what is written to the store when (the
+//! hooks in manager.rs call `persist`), checkpoints of variables, and bringing every stored
+//! session back when the daemon starts. Store failures are logged, not returned: the
+//! session keeps working, only its durability is degraded, and the log says so.
+
+use std::sync::Arc;
+
+use super::manager::{expect_done, unexpected};
+use super::{Cause, EventKind, Session, SessionDefinition, SessionManager, SessionState};
+use crate::proto::tfsd::worker::v1 as wire;
+use crate::store::{SessionRecord, SessionStore};
+use crate::worker::WorkerProcess;
+use wire::{worker_request::Kind, worker_response::Result as Reply};
+
+impl SessionManager {
+    /// Makes sessions durable in `store` from now on.
+    pub fn attach_store(&self, store: Arc<SessionStore>) {
+        let _ = self.store.set(store);
+    }
+
+    /// Runs one store update if a store is attached; failures are logged.
+    pub(super) fn persist(&self, update: impl FnOnce(&SessionStore) -> anyhow::Result<()>) {
+        if let Some(store) = self.store.get()
+            && let Err(error) = update(store)
+        {
+            tracing::error!(error = %format!("{error:#}"), "could not update the session store");
+        }
+    }
+
+    /// `persist` for big writes (checkpoints), off the async executor's thread.
+    pub(super) fn persist_blocking(
+        &self,
+        update: impl FnOnce(&SessionStore) -> anyhow::Result<()>,
+    ) {
+        tokio::task::block_in_place(|| self.persist(update));
+    }
+
+    pub(super) fn record_of(
+        &self,
+        session: &Session,
+        graph_def: &[u8],
+        config: &[u8],
+    ) -> SessionRecord {
+        SessionRecord {
+            id: session.id.clone(),
+            owner: session.owner.clone(),
+            labels: session.labels.clone(),
+            config: config.to_vec(),
+            graph_def: graph_def.to_vec(),
+            graph_version: session.stats().graph_version,
+            policy: session.policy,
+            durable_variables: session.durable_variables,
+            created_at: session.created_at,
+        }
+    }
+
+    /// Imports the session's last checkpoint into `worker`; the number of variables set.
+    pub(super) async fn restore_checkpoint(
+        &self,
+        session: &Session,
+        worker: &WorkerProcess,
+    ) -> usize {
+        let Some(store) = self.store.get().filter(|_| session.durable_variables) else {
+            return 0;
+        };
+        let variables = match tokio::task::block_in_place(|| store.read_checkpoint(&session.id)) {
+            Ok(Some(variables)) if !variables.is_empty() => variables,
+            Ok(_) => return 0,
+            Err(error) => {
+                tracing::error!(session_id = %session.id, error = %format!("{error:#}"), "could not read the checkpoint");
+                return 0;
+            }
+        };
+        let count = variables.len();
+        let import = Kind::ImportVariables(wire::ImportVariables { variables });
+        match expect_done(worker, worker.call(import).await) {
+            Ok(()) => count,
+            Err(error) => {
+                tracing::error!(session_id = %session.id, %error, "could not restore the checkpoint");
+                0
+            }
+        }
+    }
+
+    /// Checkpoints one durable session's variables now.
+    async fn checkpoint(&self, session: &Session) {
+        let core = session.core.read().await;
+        let Some(worker) = core.worker.clone() else {
+            return;
+        };
+        let reply = worker
+            .call(Kind::ExportVariables(wire::ExportVariables {}))
+            .await;
+        drop(core);
+        match reply {
+            Ok(Reply::Variables(variables)) => {
+                self.persist_blocking(|store| {
+                    store.write_checkpoint(&session.id, &variables.variables)
+                });
+            }
+            other => {
+                let error = unexpected(&worker, other);
+                tracing::warn!(session_id = %session.id, %error, "could not checkpoint the variables");
+            }
+        }
+    }
+
+    /// Checkpoints every durable session (periodically, and before a graceful shutdown).
+    pub async fn checkpoint_all(&self) {
+        if self.store.get().is_none() {
+            return;
+        }
+        let durable: Vec<_> = self
+            .sessions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|session| session.durable_variables)
+            .cloned()
+            .collect();
+        for session in durable {
+            self.checkpoint(&session).await;
+        }
+    }
+
+    /// Brings back every stored session under its id, with its graph, and the variables of
+    /// its last checkpoint when it asked for durable variables. A session that cannot be
+    /// brought back (its graph no longer loads) stays in the store and is reported.
+    pub async fn restore_from_store(self: &Arc<Self>) -> usize {
+        let Some(store) = self.store.get().cloned() else {
+            return 0;
+        };
+        let records = match store.all() {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "could not read the session store");
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        for record in records {
+            let worker = match self
+                .start_worker(&record.graph_def, &record.config.clone().into())
+                .await
+            {
+                Ok(worker) => worker,
+                Err(error) => {
+                    tracing::error!(session_id = %record.id, %error, "could not bring a stored session back");
+                    continue;
+                }
+            };
+            let session = Arc::new(Session::new(
+                SessionDefinition {
+                    id: record.id.clone(),
+                    owner: record.owner.clone(),
+                    durable_variables: record.durable_variables,
+                    labels: record.labels.clone(),
+                    policy: record.policy,
+                    graph_def: record.graph_def.clone(),
+                    config: record.config.clone().into(),
+                },
+                worker.clone(),
+            ));
+            session.touch_policy(|stats| stats.graph_version = record.graph_version);
+            let variables = self.restore_checkpoint(&session, &worker).await;
+            self.sessions
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(record.id.clone(), session.clone());
+            self.watch_worker(&session, &worker);
+            session.touch_policy(|stats| stats.state = SessionState::Ready);
+            let cause = Cause {
+                trigger: "restart",
+                rung: 0,
+                reason: format!(
+                    "brought back after a daemon restart (created {}); {variables} variables \
+                     restored from the last checkpoint",
+                    humantime::format_rfc3339_seconds(record.created_at)
+                ),
+                actor: "tfsd".to_string(),
+            };
+            self.events.publish(
+                session
+                    .event(EventKind::Restored, worker.pid(), record.graph_version)
+                    .cause(&cause),
+            );
+            restored += 1;
+        }
+        restored
+    }
+}
