@@ -6,10 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DEADLINE_S
+from conftest import DEADLINE_S, Daemon
 
 tf = pytest.importorskip("tensorflow")
 tfsd_client = pytest.importorskip("tfsd_client")
+
+
+@pytest.fixture(autouse=True)
+def current_stubs(api):
+    """The package's stubs must come from the same tfsd.proto as the `api` fixture's (both
+    register tfsd/v1/tfsd.proto in protobuf's default pool); say how to fix it if not."""
+    try:
+        tfsd_client.client._stubs()
+    except TypeError as error:
+        pytest.fail(
+            f"the installed tfsd_client was built from another tfsd.proto ({error}): run "
+            "scripts/python-env"
+        )
 
 
 @pytest.fixture
@@ -111,3 +124,28 @@ def test_a_tfsd_v1_session_is_not_a_master_session(tfsd, client):
         tfsd.session_for_handle(created.session_id)
     with pytest.raises(LookupError):
         tfsd.master_session("exp-1")
+
+
+def test_a_bearer_token_authenticates(tmp_path):
+    import hashlib
+
+    import grpc
+
+    token = "s3cret-token"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    config = tmp_path / "tfsd.toml"
+    config.write_text(
+        f'[[auth.tokens]]\nprincipal = "ops"\nrole = "operator"\nsha256 = "{digest}"\n'
+    )
+    daemon = Daemon("--config", str(config))
+    try:
+        with tfsd_client.connect(daemon.address, token=token, timeout=DEADLINE_S) as tfsd:
+            assert tfsd.sessions() == []
+            with tfsd.watch(timeout=DEADLINE_S) as events:
+                events.close()
+        with tfsd_client.connect(daemon.address, timeout=DEADLINE_S) as anonymous:
+            with pytest.raises(tfsd_client.TfsdError) as raised:
+                anonymous.sessions()
+            assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        assert daemon.stop() == 0

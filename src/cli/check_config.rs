@@ -31,6 +31,7 @@ pub struct ConfigReport {
     pub valid: bool,
     pub server: ServerReport,
     pub metrics: MetricsReport,
+    pub master: MasterReport,
     pub workers: WorkersReport,
     pub log: LogReport,
     /// Things that would stop `serve` although the file itself is valid.
@@ -45,6 +46,12 @@ pub struct ServerReport {
 #[derive(Debug, Serialize)]
 pub struct MetricsReport {
     /// `None` when metrics are switched off.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MasterReport {
+    /// `None` when TensorFlow's MasterService is switched off.
     pub listen: Option<String>,
 }
 
@@ -81,6 +88,9 @@ impl ConfigReport {
             },
             metrics: MetricsReport {
                 listen: config.metrics_listen.map(|address| address.to_string()),
+            },
+            master: MasterReport {
+                listen: config.master_listen.map(|address| address.to_string()),
             },
             workers: WorkersReport {
                 binary: config.workers.binary.display().to_string(),
@@ -124,6 +134,10 @@ impl Human for ConfigReport {
                     .clone()
                     .unwrap_or_else(|| "(off)".into()),
             ),
+            (
+                "master.listen",
+                self.master.listen.clone().unwrap_or_else(|| "(off)".into()),
+            ),
             ("workers.binary", self.workers.binary.clone()),
             ("workers.pool_size", self.workers.pool_size.to_string()),
             ("workers.start_timeout", self.workers.start_timeout.clone()),
@@ -158,6 +172,7 @@ mod tests {
         assert_eq!(json["workers"]["pool_size"], 2);
         assert_eq!(json["workers"]["start_timeout"], "1m");
         assert_eq!(json["log"]["format"], "human");
+        assert_eq!(json["master"]["listen"], "127.0.0.1:2222");
         let text = report.human(SystemTime::now());
         assert!(text.starts_with("/etc/tfsd/tfsd.toml is valid\n"), "{text}");
         assert!(text.contains("workers.start_timeout  1m\n"), "{text}");

@@ -101,3 +101,36 @@ pub fn not_found(handle: &str) -> Status {
          operator), or never created through this MasterService"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(ip: Option<&str>) -> MasterSession {
+        MasterSession {
+            client_ip: ip.map(|ip| ip.parse().expect("ip")),
+            operation_timeout: None,
+            callables: Callables::default(),
+        }
+    }
+
+    #[test]
+    fn reset_reaches_only_sessions_created_from_the_same_address() {
+        let sessions = MasterSessions::default();
+        sessions.insert("s-a".into(), session(Some("127.0.0.1")));
+        sessions.insert("s-b".into(), session(Some("127.0.0.1")));
+        sessions.insert("s-c".into(), session(Some("10.1.2.3")));
+        sessions.insert("s-d".into(), session(None));
+        let mut local = sessions.created_from(Some("127.0.0.1".parse().expect("ip")));
+        local.sort();
+        assert_eq!(local, ["s-a", "s-b"]);
+        assert_eq!(
+            sessions.created_from(Some("10.1.2.3".parse().expect("ip"))),
+            ["s-c"]
+        );
+        assert!(sessions.remove("s-a"));
+        assert!(!sessions.remove("s-a"), "forgotten once");
+        let status = sessions.with("s-a", |_| Ok(())).expect_err("gone");
+        assert_eq!(status.code(), tonic::Code::NotFound);
+    }
+}

@@ -136,13 +136,28 @@ def _memory(message) -> Memory:
 
 
 class Tfsd:
-    """A connection to a tfsd daemon's tfsd.v1 API. Every call has a deadline (`timeout`)."""
+    """A connection to a tfsd daemon's tfsd.v1 API. Every call has a deadline (`timeout`).
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT_S):
+    `token` is sent as `authorization: Bearer TOKEN` (the daemon's `[[auth.tokens]]`);
+    `root_certificates` (PEM bytes) switches to TLS, for a daemon with `[tls]`."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+    ):
         self.address = address
         self.timeout = timeout
         self._pb2, pb2_grpc = _stubs()
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if root_certificates is None:
+            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
         self._stub = pb2_grpc.SessionServiceStub(self._channel)
 
     def close(self) -> None:
@@ -156,7 +171,9 @@ class Tfsd:
 
     def _call(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise TfsdError(error.code(), error.details() or "") from None
 
@@ -286,7 +303,7 @@ class Tfsd:
         ends with TfsdError DEADLINE_EXCEEDED after `timeout` seconds; `close()` (or leaving
         a `with` block) stops it early."""
         request = self._pb2.WatchEventsRequest(session_id=_id(session) if session else "")
-        stream = self._stub.WatchEvents(request, timeout=timeout)
+        stream = self._stub.WatchEvents(request, timeout=timeout, metadata=self._metadata)
         try:
             # The daemon subscribes before it answers with headers.
             stream.initial_metadata()
@@ -330,9 +347,16 @@ class Events:
         self.close()
 
 
-def connect(address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT_S) -> Tfsd:
-    """A client of the tfsd.v1 API at `address` (HOST:PORT)."""
-    return Tfsd(address, timeout=timeout)
+def connect(
+    address: str = DEFAULT_ADDRESS,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    token: str | None = None,
+    root_certificates: bytes | None = None,
+) -> Tfsd:
+    """A client of the tfsd.v1 API at `address` (HOST:PORT); see `Tfsd` for `token` and
+    `root_certificates`."""
+    return Tfsd(address, timeout=timeout, token=token, root_certificates=root_certificates)
 
 
 def session_config(
