@@ -231,3 +231,47 @@ async fn unsupported_requests_answer_clear_errors() {
         "/job:localhost/replica:0/task:0/device:CPU:0"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_session_outlives_a_daemon_restart_with_a_state_directory() {
+    let dir = std::env::temp_dir().join(format!(
+        "tfsd-master-state-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).expect("state dir");
+    let env = [("TFSD_STATE_DIR", dir.as_os_str())];
+
+    let mut first = Daemon::start_with_env(&[], &env);
+    let mut master_client = master(&first).await;
+    let handle = create_master_session(&mut master_client).await;
+    master_client
+        .run_step(step(&handle, "", &["w_init"]))
+        .await
+        .expect("init");
+    master_client
+        .run_step(step(&handle, "", &["w_add"]))
+        .await
+        .expect("w += 2");
+    drop(master_client);
+    assert_eq!(first.stop(), 0);
+
+    // Same handle, same value: the variables were checkpointed at shutdown.
+    let second = Daemon::start_with_env(&[], &env);
+    let mut master_client = master(&second).await;
+    let answer = master_client
+        .run_step(step(&handle, "w:0", &[]))
+        .await
+        .expect("RunStep")
+        .into_inner();
+    assert_eq!(answer.status_code, 0, "{}", answer.status_error_message);
+    assert_eq!(
+        as_f32(answer.tensor[0].tensor.as_ref().expect("tensor")),
+        5.0
+    );
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}

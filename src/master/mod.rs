@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
-pub use service::{CLIENT_LABEL, NAME_LABEL, ORIGIN_LABEL, ORIGIN_MASTER};
+pub use service::{CLIENT_LABEL, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER};
 
 use crate::grpc::MAX_MESSAGE_BYTES;
 use crate::proto::tensorflow::master_service_server::MasterServiceServer;
@@ -44,6 +44,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let sessions = Arc::new(sessions::MasterSessions::default());
+    // Sessions brought back from the state directory keep serving their TensorFlow clients.
+    let adopted = sessions.adopt_restored(&manager.list());
+    if adopted > 0 {
+        tracing::info!(
+            adopted,
+            "MasterService sessions restored from the state directory"
+        );
+    }
     tokio::spawn(
         sessions
             .clone()

@@ -26,6 +26,9 @@ pub const CLIENT_LABEL: &str = "tfsd.master.client";
 /// Label with the name the client gave its session in
 /// `ConfigProto.experimental.session_metadata.name` (`NAME/VERSION` for a non-zero version).
 pub const NAME_LABEL: &str = "tfsd.master.name";
+/// Label with the ConfigProto's `operation_timeout_in_ms`, when set: the session's default
+/// step timeout, kept where a restart (durable sessions) finds it again.
+pub const OPERATION_TIMEOUT_LABEL: &str = "tfsd.master.operation_timeout_ms";
 
 type Answer<T> = Result<T, Status>;
 
@@ -105,10 +108,21 @@ impl tf::master_service_server::MasterService for MasterService {
         if let Some(name) = &config.name {
             labels.insert(NAME_LABEL.to_string(), name.clone());
         }
+        if let Some(timeout) = config.operation_timeout {
+            labels.insert(
+                OPERATION_TIMEOUT_LABEL.to_string(),
+                timeout.as_millis().to_string(),
+            );
+        }
         let snapshot = self
             .master
             .manager
-            .create(
+            .create_owned(
+                // TensorFlow's client cannot authenticate: the session has no owner.
+                String::new(),
+                // With a state directory, the variables come back after a daemon restart:
+                // the client cannot know it should initialise them again.
+                true,
                 request.graph_def.into(),
                 config.worker_config.into(),
                 labels,

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::callables::Callables;
-use crate::session::{EventKind, SessionManager};
+use super::service::{CLIENT_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER};
+use crate::session::{EventKind, SessionManager, SessionSnapshot};
 
 #[derive(Debug)]
 pub struct MasterSession {
@@ -66,6 +67,38 @@ impl MasterSessions {
             .filter(|(_, session)| session.client_ip == client_ip)
             .map(|(handle, _)| handle.clone())
             .collect()
+    }
+
+    /// Takes over the MasterService sessions the daemon restored from its state directory,
+    /// with what their labels say (client address, operation timeout); their callables were
+    /// not kept. Returns how many.
+    pub fn adopt_restored(&self, snapshots: &[SessionSnapshot]) -> usize {
+        let mut adopted = 0;
+        for snapshot in snapshots {
+            if snapshot.labels.get(ORIGIN_LABEL).map(String::as_str) != Some(ORIGIN_MASTER) {
+                continue;
+            }
+            let client_ip = snapshot
+                .labels
+                .get(CLIENT_LABEL)
+                .and_then(|client| client.parse::<std::net::SocketAddr>().ok())
+                .map(|client| client.ip());
+            let operation_timeout = snapshot
+                .labels
+                .get(OPERATION_TIMEOUT_LABEL)
+                .and_then(|millis| millis.parse().ok())
+                .map(Duration::from_millis);
+            self.insert(
+                snapshot.id.clone(),
+                MasterSession {
+                    client_ip,
+                    operation_timeout,
+                    callables: Callables::default(),
+                },
+            );
+            adopted += 1;
+        }
+        adopted
     }
 
     /// Forgets sessions closed by anyone, until `shutdown`.
