@@ -32,6 +32,9 @@ use wire::{worker_request::Kind, worker_response::Result as Reply};
 
 pub use partial_run::PartialRunSpec;
 
+/// Workers tried before creating, restoring or recycling a session gives up.
+const WORKER_START_ATTEMPTS: u32 = 3;
+
 #[derive(Debug)]
 pub struct SessionManager {
     started_at: std::time::SystemTime,
@@ -199,6 +202,28 @@ impl SessionManager {
 
     /// A worker from the pool with the graph loaded; the worker is stopped if loading fails.
     pub(super) async fn start_worker(
+        &self,
+        graph_def: &[u8],
+        config: &Bytes,
+    ) -> Result<Arc<WorkerProcess>> {
+        // A worker killed while it starts or loads (the OOM killer, an operator, chaos) is
+        // no reason to fail the session: try the next one. TensorFlow rejecting the graph
+        // is the client's answer and is not retried.
+        let mut attempt = 1;
+        loop {
+            match self.start_worker_once(graph_def, config).await {
+                Err(error @ (Error::WorkerDied { .. } | Error::WorkerStart(_)))
+                    if attempt < WORKER_START_ATTEMPTS =>
+                {
+                    tracing::warn!(attempt, %error, "a worker died while starting; trying another");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_worker_once(
         &self,
         graph_def: &[u8],
         config: &Bytes,

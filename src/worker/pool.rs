@@ -13,6 +13,10 @@ use super::{WorkerError, WorkerProcess, WorkerSpec};
 
 /// Pause after a failed background start, so a broken installation does not spin.
 const REFILL_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Failed starts in a row before the pool reports that workers cannot be started. One
+/// failure is often a worker killed while it loaded (the OOM killer, an operator): not a
+/// reason to tell load balancers that the daemon is down.
+const FAILURES_BEFORE_UNSTARTABLE: u32 = 3;
 
 /// Ready workers plus a background task that keeps `target` of them.
 #[derive(Debug)]
@@ -23,8 +27,10 @@ pub struct WarmPool {
     wake_refill: Notify,
     /// Signalled whenever a worker joins the pool (tests and start-up wait on it).
     filled: Notify,
-    /// Whether the last attempt to start a worker succeeded (None before the first).
+    /// Whether workers can be started: `None` before the first attempt, `Some(false)` after
+    /// `FAILURES_BEFORE_UNSTARTABLE` failures in a row, `Some(true)` after a success.
     startable: watch::Sender<Option<bool>>,
+    consecutive_failures: std::sync::atomic::AtomicU32,
     /// TensorFlow's version as the last started worker reported it.
     tensorflow_version: Mutex<String>,
     /// Every worker this pool started, pooled or handed out, for a last-resort kill.
@@ -46,6 +52,7 @@ impl WarmPool {
             wake_refill: Notify::new(),
             filled: Notify::new(),
             startable: watch::channel(None).0,
+            consecutive_failures: std::sync::atomic::AtomicU32::new(0),
             tensorflow_version: Mutex::new(String::new()),
             started: Mutex::new(Vec::new()),
         });
@@ -101,7 +108,16 @@ impl WarmPool {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = worker.tensorflow_version().to_string();
         }
-        self.startable.send_replace(Some(started.is_ok()));
+        use std::sync::atomic::Ordering;
+        if started.is_ok() {
+            self.consecutive_failures.store(0, Ordering::SeqCst);
+            self.startable.send_replace(Some(true));
+        } else {
+            let failures = self.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1;
+            if failures >= FAILURES_BEFORE_UNSTARTABLE {
+                self.startable.send_replace(Some(false));
+            }
+        }
         started
     }
 
