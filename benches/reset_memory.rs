@@ -29,24 +29,20 @@
 //! nothing here asserts on timings or sizes. It does check that each reset did what it says
 //! (the variable is uninitialised after a purge, preserved by a preserving recycle), so the
 //! table never reports memory for a reset that silently did something else.
+//!
+//! With `TFSD_BENCH_OUT` set it also writes `reset_memory.json` there (every sample, for the
+//! report's plots); `BENCH_QUICK=1` measures once per row instead of three times. The daemon
+//! and the graph come from the shared harness in `benches/common/`.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
-use tensorflow::{DataType, Graph, Operation, OperationDescription, Shape, Tensor, TensorType};
-use tfsd::proto::tensorflow::{TensorProto, TensorShapeProto};
+use common::{CALL_DEADLINE, Client, Daemon, MIB, call};
 use tfsd::proto::tfsd::v1 as api;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tonic::transport::Channel;
-
-type Client = api::session_service_client::SessionServiceClient<Channel>;
-
-const MIB: u64 = 1 << 20;
 
 /// TF_ENABLE_ONEDNN_OPTS values: "0" is tfsd's default (oneDNN's allocator pools freed memory,
 /// FACTS §3), "1" is TensorFlow's own default on x86.
@@ -60,36 +56,32 @@ const VARIABLE_SIZES: [u64; 2] = [200 * MIB, 1024 * MIB];
 /// under two minutes on a 2-core machine (most of it preserving recycles of 1 GiB).
 const REPEATS: usize = 3;
 
-/// How long the daemon may take to say it listens (it loads no TensorFlow itself, but its
-/// warm pool starts a worker, and the machine is shared).
-const DAEMON_START_DEADLINE: Duration = Duration::from_secs(60);
-
-/// How long any one call may take before the bench gives up instead of hanging. Generous:
-/// a preserving recycle of 1 GiB copies it through the daemon twice.
-const CALL_DEADLINE: Duration = Duration::from_secs(180);
-
-/// How long the daemon may take to stop after SIGTERM (it reaps its workers first).
-const DAEMON_STOP_DEADLINE: Duration = Duration::from_secs(60);
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let tfsd = locate_tfsd()?;
-    print_header(&tfsd);
+    let tfsd = common::locate_tfsd()?;
+    let load_before = common::load_average();
+    let repeats = common::scaled(REPEATS, 1);
+    print_header(&tfsd, repeats);
 
     let graphs = VARIABLE_SIZES
         .iter()
-        .map(|&bytes| Ok((bytes, big_variable_graph(bytes)?)))
+        .map(|&bytes| Ok((bytes, common::big_variable_graph(bytes)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let started = Instant::now();
     let mut rows = Vec::new();
     for onednn in ONEDNN_SETTINGS {
-        let daemon = Daemon::start(&tfsd, onednn).await?;
+        let daemon = Daemon::start(
+            &tfsd,
+            &format!("reset-memory-onednn{onednn}"),
+            &format!("[workers]\nenv = {{ TF_ENABLE_ONEDNN_OPTS = \"{onednn}\" }}\n"),
+        )
+        .await?;
         let mut client = daemon.connect().await?;
         for (bytes, graph_def) in &graphs {
             let setting_started = Instant::now();
             let mut samples: BTreeMap<Step, Vec<Sample>> = BTreeMap::new();
-            for repeat in 1..=REPEATS {
+            for repeat in 1..=repeats {
                 measure_once(&mut client, graph_def, &mut samples)
                     .await
                     .with_context(|| {
@@ -100,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
                     })?;
             }
             println!(
-                "- measured TF_ENABLE_ONEDNN_OPTS={onednn}, variable {} ({REPEATS}x) in {:.1} s",
+                "- measured TF_ENABLE_ONEDNN_OPTS={onednn}, variable {} ({repeats}x) in {:.1} s",
                 size_label(*bytes),
                 setting_started.elapsed().as_secs_f64()
             );
@@ -109,13 +101,21 @@ async fn main() -> anyhow::Result<()> {
                 variable_bytes: *bytes,
                 step,
                 stats: RowStats::median_of(&samples),
+                samples,
             }));
         }
         daemon.stop().await?;
     }
     println!("- total {:.1} s\n", started.elapsed().as_secs_f64());
     print_table(&rows);
-    Ok(())
+    common::write_results(
+        "reset_memory",
+        load_before,
+        serde_json::json!({
+            "repeats": repeats,
+            "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        }),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -323,23 +323,7 @@ async fn measure_once(
 }
 
 async fn init_big(client: &mut Client, id: &str) -> anyhow::Result<()> {
-    let one = TensorProto {
-        dtype: DT_FLOAT,
-        tensor_shape: Some(TensorShapeProto::default()),
-        float_val: vec![1.0],
-        ..Default::default()
-    };
-    call(
-        "Run big_init",
-        client.run(api::RunRequest {
-            session_id: id.to_string(),
-            feeds: [("fill_value".to_string(), one)].into_iter().collect(),
-            targets: vec!["big_init".to_string()],
-            ..Default::default()
-        }),
-    )
-    .await?;
-    Ok(())
+    common::init_variable(client, id, "big").await
 }
 
 async fn memory_of(client: &mut Client, id: &str) -> anyhow::Result<api::MemoryUsage> {
@@ -360,7 +344,7 @@ enum ProbeExpect {
     Uninitialised,
 }
 
-/// Checks, by fetching `probe` (big's first element, 4 bytes), that `big` is or is not
+/// Checks, by fetching `big_probe` (big's first element, 4 bytes), that `big` is or is not
 /// initialised: proof that a reset did what it says before its memory goes in the table.
 async fn ensure_probe(
     client: &mut Client,
@@ -372,7 +356,7 @@ async fn ensure_probe(
         CALL_DEADLINE,
         client.run(api::RunRequest {
             session_id: id.to_string(),
-            fetches: vec!["probe".to_string()],
+            fetches: vec!["big_probe".to_string()],
             ..Default::default()
         }),
     )
@@ -384,7 +368,7 @@ async fn ensure_probe(
             let tensor = outputs
                 .first()
                 .with_context(|| format!("Run probe {when} returned no tensor"))?;
-            let value = first_f32(tensor).with_context(|| format!("probe {when}"))?;
+            let value = common::first_f32(tensor).with_context(|| format!("probe {when}"))?;
             ensure!(value == 1.0, "probe {when} is {value}, expected 1.0");
             Ok(())
         }
@@ -410,304 +394,10 @@ async fn ensure_probe(
     }
 }
 
-/// tensorflow.DataType's DT_FLOAT.
-const DT_FLOAT: i32 = 1;
-
-/// The first element of a float32 TensorProto, whichever field TensorFlow put it in.
-fn first_f32(tensor: &TensorProto) -> anyhow::Result<f32> {
-    ensure!(
-        tensor.dtype == DT_FLOAT,
-        "not a float32 tensor (dtype {})",
-        tensor.dtype
-    );
-    if let Some(bytes) = tensor.tensor_content.get(..4) {
-        let bytes: [u8; 4] = bytes.try_into().context("4 bytes")?;
-        return Ok(f32::from_le_bytes(bytes));
-    }
-    tensor
-        .float_val
-        .first()
-        .copied()
-        .context("an empty float32 tensor")
-}
-
-/// Awaits one RPC with a deadline, turning a gRPC error into one that names the call.
-async fn call<T>(
-    what: &str,
-    reply: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> anyhow::Result<T> {
-    match tokio::time::timeout(CALL_DEADLINE, reply).await {
-        Err(_) => bail!("{what}: no answer within {CALL_DEADLINE:?}"),
-        Ok(Err(status)) => bail!("{what} failed: {:?} {}", status.code(), status.message()),
-        Ok(Ok(response)) => Ok(response.into_inner()),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The graph, built with the real TensorFlow and serialized as a GraphDef.
-
-/// A graph holding one float32 VariableV2 `big` of `bytes` bytes:
-/// - `big_init` = Assign(big, Fill([n], fill_value)): a Fill, not a Const, so the GraphDef
-///   stays a few hundred bytes instead of carrying the whole value. `fill_value` is a
-///   placeholder (fed 1.0), not a Const: Grappler's constant folding turns a Fill of constants
-///   into a Const of the full size, held by the session next to the variable, which would
-///   double every "after init" figure (seen here: +400 MiB for a 200 MiB variable);
-/// - `probe` = Slice(big, [0], [1]): a 4-byte fetch that fails while `big` is uninitialised.
-fn big_variable_graph(bytes: u64) -> anyhow::Result<Vec<u8>> {
-    let elements = bytes / 4;
-    // Fill's dims are int32, and so are Slice's begin and size.
-    let elements_i32 = i32::try_from(elements)
-        .with_context(|| format!("{elements} elements do not fit Fill's int32 dims"))?;
-    let elements_i64 = i64::from(elements_i32);
-
-    let mut graph = Graph::new();
-    let big = add_op(&mut graph, "VariableV2", "big", &[], |d| {
-        d.set_attr_type("dtype", DataType::Float)?;
-        d.set_attr_shape("shape", &Shape::from(Some(vec![Some(elements_i64)])))?;
-        Ok(())
-    })?;
-    let dims = constant(&mut graph, "big_dims", &[1], &[elements_i32])?;
-    let fill_value = add_op(&mut graph, "Placeholder", "fill_value", &[], |d| {
-        d.set_attr_type("dtype", DataType::Float)?;
-        d.set_attr_shape("shape", &Shape::from(Some(Vec::new())))?;
-        Ok(())
-    })?;
-    let fill = add_op(
-        &mut graph,
-        "Fill",
-        "big_value",
-        &[&dims, &fill_value],
-        |_| Ok(()),
-    )?;
-    add_op(&mut graph, "Assign", "big_init", &[&big, &fill], |_| Ok(()))?;
-    let begin = constant(&mut graph, "probe_begin", &[1], &[0_i32])?;
-    let size = constant(&mut graph, "probe_size", &[1], &[1_i32])?;
-    add_op(&mut graph, "Slice", "probe", &[&big, &begin, &size], |_| {
-        Ok(())
-    })?;
-    graph.graph_def().context("serialize the graph")
-}
-
-fn add_op(
-    graph: &mut Graph,
-    op_type: &str,
-    name: &str,
-    inputs: &[&Operation],
-    attrs: impl FnOnce(&mut OperationDescription<'_>) -> anyhow::Result<()>,
-) -> anyhow::Result<Operation> {
-    let mut description = graph
-        .new_operation(op_type, name)
-        .with_context(|| format!("new {op_type} {name}"))?;
-    for input in inputs {
-        description.add_input((*input).clone());
-    }
-    attrs(&mut description).with_context(|| format!("attributes of {op_type} {name}"))?;
-    description
-        .finish()
-        .with_context(|| format!("add {op_type} {name}"))
-}
-
-fn constant<T: TensorType>(
-    graph: &mut Graph,
-    name: &str,
-    dims: &[u64],
-    values: &[T],
-) -> anyhow::Result<Operation> {
-    let value = Tensor::<T>::new(dims)
-        .with_values(values)
-        .with_context(|| format!("value of {name}"))?;
-    add_op(graph, "Const", name, &[], |d| {
-        d.set_attr_type("dtype", T::data_type())?;
-        d.set_attr_tensor("value", value)?;
-        Ok(())
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// The daemon.
-
-/// Finds the `tfsd` binary: `TFSD_BIN`, else the target directory this bench runs from
-/// (current_exe is target/<profile>/deps/reset_memory-HASH), release before debug.
-fn locate_tfsd() -> anyhow::Result<PathBuf> {
-    const HOW_TO_BUILD: &str = "build the daemon and the worker first with \
-                                `cargo build --release --workspace`, or set TFSD_BIN";
-    if let Some(path) = std::env::var_os("TFSD_BIN") {
-        let path = PathBuf::from(path);
-        ensure!(path.is_file(), "TFSD_BIN={} is not a file", path.display());
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().context("find this bench's own path")?;
-    let mut candidates = Vec::new();
-    if let Some(deps) = exe.parent() {
-        let profile_dir = if deps.ends_with("deps") {
-            deps.parent().unwrap_or(deps)
-        } else {
-            deps
-        };
-        candidates.push(profile_dir.join("tfsd"));
-        if let Some(target_dir) = profile_dir.parent() {
-            for profile in ["release", "debug"] {
-                let candidate = target_dir.join(profile).join("tfsd");
-                if !candidates.contains(&candidate) {
-                    candidates.push(candidate);
-                }
-            }
-        }
-    }
-    let Some(tfsd) = candidates.iter().find(|path| path.is_file()) else {
-        let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-        bail!(
-            "no tfsd binary (looked for {}): {HOW_TO_BUILD}",
-            looked.join(", ")
-        );
-    };
-    // The daemon looks for its worker next to itself; say so here rather than let the
-    // daemon fail after we started it.
-    let worker = tfsd.with_file_name("tfsd-worker");
-    ensure!(
-        worker.is_file(),
-        "{} has no tfsd-worker next to it ({} is missing): {HOW_TO_BUILD}",
-        tfsd.display(),
-        worker.display()
-    );
-    Ok(tfsd.clone())
-}
-
-/// A daemon started with its own config file. `stop` ends it with SIGTERM; if the bench fails
-/// first, the child is killed on drop (its workers die with it through PR_SET_PDEATHSIG).
-struct Daemon {
-    child: Child,
-    address: String,
-    config: TempFile,
-}
-
-impl Daemon {
-    /// Starts `tfsd serve --config FILE --listen 127.0.0.1:0` with TF_ENABLE_ONEDNN_OPTS set
-    /// to `onednn` in every worker, and waits (with a deadline) for it to say where it listens.
-    async fn start(tfsd: &Path, onednn: &str) -> anyhow::Result<Daemon> {
-        let config = TempFile::write(
-            &format!(
-                "tfsd-reset-memory-{}-onednn{onednn}.toml",
-                std::process::id()
-            ),
-            &format!(
-                "[workers]\nenv = {{ TF_ENABLE_ONEDNN_OPTS = \"{onednn}\" }}\n\n\
-                 [log]\nfilter = \"warn\"\n"
-            ),
-        )?;
-        let mut command = Command::new(tfsd);
-        // TFSD_* variables override config keys; one left in the caller's shell (a pool size,
-        // a worker binary) would silently change what is measured.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TFSD_") {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command
-            // Metrics off: nothing here reads them, and their fixed default port would
-            // collide with any other daemon on the machine. (A daemon without metrics
-            // ignores the variable.)
-            .env("TFSD_METRICS_LISTEN", "")
-            .arg("serve")
-            .arg("--config")
-            .arg(&config.path)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {}", tfsd.display()))?;
-        let stdout = child.stdout.take().context("the daemon's stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let wait_for_address = async {
-            while let Some(line) = lines
-                .next_line()
-                .await
-                .context("read the daemon's stdout")?
-            {
-                if let Some(address) = line.strip_prefix("tfsd listening on ") {
-                    return Ok(address.trim().to_string());
-                }
-            }
-            bail!("the daemon exited before it said it listens (its stderr is above)")
-        };
-        let address = tokio::time::timeout(DAEMON_START_DEADLINE, wait_for_address)
-            .await
-            .with_context(|| {
-                format!("the daemon did not say it listens within {DAEMON_START_DEADLINE:?}")
-            })??;
-        // Keep reading stdout so that the daemon never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Daemon {
-            child,
-            address,
-            config,
-        })
-    }
-
-    async fn connect(&self) -> anyhow::Result<Client> {
-        let channel = Channel::from_shared(format!("http://{}", self.address))
-            .with_context(|| format!("the daemon's address {:?}", self.address))?
-            .connect()
-            .await
-            .with_context(|| format!("connect to the daemon at {}", self.address))?;
-        // tonic's 4 MiB default would refuse nothing here (no variable travels to the
-        // client), but a daemon that answers with more should not fail the bench.
-        Ok(Client::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX))
-    }
-
-    /// SIGTERM, then waits (with a deadline) for the daemon to reap its workers and exit.
-    async fn stop(mut self) -> anyhow::Result<()> {
-        let pid = self
-            .child
-            .id()
-            .context("the daemon has already been reaped")?;
-        let pid = libc::pid_t::try_from(pid).context("the daemon's pid")?;
-        // SAFETY: kill has no memory-safety preconditions; pid is our own live child.
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-            bail!("SIGTERM to the daemon: {}", std::io::Error::last_os_error());
-        }
-        let status = tokio::time::timeout(DAEMON_STOP_DEADLINE, self.child.wait())
-            .await
-            .with_context(|| {
-                format!("the daemon did not exit within {DAEMON_STOP_DEADLINE:?} of SIGTERM")
-            })?
-            .context("wait for the daemon")?;
-        ensure!(
-            status.success(),
-            "the daemon exited with {status} after SIGTERM (config {})",
-            self.config.path.display()
-        );
-        Ok(())
-    }
-}
-
-/// A file in the temp directory, removed on drop.
-struct TempFile {
-    path: PathBuf,
-}
-
-impl TempFile {
-    fn write(name: &str, contents: &str) -> anyhow::Result<TempFile> {
-        let path = std::env::temp_dir().join(name);
-        std::fs::write(&path, contents).with_context(|| format!("write {}", path.display()))?;
-        Ok(TempFile { path })
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Report.
 
-fn print_header(tfsd: &Path) {
+fn print_header(tfsd: &Path, repeats: usize) {
     println!("# tfsd reset memory\n");
     println!("- date: {}", utc_now());
     println!(
@@ -724,7 +414,7 @@ fn print_header(tfsd: &Path) {
     );
     println!("- daemon: {}", tfsd.display());
     println!(
-        "- variable: one float32 VariableV2 per session; {REPEATS} sessions per row, medians \
+        "- variable: one float32 VariableV2 per session; {repeats} sessions per row, medians \
          (each column its own median)"
     );
     println!(
@@ -788,6 +478,33 @@ struct Row {
     variable_bytes: u64,
     step: Step,
     stats: RowStats,
+    samples: Vec<Sample>,
+}
+
+impl Row {
+    /// The row's medians and every sample, in MiB and milliseconds, for benches/report.py.
+    fn to_json(&self) -> serde_json::Value {
+        let stats = &self.stats;
+        serde_json::json!({
+            "onednn": self.onednn,
+            "variable_bytes": self.variable_bytes,
+            "step": self.step.label(),
+            "private_before_mib": stats.private_before,
+            "private_after_mib": stats.private_after,
+            "fresh_baseline_mib": stats.fresh_baseline,
+            "after_minus_baseline_mib": stats.delta,
+            "after_minus_baseline_percent": stats.delta_percent_of_baseline,
+            "given_back_percent": stats.given_back_percent,
+            "rss_after_mib": stats.rss_after,
+            "duration_ms": stats.duration_ms,
+            "samples": self.samples.iter().map(|sample| serde_json::json!({
+                "private_before_mib": common::mib(sample.private_before),
+                "private_after_mib": common::mib(sample.private_after),
+                "fresh_baseline_mib": common::mib(sample.fresh_baseline_private),
+                "duration_ms": sample.duration.as_secs_f64() * 1e3,
+            })).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// Medians over the repeats, in MiB and milliseconds.

@@ -1,0 +1,513 @@
+"""Writes BENCHMARKS.md and benches/plots/*.png from the JSON files the benches leave.
+
+    .venv/bin/python benches/report.py --results target/bench --command "scripts/bench"
+
+Inputs (in --results): step_latency.json, reset_cost.json, reset_memory.json,
+policy_reaction.json, scale.json (the Rust benches), peers.json (benches/peers.py) and
+machine.json (scripts/bench). A missing file leaves its section saying so. benches/analysis.md,
+when present, is appended as the hand-written reading of the run.
+
+Every ratio in the report compares figures measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+
+
+def load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def us(value: float) -> str:
+    return f"{value:,.0f} µs"
+
+
+def ms(value_us: float) -> str:
+    value = value_us / 1e3
+    return f"{value:,.2f} ms" if value < 10 else f"{value:,.1f} ms" if value < 100 else f"{value:,.0f} ms"
+
+
+def secs(value_us: float) -> str:
+    return f"{value_us / 1e6:.2f} s"
+
+
+def ratio(a: float, b: float) -> str:
+    if not b or math.isnan(a) or math.isnan(b):
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+def times_faster(value: float, peer: float | None) -> str:
+    """How many times `value` fits in `peer`: "5,500× less" reads better than "0.00×"."""
+    if not peer or not value:
+        return "—"
+    factor = peer / value
+    if factor >= 1.05:
+        return f"{factor:,.0f}× less" if factor >= 10 else f"{factor:.1f}× less"
+    return f"{value / peer:.2f}×"
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = {"l": "---", "r": "--:", "c": ":-:"}
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def load_note(part: dict | None) -> str:
+    if not part:
+        return ""
+    return f"load average {part.get('load_before', float('nan')):.1f} → {part.get('load_after', float('nan')):.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+
+def ecdf_plot(path: Path, title: str, series: dict[str, list[float]]) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, samples in series.items():
+        if not samples:
+            continue
+        ordered = sorted(samples)
+        n = len(ordered)
+        ax.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=f"{name} (n={n})")
+    ax.set_xscale("log")
+    ax.set_xlabel("round trip (µs, log scale)")
+    ax.set_ylabel("fraction of steps ≤ x")
+    ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    ax.axhline(0.99, color="grey", lw=0.5, ls=":")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def box_plot(path: Path, title: str, series: dict[str, list[float]], xlabel: str) -> None:
+    names = [n for n, s in series.items() if s]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    ax.boxplot([series[n] for n in names], orientation="horizontal", whis=(1, 99), showfliers=True)
+    ax.set_yticks(range(1, len(names) + 1), names, fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def memory_plot(path: Path, rows: list[dict]) -> None:
+    groups = sorted({(r["onednn"], r["variable_bytes"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.5), sharey=False)
+    axes = axes if len(groups) > 1 else [axes]
+    for ax, (onednn, size) in zip(axes, groups):
+        mine = [r for r in rows if r["onednn"] == onednn and r["variable_bytes"] == size]
+        labels = [r["step"].replace("RecycleSession", "Recycle").replace(" preserve_variables", "\n+preserve")
+                  .replace("(init: run big_init)", "init") for r in mine]
+        xs = range(len(mine))
+        width = 0.38
+        ax.bar([x - width / 2 for x in xs], [r["private_before_mib"] for r in mine], width,
+               label="before", color="#d9822b")
+        ax.bar([x + width / 2 for x in xs], [r["private_after_mib"] for r in mine], width,
+               label="after", color="#2b7bd9")
+        baseline = mine[0]["fresh_baseline_mib"] if mine else 0
+        ax.axhline(baseline, color="black", lw=1, ls="--", label=f"fresh worker {baseline:.0f} MiB")
+        for r, x in zip(mine, xs):
+            for s in r.get("samples", []):
+                ax.plot(x + width / 2, s["private_after_mib"], "k.", ms=3)
+        ax.set_xticks(list(xs), labels, fontsize=7, rotation=30, ha="right")
+        size_label = f"{size >> 30} GiB" if size % (1 << 30) == 0 else f"{size // MIB} MiB"
+        ax.set_title(f"{size_label} variable, TF_ENABLE_ONEDNN_OPTS={onednn}", fontsize=9)
+        ax.set_ylabel("worker private memory (MiB)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Private memory before and after each reset (bars: medians; dots: each run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scale_plot(path: Path, levels: list[dict]) -> None:
+    sessions = [l["sessions"] for l in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(sessions, [l["supervisor_rss_bytes"] / MIB for l in levels], "o-", label="supervisor RSS")
+    a.plot(sessions, [l["supervisor_private_bytes"] / MIB for l in levels], "s-", label="supervisor private")
+    a.axhline(50, color="red", ls=":", label="target: RSS < 50 MiB")
+    a.set_xlabel("sessions")
+    a.set_ylabel("MiB")
+    a.set_title("Supervisor memory")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    for key, label in (("list_sessions", "ListSessions"), ("purge_variables", "PurgeVariables")):
+        b.plot(sessions, [l[key]["p50_us"] / 1e3 for l in levels], "o-", label=f"{label} p50")
+        b.plot(sessions, [l[key]["p99_us"] / 1e3 for l in levels], "x--", label=f"{label} p99")
+    b.set_xlabel("sessions")
+    b.set_ylabel("ms (4 clients running steps)")
+    b.set_yscale("log")
+    b.set_title("Control-call latency under load")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections.
+
+
+STEP_SYSTEMS = [
+    # (key, source, system, client)
+    ("in_process_rust", "rust", "in-process TF_SessionRun (floor)", "Rust `tensorflow` crate"),
+    ("tfsd_v1_rust", "rust", "tfsd.v1", "Rust tonic"),
+    ("in_process_python", "py", "in-process `Session.run`", "TF Python"),
+    ("tf_server", "py", "TF's server (`tf.distribute.Server`)", "TF Python `Session(\"grpc://…\")`"),
+    ("tfsd_master", "py", "tfsd MasterService", "TF Python `Session(\"grpc://…\")`"),
+    ("tfsd_v1_python", "py", "tfsd.v1", "Python grpcio stub"),
+]
+
+
+def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | None, targets: list) -> None:
+    out.append("## 1. Step round trip (fed [4, 4] placeholder → MatMul)\n")
+    figures = {}
+    if rust:
+        figures.update({k: v for k, v in rust["steps"].items()})
+    if py:
+        figures.update({k: v for k, v in py["steps"].items()})
+    tf_server = figures.get("tf_server")
+    floor = figures.get("in_process_rust")
+    rows = []
+    for key, _, system, client in STEP_SYSTEMS:
+        f = figures.get(key)
+        if key == "tfsd_master" and f is None:
+            rows.append([system, client, "not available in this build"] + ["—"] * 7)
+            continue
+        if f is None:
+            continue
+        t1, t4 = f["t1"], f["t4"]
+        vs_server = ratio(t1["latency"]["p50_us"], tf_server["t1"]["latency"]["p50_us"]) if tf_server else "—"
+        vs_floor = (f"+{t1['latency']['p50_us'] - floor['t1']['latency']['p50_us']:,.0f} µs"
+                    if floor and key != "in_process_rust" else "—")
+        rows.append([
+            system, client,
+            us(t1["latency"]["p50_us"]), us(t1["latency"]["p99_us"]), f"{t1['steps_per_s']:,.0f}",
+            us(t4["latency"]["p50_us"]), us(t4["latency"]["p99_us"]), f"{t4['steps_per_s']:,.0f}",
+            vs_server, vs_floor,
+        ])
+    threads = (rust or py or {}).get("threads", 4)
+    out.append(table(
+        ["system", "client", "p50 (1 thread)", "p99 (1 thread)", "steps/s (1 thread)",
+         f"p50 ({threads} threads)", f"p99 ({threads} threads)", f"steps/s ({threads} threads)",
+         "p50 vs TF's server", "p50 over the Rust floor"],
+        rows, "llrrrrrrrr"))
+    out.append(
+        f"\n{threads} threads: {threads} concurrent callers on one session and one connection "
+        "(TF's Python client shares its channel between threads). Rust figures: "
+        f"{load_note(rust)}; Python figures: {load_note(py)}.\n")
+    series1 = {}
+    series4 = {}
+    for key, _, system, client in STEP_SYSTEMS:
+        f = figures.get(key)
+        if f:
+            label = f"{system} — {client}".replace("`", "")
+            series1[label] = f["t1"]["latency"].get("samples_us", [])
+            series4[label] = f["t4"]["latency"].get("samples_us", [])
+    if series1:
+        ecdf_plot(plots / "step_latency_1thread.png", "Step round trip, 1 client thread", series1)
+        ecdf_plot(plots / "step_latency_4threads.png", f"Step round trip, {threads} client threads", series4)
+        out.append("![step latency, 1 thread](benches/plots/step_latency_1thread.png)\n")
+        out.append(f"![step latency, {threads} threads](benches/plots/step_latency_4threads.png)\n")
+
+    master = figures.get("tfsd_master")
+    if master and tf_server:
+        r = master["t1"]["latency"]["p50_us"] / tf_server["t1"]["latency"]["p50_us"]
+        targets.append(("tfsd MasterService step p50 ≤ 0.6× TF's server (same Python client)",
+                        f"{r:.2f}× ({us(master['t1']['latency']['p50_us'])} vs "
+                        f"{us(tf_server['t1']['latency']['p50_us'])})", r <= 0.6))
+    else:
+        targets.append(("tfsd MasterService step p50 ≤ 0.6× TF's server", "MasterService not measured", None))
+    v1 = figures.get("tfsd_v1_rust")
+    if v1 and floor:
+        overhead = v1["t1"]["latency"]["p50_us"] - floor["t1"]["latency"]["p50_us"]
+        targets.append(("tfsd.v1 overhead over in-process ≤ 150 µs p50",
+                        f"{overhead:,.0f} µs ({us(v1['t1']['latency']['p50_us'])} − "
+                        f"{us(floor['t1']['latency']['p50_us'])})", overhead <= 150))
+
+
+def large_section(out: list[str], rust: dict | None, py: dict | None, targets: list) -> None:
+    out.append("## 2. Large tensors (64 MiB float32)\n")
+    rows = []
+    entries = []
+    if rust:
+        entries.append(("tfsd.v1", "Rust tonic", rust["large"]["tfsd_v1_rust"]))
+    if py:
+        names = {"tf_server": ("TF's server", "TF Python"), "tfsd_master": ("tfsd MasterService", "TF Python"),
+                 "tfsd_v1_python": ("tfsd.v1", "Python grpcio (make_tensor_proto / make_ndarray)")}
+        for key, (system, client) in names.items():
+            if key in py["large"]:
+                entries.append((system, client, py["large"][key]))
+    server = py["large"].get("tf_server") if py else None
+    for system, client, f in entries:
+        rows.append([
+            system, client,
+            f"{f['feed']['mb_per_s']:,.0f} MB/s", f"{f['feed']['median_s'] * 1e3:,.0f} ms",
+            f"{f['fetch']['mb_per_s']:,.0f} MB/s", f"{f['fetch']['median_s'] * 1e3:,.0f} ms",
+            ratio(f["feed"]["mb_per_s"], server["feed"]["mb_per_s"]) if server else "—",
+            ratio(f["fetch"]["mb_per_s"], server["fetch"]["mb_per_s"]) if server else "—",
+        ])
+    out.append(table(["system", "client", "feed", "feed time (median)", "fetch", "fetch time (median)",
+                      "feed vs TF's server", "fetch vs TF's server"], rows, "llrrrrrr"))
+    out.append("\nFeed: `Size(big_in)` of a fed 64 MiB tensor (4 bytes come back). Fetch: "
+               "`Identity` of a 64 MiB variable. MB = 10⁶ bytes; medians of the repeats after one "
+               "warm-up each.\n")
+    if rust:
+        f = rust["large"]["tfsd_v1_rust"]
+        worst = min(f["feed"]["mb_per_s"], f["fetch"]["mb_per_s"])
+        targets.append(("64 MiB tensors ≥ 1 GB/s each way (tfsd.v1)",
+                        f"feed {f['feed']['mb_per_s']:,.0f} MB/s, fetch {f['fetch']['mb_per_s']:,.0f} MB/s",
+                        worst >= 1000))
+
+
+def resets_section(out: list[str], plots: Path, resets: dict | None, py: dict | None, targets: list) -> None:
+    out.append("## 3. Reset costs\n")
+    restart = py["restarts"] if py else {}
+    python_restart = restart.get("python_process_restart", {}).get("p50_us")
+    server_restart = restart.get("tf_server_restart", {}).get("p50_us")
+    rows = []
+    series = {}
+    names = [
+        ("purge_variables", "tfsd PurgeVariables"),
+        ("reset_graph", "tfsd ResetGraph"),
+        ("recycle_warm", "tfsd RecycleSession, warm worker"),
+        ("recycle_warm_preserve", "tfsd RecycleSession, warm, preserve_variables (256 KiB)"),
+        ("recycle_cold", "tfsd RecycleSession, cold (pool_size = 0)"),
+        ("recycle_cold_preserve", "tfsd RecycleSession, cold, preserve_variables"),
+        ("create_run_close_warm", "tfsd.v1 CreateSession + 1 step + CloseSession, warm"),
+        ("create_run_close_cold", "tfsd.v1 CreateSession + 1 step + CloseSession, cold"),
+    ]
+    for key, label in names:
+        if not resets or key not in resets["resets"]:
+            continue
+        f = resets["resets"][key]
+        c = f["client"]
+        daemon = ms(f["daemon"]["p50_us"]) if f.get("daemon") else "—"
+        rows.append([label, ms(c["p50_us"]), ms(c["p99_us"]), daemon,
+                     times_faster(c["p50_us"], python_restart), times_faster(c["p50_us"], server_restart)])
+        series[label] = c.get("samples_us", [])
+    peer_rows = [
+        ("create_run_close", "tfsd_master", "tfsd MasterService: Session create + 1 step + close, warm"),
+        ("create_run_close", "tf_server", "TF's server: Session create + 1 step + close"),
+        ("tf_server_session_reset", None, "TF's server: `Session.reset` (closes every session on it)"),
+        ("tf_server_restart", None, "TF's server process killed and restarted, to a first result"),
+        ("python_process_restart", None, "Python process: start, `import tensorflow`, 1 step, exit"),
+    ]
+    for key, sub, label in peer_rows:
+        f = restart.get(key)
+        if f and sub:
+            f = f.get(sub)
+        if not f:
+            continue
+        rows.append([label, ms(f["p50_us"]), ms(f["p99_us"]), "—",
+                     times_faster(f["p50_us"], python_restart), times_faster(f["p50_us"], server_restart)])
+        series[label.replace("`", "")] = f.get("samples_us", [])
+    out.append(table(["operation", "p50", "p99", "daemon's own p50", "p50 vs Python process restart",
+                      "p50 vs TF server restart"], rows, "lrrrrr"))
+    if resets:
+        n = resets["resets"]["purge_variables"]["client"]["n"]
+        out.append(f"\nSmall step graph plus a 256 KiB variable, initialised before each reset; {n} of "
+                   "each; client wall time (the daemon's own `duration_us` beside it). A warm "
+                   f"recycle starts with a full pool (refilled, untimed, between calls). {load_note(resets)}.\n")
+    if series:
+        # The samples are µs; the axis shows ms.
+        box_plot(plots / "reset_latency.png", "Reset and restart costs (whiskers p1–p99)",
+                 {k: [v / 1e3 for v in s] for k, s in series.items()}, "milliseconds (log scale)")
+        out.append("![reset costs](benches/plots/reset_latency.png)\n")
+    if resets and "recycle_warm" in resets["resets"]:
+        p50 = resets["resets"]["recycle_warm"]["client"]["p50_us"]
+        targets.append(("RecycleSession p50 ≤ 50 ms with a warm worker (small graph)", ms(p50), p50 <= 50_000))
+
+
+def memory_section(out: list[str], plots: Path, mem: dict | None, targets: list) -> None:
+    out.append("## 4. Memory each reset returns\n")
+    if not mem:
+        out.append("Not measured in this run.\n")
+        return
+    rows = []
+    for r in mem["rows"]:
+        size = f"{r['variable_bytes'] >> 30} GiB" if r["variable_bytes"] % (1 << 30) == 0 else f"{r['variable_bytes'] // MIB} MiB"
+        env = "0 (tfsd default)" if r["onednn"] == "0" else r["onednn"]
+        init = r["step"].startswith("(init")
+        rows.append([env, size, r["step"], f"{r['private_before_mib']:.1f}", f"{r['private_after_mib']:.1f}",
+                     f"{r['fresh_baseline_mib']:.1f}", f"{r['after_minus_baseline_mib']:+.1f}",
+                     f"{r['after_minus_baseline_percent']:+.0f}%",
+                     "—" if init else f"{r['given_back_percent']:.0f}%", f"{r['duration_ms']:,.0f} ms"])
+    out.append(table(["TF_ENABLE_ONEDNN_OPTS", "variable", "step", "private before MiB", "private after MiB",
+                      "fresh worker MiB", "after − fresh MiB", "after vs fresh", "given back", "time"],
+                     rows, "llrrrrrrrr"))
+    out.append(f"\nMedians of {mem['repeats']} sessions per row. Private = the worker's RssAnon. "
+               "Init: the fresh worker → after filling the variable (the Run as the client saw it). "
+               "Resets: memory and duration from ResetResponse; a recycle's \"after\" is the new worker; "
+               "a preserving recycle carries the variable over, so its \"after\" holds it again. "
+               f"{load_note(mem)}.\n")
+    memory_plot(plots / "reset_memory.png", mem["rows"])
+    out.append("![memory before and after each reset](benches/plots/reset_memory.png)\n")
+    recycles = [r for r in mem["rows"] if r["step"] == "RecycleSession"]
+    if recycles:
+        worst = max(abs(r["after_minus_baseline_percent"]) for r in recycles)
+        targets.append(("RecycleSession returns private memory to within 5% of a fresh worker",
+                        f"worst {worst:.1f}% over {len(recycles)} settings", worst <= 5))
+
+
+def policy_section(out: list[str], policy: dict | None) -> None:
+    out.append("## 5. Memory policy: reaction and sampler cost\n")
+    if not policy:
+        out.append("Not measured in this run.\n")
+        return
+    rows = []
+    for key, label in (("soft", "soft limit 128 MiB → PurgeVariables (VARIABLES_PURGED)"),
+                       ("hard", "hard limit 128 MiB → recycle (RECYCLED, or RESTORED after a kill mid-step)")):
+        f = policy[key]
+        before = f["private_before_mib"]
+        before_text = f"{sorted(before)[len(before) // 2]:.0f}" if before else "—"
+        after = sorted(f["private_after_mib"])[len(f["private_after_mib"]) // 2]
+        rows.append([label, ms(f["reaction"]["p50_us"]), ms(f["reaction"]["p99_us"]), ms(f["reaction"]["max_us"]),
+                     f"{before_text} → {after:.0f} MiB", f"{f['killed_mid_step']}/{f['trials']}"])
+    out.append(table(["crossing", "memory back: p50", "p99", "max", "private before → after",
+                      "killed mid-step"], rows, "lrrrrr"))
+    out.append("\nA step fills a 200 MiB variable; the clock starts when that Run returns (memory is "
+               "over the limit from then on; a worker killed mid-step returns the Run early) and stops "
+               "when the event arrives on WatchEvents, which the daemon publishes after it measured the "
+               "memory again. The sampler ticks every 250 ms, so up to one interval of waiting is part "
+               "of every figure.\n")
+    rows = []
+    for s in policy["sampler"]:
+        rows.append([s["interval"], str(s["sessions"]), f"{s['window_s']:.0f} s", f"{s['cpu_s'] * 1e3:,.1f} ms",
+                     f"{s['cpu_percent']:.3f}%", f"{s['supervisor_rss_bytes'] / MIB:.1f} MiB"])
+    out.append(table(["policy.interval", "idle sessions", "window", "supervisor CPU time", "of one core",
+                      "supervisor RSS"], rows, "lrrrrr"))
+    samplers = {s["interval"]: s for s in policy["sampler"]}
+    if "250ms" in samplers and "1h" in samplers:
+        extra = samplers["250ms"]["cpu_s"] - samplers["1h"]["cpu_s"]
+        ticks = samplers["250ms"]["window_s"] / 0.25
+        out.append(f"\nThe sampler's share: {extra * 1e3:,.1f} ms of CPU over {ticks:.0f} ticks ≈ "
+                   f"{extra / ticks * 1e6:,.0f} µs per tick for {samplers['250ms']['sessions']} workers "
+                   f"({extra / samplers['250ms']['window_s'] * 100:.3f}% of one core). CPU time is the sum "
+                   "of the daemon's threads' schedstat (ns). " + load_note(policy) + ".\n")
+
+
+def scale_section(out: list[str], plots: Path, scale: dict | None, targets: list) -> None:
+    out.append("## 6. Scale: sessions in one daemon\n")
+    if not scale:
+        out.append("Not measured in this run.\n")
+        return
+    rows = []
+    for l in scale["levels"]:
+        rows.append([str(l["sessions"]), f"{l['supervisor_rss_bytes'] / MIB:.1f} MiB",
+                     f"{l['supervisor_private_bytes'] / MIB:.1f} MiB",
+                     f"{l['supervisor_cpu_busy_percent']:.1f}%", f"{l['supervisor_cpu_idle_percent']:.2f}%",
+                     ms(l["list_sessions"]["p50_us"]), ms(l["list_sessions"]["p99_us"]),
+                     ms(l["purge_variables"]["p50_us"]), ms(l["purge_variables"]["p99_us"]),
+                     f"{l['steps_per_s']:,.0f}", us(l["steps"]["p50_us"]),
+                     f"{l['workers_private_bytes'] / MIB:,.0f} MiB", f"{l['mem_available_bytes'] / MIB / 1024:.1f} GiB"])
+    out.append(table(["sessions", "supervisor RSS", "supervisor private", "supervisor CPU (steps running)",
+                      "supervisor CPU (idle)", "ListSessions p50", "p99", "PurgeVariables p50", "p99",
+                      "steps/s", "step p50", "workers' private total", "available after"], rows))
+    out.append(f"\n{scale['load_clients']} clients run steps on one connection, over the first sessions; "
+               "a separate connection times ListSessions every ~50 ms and PurgeVariables on the last "
+               "session every ~200 ms. CPU is % of one core. " + load_note(scale) + ".\n")
+    if scale.get("stopped_early"):
+        out.append(f"**Stopped early:** {scale['stopped_early']}\n")
+    scale_plot(plots / "scale.png", scale["levels"])
+    out.append("![scale](benches/plots/scale.png)\n")
+    biggest = max(scale["levels"], key=lambda l: l["sessions"])
+    targets.append((f"supervisor RSS < 50 MiB with 64 sessions",
+                    f"{biggest['supervisor_rss_bytes'] / MIB:.1f} MiB with {biggest['sessions']} sessions",
+                    biggest["supervisor_rss_bytes"] < 50 * MIB if biggest["sessions"] >= 64 else None))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    parser.add_argument("--plots", type=Path, default=REPO_ROOT / "benches" / "plots")
+    parser.add_argument("--command", default="scripts/bench")
+    args = parser.parse_args()
+    args.plots.mkdir(parents=True, exist_ok=True)
+
+    machine = load(args.results, "machine") or {}
+    rust_steps = load(args.results, "step_latency")
+    py = load(args.results, "peers")
+    resets = load(args.results, "reset_cost")
+    mem = load(args.results, "reset_memory")
+    policy = load(args.results, "policy_reaction")
+    scale = load(args.results, "scale")
+    quick = any(part and part.get("quick") for part in (rust_steps, py, resets, mem, policy, scale))
+
+    body: list[str] = []
+    targets: list[tuple[str, str, bool | None]] = []
+    steps_section(body, args.plots, rust_steps, py, targets)
+    large_section(body, rust_steps, py, targets)
+    resets_section(body, args.plots, resets, py, targets)
+    memory_section(body, args.plots, mem, targets)
+    policy_section(body, policy)
+    scale_section(body, args.plots, scale, targets)
+
+    out: list[str] = ["# tfsd benchmarks\n"]
+    out.append("tfsd side by side with what users would pick instead — TensorFlow in-process and "
+               "TensorFlow's own gRPC server — measured in one run on one machine. This file and the "
+               "plots in `benches/plots/` are generated by the harness; do not edit them by hand.\n")
+    if quick:
+        out.append("> **Smoke run (BENCH_QUICK=1):** few repeats; the figures below only show that the "
+                   "harness works.\n")
+    out.append("## How this was measured\n")
+    out.append(f"- command: `{args.command}` (builds release, runs every part, writes this file; "
+               "`BENCH_QUICK=1 scripts/bench` is a fast smoke run of the same harness)")
+    for key, label in (("date", "date"), ("commit", "commit"), ("cpu", "CPU"), ("cores", "cores"),
+                       ("memory", "memory"), ("kernel", "kernel"), ("tensorflow", "TensorFlow"),
+                       ("rustc", "rustc"), ("load", "load average at start"), ("duration", "total run time")):
+        if key in machine:
+            out.append(f"- {label}: {machine[key]}")
+    if py and py.get("versions"):
+        v = py["versions"]
+        out.append(f"- Python {v['python']}, grpcio {v['grpcio']}")
+    out.append("- every TensorFlow process (tfsd's workers, the in-process floors, TF's server, the Python "
+               "client) runs with `TF_ENABLE_ONEDNN_OPTS=0`, tfsd's worker default, so all run the same "
+               "kernels and the differences are transport and process costs (except in §4, which "
+               "compares both settings)")
+    out.append("- the machine is shared with other engineers' builds and tests: the load average is "
+               "noted per part; compare the ratios (measured in the same run), not absolute times\n")
+
+    out.append("## Targets (issue 7)\n")
+    rows = []
+    for name, measured, met in targets:
+        verdict = "not measured" if met is None else ("**met**" if met else "**missed**")
+        rows.append([name, measured, verdict])
+    out.append(table(["target", "measured", ""], rows, "llc"))
+    out.append("")
+    out.extend(body)
+
+    analysis = REPO_ROOT / "benches" / "analysis.md"
+    if analysis.exists():
+        out.append(analysis.read_text().rstrip() + "\n")
+    args.output.write_text("\n".join(out).rstrip() + "\n")
+    print(f"report: wrote {args.output} and {len(list(args.plots.glob('*.png')))} plots in {args.plots}")
+
+
+if __name__ == "__main__":
+    main()
