@@ -26,6 +26,8 @@ use crate::session::{EventKind, SessionEvent, SessionManager};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabels {
     action: String,
+    /// Who or what caused it: "client", or the memory policy's trigger ("soft_limit", ...).
+    trigger: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,7 +90,8 @@ impl Metrics {
         registry.register(
             "session_actions",
             "Lifecycle actions on sessions, by action (created, extended, graph_reset, \
-             variables_purged, recycled, worker_exited, restored, closed)",
+             variables_purged, recycled, worker_exited, restored, closed, ...) and trigger \
+             (client, soft_limit, hard_limit, system_pressure, idle, worker_exit, ...)",
             metrics.actions.clone(),
         );
         registry.register(
@@ -170,6 +173,11 @@ impl Metrics {
         self.actions
             .get_or_create(&ActionLabels {
                 action: action.to_string(),
+                trigger: if event.trigger.is_empty() {
+                    "client".to_string()
+                } else {
+                    event.trigger.to_string()
+                },
             })
             .inc();
     }

@@ -39,11 +39,17 @@ async fn metrics_move_with_the_daemon() {
     let after = daemon.scrape_metrics();
     assert_eq!(sample(&after, "tfsd_sessions "), 1.0);
     assert_eq!(
-        sample(&after, "tfsd_session_actions_total{action=\"created\"}"),
+        sample(
+            &after,
+            "tfsd_session_actions_total{action=\"created\",trigger=\"client\"}"
+        ),
         1.0
     );
     assert_eq!(
-        sample(&after, "tfsd_session_actions_total{action=\"recycled\"}"),
+        sample(
+            &after,
+            "tfsd_session_actions_total{action=\"recycled\",trigger=\"client\"}"
+        ),
         1.0
     );
     assert_eq!(sample(&after, "tfsd_run_duration_seconds_count"), 1.0);
@@ -277,5 +283,50 @@ async fn json_logs_carry_tensorflow_stderr_tagged_with_the_session() {
             assert!(entry["fields"]["message"].as_str().is_some(), "{line}");
             break;
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_exits_at_once_and_still_reaps_every_worker() {
+    let (mut daemon, log) = Daemon::start_capturing_log(&[("RUST_LOG", "info".as_ref())]);
+    let mut client = daemon.client().await;
+    let session = create(&mut client, model_graph()).await;
+    // A step that never ends by itself holds the drain open after the first SIGTERM.
+    let mut blocked = client.clone();
+    let id = session.session_id.clone();
+    tokio::spawn(async move { run(&mut blocked, &id, &[], &["dequeue"], &[]).await });
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let info = client
+                .get_session(api::GetSessionRequest {
+                    session_id: session.session_id.clone(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            if info.runs_in_flight == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the step never started");
+    let workers = children_of(daemon.pid());
+    signal(daemon.pid(), libc::SIGTERM);
+    // Two signals sent back to back may reach the daemon as one: wait until it has taken
+    // the first (it says so) before sending the second.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log.recv_timeout(left).expect("the daemon's log");
+        if line.contains("shutting down") {
+            break;
+        }
+    }
+    // The drain waits for the step (30 s grace); the second signal must not.
+    assert_eq!(daemon.stop(), 130);
+    for pid in workers {
+        assert!(!process_alive(pid), "worker {pid} outlived the daemon");
     }
 }
