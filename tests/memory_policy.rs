@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use tensorflow::{DataType, Graph, Shape, Tensor};
+use tensorflow::{DataType, Graph, Tensor};
 use tfsd::proto::tfsd::v1 as api;
 use tonic::Code;
 
@@ -35,24 +35,7 @@ fn uuid_like() -> u128 {
 /// same tensor as a plain output; `queue`/`dequeue` block a step for as long as a test needs.
 fn growing_graph(elements: i64) -> Vec<u8> {
     let mut graph = Graph::new();
-    let big = add_op(&mut graph, "VariableV2", "big", &[], |d| {
-        d.set_attr_type("dtype", DataType::Float).expect("dtype");
-        d.set_attr_shape("shape", &Shape::from(Some(vec![Some(elements)])))
-            .expect("shape");
-    });
-    let dims = add_op(&mut graph, "Const", "dims", &[], |d| {
-        d.set_attr_type("dtype", DataType::Int64).expect("dtype");
-        d.set_attr_tensor(
-            "value",
-            Tensor::<i64>::new(&[1])
-                .with_values(&[elements])
-                .expect("value"),
-        )
-        .expect("value");
-    });
-    let value = placeholder(&mut graph, "value", DataType::Float);
-    let fill = add_op(&mut graph, "Fill", "fill", &[&dims, &value], |_| {});
-    add_op(&mut graph, "Assign", "big_init", &[&big, &fill], |_| {});
+    let fill = add_big_variable(&mut graph, elements);
     // A step that holds `fill` and then blocks on the empty queue.
     let queue = add_op(&mut graph, "FIFOQueueV2", "queue", &[], |d| {
         d.set_attr_type_list("component_types", &[DataType::Float])

@@ -176,23 +176,7 @@ async fn sigterm_lets_a_run_finish_refuses_new_work_and_reaps_everything() {
     let in_flight =
         tokio::spawn(async move { run(&mut run_client, &id, &[], &["total"], &[]).await });
     // Wait until the daemon counts the run as in flight.
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            let info = client
-                .get_session(api::GetSessionRequest {
-                    session_id: session.session_id.clone(),
-                })
-                .await
-                .expect("get")
-                .into_inner();
-            if info.runs_in_flight == 1 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the run never started");
+    wait_for_runs_in_flight(&mut client, &session.session_id, 1).await;
 
     signal(daemon.pid(), libc::SIGTERM);
     // Updates queued before the signal (the pool refilling) may still say SERVING; the
@@ -295,23 +279,7 @@ async fn a_second_signal_exits_at_once_and_still_reaps_every_worker() {
     let mut blocked = client.clone();
     let id = session.session_id.clone();
     tokio::spawn(async move { run(&mut blocked, &id, &[], &["dequeue"], &[]).await });
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            let info = client
-                .get_session(api::GetSessionRequest {
-                    session_id: session.session_id.clone(),
-                })
-                .await
-                .expect("get")
-                .into_inner();
-            if info.runs_in_flight == 1 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the step never started");
+    wait_for_runs_in_flight(&mut client, &session.session_id, 1).await;
     let workers = children_of(daemon.pid());
     signal(daemon.pid(), libc::SIGTERM);
     // Two signals sent back to back may reach the daemon as one: wait until it has taken

@@ -641,30 +641,10 @@ async fn every_supported_dtype_round_trips_through_a_run() {
     assert_eq!(outputs[0].string_val, strings.string_val);
 }
 
-/// A graph with one float variable `big` of `elements` elements, filled with a fed value
-/// (a fed value, not a constant: Grappler would fold a constant Fill into a second full-size
-/// constant held by the session).
+/// A graph holding only `big` (see `add_big_variable`).
 fn big_variable_graph(elements: i64) -> Vec<u8> {
-    use tensorflow::{DataType, Graph, Shape, Tensor};
-    let mut graph = Graph::new();
-    let big = add_op(&mut graph, "VariableV2", "big", &[], |d| {
-        d.set_attr_type("dtype", DataType::Float).expect("dtype");
-        d.set_attr_shape("shape", &Shape::from(Some(vec![Some(elements)])))
-            .expect("shape");
-    });
-    let dims = add_op(&mut graph, "Const", "dims", &[], |d| {
-        d.set_attr_type("dtype", DataType::Int64).expect("dtype");
-        d.set_attr_tensor(
-            "value",
-            Tensor::<i64>::new(&[1])
-                .with_values(&[elements])
-                .expect("value"),
-        )
-        .expect("value");
-    });
-    let value = placeholder(&mut graph, "value", DataType::Float);
-    let fill = add_op(&mut graph, "Fill", "fill", &[&dims, &value], |_| {});
-    add_op(&mut graph, "Assign", "big_init", &[&big, &fill], |_| {});
+    let mut graph = tensorflow::Graph::new();
+    add_big_variable(&mut graph, elements);
     graph.graph_def().expect("graph_def")
 }
 

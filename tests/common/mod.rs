@@ -361,6 +361,52 @@ pub fn model_graph() -> Vec<u8> {
     graph.graph_def().expect("graph_def")
 }
 
+/// Adds `big`, a float variable of `elements` elements, set by `big_init` from the fed
+/// scalar `value` through `fill` (fed, not constant: Grappler would fold a constant Fill into
+/// a second full-size constant held by the session). Returns `fill`.
+pub fn add_big_variable(graph: &mut Graph, elements: i64) -> Operation {
+    let big = add_op(graph, "VariableV2", "big", &[], |d| {
+        d.set_attr_type("dtype", DataType::Float).expect("dtype");
+        d.set_attr_shape("shape", &Shape::from(Some(vec![Some(elements)])))
+            .expect("shape");
+    });
+    let dims = add_op(graph, "Const", "dims", &[], |d| {
+        d.set_attr_type("dtype", DataType::Int64).expect("dtype");
+        d.set_attr_tensor(
+            "value",
+            Tensor::<i64>::new(&[1])
+                .with_values(&[elements])
+                .expect("value"),
+        )
+        .expect("value");
+    });
+    let value = placeholder(graph, "value", DataType::Float);
+    let fill = add_op(graph, "Fill", "fill", &[&dims, &value], |_| {});
+    add_op(graph, "Assign", "big_init", &[&big, &fill], |_| {});
+    fill
+}
+
+/// Waits (with a deadline) until the daemon counts `runs` runs in flight on the session.
+pub async fn wait_for_runs_in_flight(client: &mut Client, session_id: &str, runs: u32) {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let info = client
+                .get_session(api::GetSessionRequest {
+                    session_id: session_id.to_string(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            if info.runs_in_flight == runs {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never {runs} runs in flight"));
+}
+
 /// `z = y + 1`, referring to `y` in an existing graph: an extension GraphDef.
 pub fn extension_graph() -> Vec<u8> {
     let mut graph = Graph::new();
