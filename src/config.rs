@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::policy::{GentleAction, IdleAction, PolicyConfig, PressureConfig};
+use crate::policy::PolicyConfig;
 
 /// Address the tfsd.v1 API listens on when the config names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -57,7 +57,7 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
-    policy: RawPolicy,
+    policy: crate::policy::config::RawPolicy,
     #[serde(default)]
     master: RawMaster,
     #[serde(default)]
@@ -104,41 +104,6 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicy {
-    interval: Option<String>,
-    dry_run: Option<bool>,
-    soft_limit: Option<String>,
-    hard_limit: Option<String>,
-    max_soft_limit: Option<String>,
-    max_hard_limit: Option<String>,
-    gentle_action: Option<String>,
-    cooldown: Option<String>,
-    rearm_below: Option<f64>,
-    max_actions: Option<usize>,
-    action_window: Option<String>,
-    #[serde(default)]
-    pressure: RawPressure,
-    #[serde(default)]
-    idle: RawIdle,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPressure {
-    min_available: Option<String>,
-    psi_some_avg10: Option<f64>,
-    psi_for: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawIdle {
-    timeout: Option<String>,
-    action: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -330,7 +295,7 @@ impl Config {
             .filter
             .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string());
 
-        let policy = policy_from_raw(raw.policy)?;
+        let policy = PolicyConfig::from_raw(raw.policy)?;
         let auth = crate::auth::AuthConfig::from_raw(raw.auth, base)?;
         let tls = match (raw.tls.cert, raw.tls.key, raw.tls.client_ca) {
             (None, None, None) => None,
@@ -434,84 +399,6 @@ impl RawConfig {
     }
 }
 
-fn policy_from_raw(raw: RawPolicy) -> anyhow::Result<PolicyConfig> {
-    let defaults = PolicyConfig::default();
-    let duration = |key: &str, value: Option<String>, default: Duration| match value {
-        Some(text) => parse_duration(key, &text),
-        None => Ok(default),
-    };
-    let bytes = |key: &str, value: Option<String>| -> anyhow::Result<Option<u64>> {
-        match value.as_deref() {
-            None | Some("") => Ok(None),
-            Some(text) => parse_bytes(text)
-                .map(Some)
-                .with_context(|| format!("{key} = {text:?}")),
-        }
-    };
-    let gentle_action = match raw.gentle_action.as_deref() {
-        None | Some("purge_variables") => GentleAction::PurgeVariables,
-        Some("reset_graph") => GentleAction::ResetGraph,
-        Some(other) => bail!(
-            "policy.gentle_action = {other:?} is not one of \"purge_variables\", \"reset_graph\""
-        ),
-    };
-    let idle_action = match raw.idle.action.as_deref() {
-        None | Some("recycle") => IdleAction::Recycle,
-        Some("close") => IdleAction::Close,
-        Some(other) => {
-            bail!("policy.idle.action = {other:?} is not one of \"recycle\", \"close\"")
-        }
-    };
-    let rearm_below = raw.rearm_below.unwrap_or(defaults.rearm_below);
-    if !(0.0..=1.0).contains(&rearm_below) {
-        bail!("policy.rearm_below = {rearm_below} must be between 0 and 1");
-    }
-    let idle_timeout = match raw.idle.timeout.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(parse_duration("policy.idle.timeout", text)?),
-    };
-    let policy = PolicyConfig {
-        interval: duration("policy.interval", raw.interval, defaults.interval)?,
-        dry_run: raw.dry_run.unwrap_or(false),
-        soft_limit_bytes: bytes("policy.soft_limit", raw.soft_limit)?,
-        hard_limit_bytes: bytes("policy.hard_limit", raw.hard_limit)?,
-        max_soft_limit_bytes: bytes("policy.max_soft_limit", raw.max_soft_limit)?,
-        max_hard_limit_bytes: bytes("policy.max_hard_limit", raw.max_hard_limit)?,
-        gentle_action,
-        cooldown: duration("policy.cooldown", raw.cooldown, defaults.cooldown)?,
-        rearm_below,
-        max_actions: raw.max_actions.unwrap_or(defaults.max_actions),
-        action_window: duration(
-            "policy.action_window",
-            raw.action_window,
-            defaults.action_window,
-        )?,
-        pressure: PressureConfig {
-            min_available_bytes: bytes(
-                "policy.pressure.min_available",
-                raw.pressure.min_available,
-            )?,
-            psi_some_avg10: raw.pressure.psi_some_avg10,
-            psi_duration: duration(
-                "policy.pressure.psi_for",
-                raw.pressure.psi_for,
-                Duration::from_secs(10),
-            )?,
-        },
-        idle_timeout,
-        idle_action,
-    };
-    if let (Some(soft), Some(hard)) = (policy.soft_limit_bytes, policy.hard_limit_bytes)
-        && hard < soft
-    {
-        bail!("policy.hard_limit ({hard} bytes) is below policy.soft_limit ({soft} bytes)");
-    }
-    if policy.max_actions == 0 {
-        bail!("policy.max_actions must be at least 1");
-    }
-    Ok(policy)
-}
-
 /// Parses a byte size: a number with an optional unit, binary ("KiB", "MiB", "GiB", "TiB")
 /// or decimal ("KB", "MB", "GB", "TB"), e.g. "2GiB", "512 MiB", "1.5GB", "1048576".
 pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
@@ -538,7 +425,7 @@ pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
     Ok((number * multiplier as f64) as u64)
 }
 
-fn parse_duration(key: &str, text: &str) -> anyhow::Result<Duration> {
+pub(crate) fn parse_duration(key: &str, text: &str) -> anyhow::Result<Duration> {
     let duration = humantime::parse_duration(text)
         .with_context(|| format!("{key} = {text:?} is not a duration like \"30s\" or \"250ms\""))?;
     if duration.is_zero() {
@@ -566,6 +453,7 @@ fn default_worker_binary() -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{GentleAction, IdleAction};
 
     #[test]
     fn an_empty_file_gives_the_defaults() {

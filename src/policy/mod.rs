@@ -20,6 +20,7 @@
 //! picks one victim per tick: sessions over their own soft limit first, then idle ones before
 //! running ones, then the longest idle, then the largest.
 
+pub mod config;
 mod runner;
 #[cfg(test)]
 mod tests;
