@@ -12,6 +12,7 @@
 mod durability;
 mod events;
 mod manager;
+mod recovery;
 mod supervision;
 
 use std::collections::BTreeMap;
