@@ -78,6 +78,17 @@ def summary(micros: list[float], keep_samples: bool = True) -> dict:
     return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process so far, summed over its live threads (schedstat, ns)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread exited meanwhile
+    return total / 1e9
+
+
 def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -257,10 +268,17 @@ def large_graph(tf, elements: int):
 # Measurements.
 
 
-def measure_steps(step, warmup: int, sequential: int, concurrent_s: float) -> dict:
-    """`step()` once per call; 1 thread for `sequential` steps, then THREADS for concurrent_s."""
+def measure_steps(
+    step, warmup: int, sequential: int, concurrent_s: float, processes: dict[str, int] | None = None
+) -> dict:
+    """`step()` once per call; 1 thread for `sequential` steps, then THREADS for concurrent_s.
+
+    `processes` (name → pid) are metered during the 1-thread steps, with this client process,
+    for the CPU each spends per step."""
     for _ in range(warmup):
         step()
+    meter = {"client": os.getpid(), **(processes or {})}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in meter.items()}
     t1: list[float] = []
     started = time.perf_counter()
     for _ in range(sequential):
@@ -268,6 +286,9 @@ def measure_steps(step, warmup: int, sequential: int, concurrent_s: float) -> di
         step()
         t1.append((time.perf_counter() - t) * 1e6)
     t1_elapsed = time.perf_counter() - started
+    cpu_per_step = {
+        name: (cpu_seconds(pid) - cpu_before[name]) * 1e6 / sequential for name, pid in meter.items()
+    }
 
     per_thread: list[list[float]] = [[] for _ in range(THREADS)]
     errors: list[BaseException] = []
@@ -293,19 +314,25 @@ def measure_steps(step, warmup: int, sequential: int, concurrent_s: float) -> di
         raise errors[0]
     t4 = [us for samples in per_thread for us in samples]
     return {
-        "t1": {"latency": summary(t1), "steps_per_s": len(t1) / t1_elapsed},
+        "t1": {
+            "latency": summary(t1),
+            "steps_per_s": len(t1) / t1_elapsed,
+            "cpu_us_per_step": cpu_per_step,
+        },
         "t4": {"latency": summary(t4), "steps_per_s": len(t4) / t4_elapsed},
     }
 
 
 def describe_steps(name: str, figures: dict) -> None:
     t1, t4 = figures["t1"], figures["t4"]
+    cpu = ", ".join(f"{k} {v:.0f} µs" for k, v in t1["cpu_us_per_step"].items())
     log(
         f"- {name}: 1 thread p50 {t1['latency']['p50_us']:.0f} µs p99 "
         f"{t1['latency']['p99_us']:.0f} µs {t1['steps_per_s']:.0f} steps/s; {THREADS} threads "
         f"p50 {t4['latency']['p50_us']:.0f} µs p99 {t4['latency']['p99_us']:.0f} µs "
         f"{t4['steps_per_s']:.0f} steps/s"
     )
+    log(f"  CPU per step (1 thread): {cpu}")
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -360,22 +387,43 @@ def main() -> None:
     results["versions"] = {"tensorflow": tf.__version__, "grpcio": grpc.__version__,
                            "python": sys.version.split()[0]}
     try:
+        channel = grpc.insecure_channel(tfsd.address, options=CHANNEL_OPTIONS)
+        stub = rpc.SessionServiceStub(channel)
+
+        def newest_worker() -> int:
+            """The worker of the MasterService session created last."""
+            sessions = [s for s in stub.ListSessions(pb.ListSessionsRequest()).sessions
+                        if s.labels.get("tfsd.origin") == "master"]
+            newest = max(sessions, key=lambda s: (s.created_at.seconds, s.created_at.nanos))
+            return newest.worker_pid
+
         graph, x, y, feed = step_graph(tf)
         targets = {"in_process_python": "", "tf_server": tf_server.target}
         if tfsd.master:
             targets["tfsd_master"] = f"grpc://{tfsd.master}"
-        for name, target in targets.items():
-            with tf.compat.v1.Session(target, graph=graph) as session:
+        # An experiment beside the defaults: a ConfigProto that makes TensorFlow run each step
+        # in the calling thread (inter_op_parallelism_threads = -1), for both servers.
+        inline = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=-1)
+        runs = [(name, target, None) for name, target in targets.items()]
+        runs.append(("tf_server_inline", tf_server.target, inline))
+        if tfsd.master:
+            runs.append(("tfsd_master_inline", f"grpc://{tfsd.master}", inline))
+        for name, target, config in runs:
+            with tf.compat.v1.Session(target, graph=graph, config=config) as session:
                 expected = feed @ np.arange(SIDE * SIDE, dtype=np.float32).reshape(SIDE, SIDE)
                 assert np.allclose(session.run(y, {x: feed}), expected), name
+                if name.startswith("tf_server"):
+                    processes = {"server": tf_server.process.pid}
+                elif name.startswith("tfsd_master"):
+                    processes = {"supervisor": tfsd.process.pid, "worker": newest_worker()}
+                else:
+                    processes = {}
                 figures = measure_steps(
-                    lambda: session.run(y, {x: feed}), warmup, sequential, concurrent_s
+                    lambda: session.run(y, {x: feed}), warmup, sequential, concurrent_s, processes
                 )
             results["steps"][name] = figures
             describe_steps(name, figures)
 
-        channel = grpc.insecure_channel(tfsd.address, options=CHANNEL_OPTIONS)
-        stub = rpc.SessionServiceStub(channel)
         created = stub.CreateSession(
             pb.CreateSessionRequest(graph_def=graph.as_graph_def().SerializeToString())
         )
@@ -384,7 +432,13 @@ def main() -> None:
             feeds={"x": tf.make_tensor_proto(feed)},
             fetches=["y:0"],
         )
-        figures = measure_steps(lambda: stub.Run(request), warmup, sequential, concurrent_s)
+        figures = measure_steps(
+            lambda: stub.Run(request),
+            warmup,
+            sequential,
+            concurrent_s,
+            {"supervisor": tfsd.process.pid, "worker": created.session.worker_pid},
+        )
         results["steps"]["tfsd_v1_python"] = figures
         describe_steps("tfsd_v1_python", figures)
         stub.CloseSession(pb.CloseSessionRequest(session_id=created.session.session_id))

@@ -180,6 +180,12 @@ STEP_SYSTEMS = [
     ("tf_server", "py", "TF's server (`tf.distribute.Server`)", "TF Python `Session(\"grpc://…\")`"),
     ("tfsd_master", "py", "tfsd MasterService", "TF Python `Session(\"grpc://…\")`"),
     ("tfsd_v1_python", "py", "tfsd.v1", "Python grpcio stub"),
+    # Experiments: the same steps in sessions whose ConfigProto sets inter_op_parallelism_threads
+    # = -1 (TensorFlow runs the step in the calling thread).
+    ("in_process_rust_inline", "rust", "in-process, inter_op = -1 †", "Rust `tensorflow` crate"),
+    ("tfsd_v1_rust_inline", "rust", "tfsd.v1, inter_op = -1 †", "Rust tonic"),
+    ("tf_server_inline", "py", "TF's server, inter_op = -1 †", "TF Python `Session(\"grpc://…\")`"),
+    ("tfsd_master_inline", "py", "tfsd MasterService, inter_op = -1 †", "TF Python `Session(\"grpc://…\")`"),
 ]
 
 
@@ -217,6 +223,26 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
          "p50 vs TF's server", "p50 over the Rust floor"],
         rows, "llrrrrrrrr"))
     out.append(
+        "\n† An experiment, not a default: the session's ConfigProto sets "
+        "`inter_op_parallelism_threads = -1`, so TensorFlow runs the step in the calling thread "
+        "instead of its inter-op pool. \"p50 vs TF's server\" compares each row with TF's server "
+        "in its default configuration.\n")
+    cpu_rows = []
+    for key, _, system, client in STEP_SYSTEMS:
+        cpu = (figures.get(key) or {}).get("t1", {}).get("cpu_us_per_step")
+        if cpu:
+            server_side = {k: v for k, v in cpu.items() if k != "client"}
+            server_text = (" + ".join(f"{k} {v:,.0f}" for k, v in server_side.items()) + " µs"
+                           if server_side else "— (in-process)")
+            cpu_rows.append([system, client, us(cpu.get("client", 0)), server_text,
+                             us(sum(cpu.values()))])
+    if cpu_rows:
+        out.append("CPU per step with 1 client thread (each process's threads summed, from "
+                   "schedstat; independent of how busy the machine was):\n")
+        out.append(table(["system", "client", "client CPU", "server-side CPU", "total CPU"],
+                         cpu_rows, "llrrr"))
+        out.append("")
+    out.append(
         f"\n{threads} threads: {threads} concurrent callers on one session and one connection "
         "(TF's Python client shares its channel between threads). Rust figures: "
         f"{load_note(rust)}; Python figures: {load_note(py)}.\n")
@@ -224,7 +250,7 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
     series4 = {}
     for key, _, system, client in STEP_SYSTEMS:
         f = figures.get(key)
-        if f:
+        if f and "†" not in system:  # the experiments are in the table only
             label = f"{system} — {client}".replace("`", "")
             series1[label] = f["t1"]["latency"].get("samples_us", [])
             series4[label] = f["t4"]["latency"].get("samples_us", [])
@@ -276,6 +302,12 @@ def large_section(out: list[str], rust: dict | None, py: dict | None, targets: l
     out.append("\nFeed: `Size(big_in)` of a fed 64 MiB tensor (4 bytes come back). Fetch: "
                "`Identity` of a 64 MiB variable. MB = 10⁶ bytes; medians of the repeats after one "
                "warm-up each.\n")
+    if rust and rust["large"]["tfsd_v1_rust"]["feed"].get("cpu_us"):
+        f = rust["large"]["tfsd_v1_rust"]
+        def cpu_text(cpu):
+            return ", ".join(f"{k} {v / 1e3:,.0f} ms" for k, v in cpu.items())
+        out.append(f"CPU per 64 MiB through tfsd.v1 (Rust client): feed — {cpu_text(f['feed']['cpu_us'])}; "
+                   f"fetch — {cpu_text(f['fetch']['cpu_us'])}. {load_note(rust)}.\n")
     if rust:
         f = rust["large"]["tfsd_v1_rust"]
         worst = min(f["feed"]["mb_per_s"], f["fetch"]["mb_per_s"])
@@ -295,6 +327,7 @@ def resets_section(out: list[str], plots: Path, resets: dict | None, py: dict | 
         ("purge_variables", "tfsd PurgeVariables"),
         ("reset_graph", "tfsd ResetGraph"),
         ("recycle_warm", "tfsd RecycleSession, warm worker"),
+        ("first_step_after_recycle_warm", "first step in the fresh worker after a warm recycle"),
         ("recycle_warm_preserve", "tfsd RecycleSession, warm, preserve_variables (256 KiB)"),
         ("recycle_cold", "tfsd RecycleSession, cold (pool_size = 0)"),
         ("recycle_cold_preserve", "tfsd RecycleSession, cold, preserve_variables"),

@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     }
     record("reset_graph", figures);
 
+    let mut first_steps = Figures::default();
     for preserve in [false, true] {
         let mut figures = Figures::default();
         for _ in 0..repeats {
@@ -97,6 +98,12 @@ async fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let reply = recycle(&mut client, &id, preserve).await?;
             figures.record(started, &reply);
+            if !preserve {
+                // The first step in the fresh worker: what the client waits for next.
+                let started = Instant::now();
+                call("Run", client.run(common::step_request(&id))).await?;
+                first_steps.client.push(started.elapsed());
+            }
         }
         record(
             if preserve {
@@ -107,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             figures,
         );
     }
+    record("first_step_after_recycle_warm", first_steps);
     record(
         "create_run_close_warm",
         session_lives(&warm, &mut client, &graph_def, repeats, true).await?,

@@ -18,12 +18,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use common::{Client, Daemon, Latencies, MIB};
+use common::{Client, Daemon, Latencies, MIB, call};
 use tensorflow::{Graph, ImportGraphDefOptions, Session, SessionOptions, SessionRunArgs, Tensor};
 use tfsd::proto::tfsd::v1 as api;
 
 /// Client threads in the concurrent runs (the "1 and 4 client threads").
 const THREADS: usize = 4;
+
+/// A serialized ConfigProto with `inter_op_parallelism_threads = -1` (field 5, a negative
+/// int32 as a 10-byte varint): TensorFlow's DirectSession then runs each step in the calling
+/// thread. Measured as an experiment next to the default.
+const RUN_IN_CALLER_THREAD: [u8; 11] = [
+    0x28, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+];
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: no other thread exists yet (the runtime is built below), so nothing reads the
@@ -65,24 +72,76 @@ async fn bench() -> anyhow::Result<()> {
     );
     let graph_def = common::step_graph()?;
 
-    let floor = in_process(&graph_def, &plan)?;
+    let floor = in_process(&graph_def, &[], &plan)?;
     print_steps("in-process TF_SessionRun (Rust crate)", &floor);
+    let floor_inline = in_process(&graph_def, &RUN_IN_CALLER_THREAD, &plan)?;
+    print_steps(
+        "in-process TF_SessionRun, inter_op_parallelism_threads = -1",
+        &floor_inline,
+    );
 
     let daemon = Daemon::start(&tfsd, "steps", "").await?;
     let mut client = daemon.connect().await?;
     let session = common::create_session(&mut client, &graph_def, None).await?;
-    let tfsd_v1 = through_tfsd(&client, &session.session_id, &plan).await?;
+    let processes = [
+        ("client", std::process::id()),
+        ("supervisor", daemon.pid),
+        ("worker", session.worker_pid),
+    ];
+    let tfsd_v1 = through_tfsd(&client, &session.session_id, &plan, &processes).await?;
     print_steps("tfsd.v1 (Rust tonic client)", &tfsd_v1);
+    if let Some(cpu) = &tfsd_v1.cpu_per_step {
+        println!("  CPU per step (µs): {cpu}");
+    }
+    // An experiment, not a tfsd default: the same step in a session whose ConfigProto makes
+    // TensorFlow run the graph in the calling thread instead of handing it to its inter-op
+    // pool (whose threads spin while they wait for work, on a 2-core machine shared with the
+    // client and the supervisor).
+    let inline_session = call(
+        "CreateSession inter_op_parallelism_threads = -1",
+        client.create_session(api::CreateSessionRequest {
+            graph_def: graph_def.clone(),
+            config: RUN_IN_CALLER_THREAD.to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await?
+    .session
+    .context("CreateSession answered without session info")?;
+    let processes = [
+        ("client", std::process::id()),
+        ("supervisor", daemon.pid),
+        ("worker", inline_session.worker_pid),
+    ];
+    let tfsd_v1_inline =
+        through_tfsd(&client, &inline_session.session_id, &plan, &processes).await?;
+    print_steps(
+        "tfsd.v1 (Rust tonic client), inter_op_parallelism_threads = -1",
+        &tfsd_v1_inline,
+    );
+    if let Some(cpu) = &tfsd_v1_inline.cpu_per_step {
+        println!("  CPU per step (µs): {cpu}");
+    }
     let overhead_us = tfsd_v1.sequential.percentile(50.0) - floor.sequential.percentile(50.0);
     println!("  tfsd.v1 overhead over in-process: {overhead_us:.0} µs p50");
 
     let large_graph = common::large_tensor_graph(plan.large_bytes / 4)?;
     let large_session = common::create_session(&mut client, &large_graph, None).await?;
-    let large = large_tensors(&mut client, &large_session.session_id, &plan).await?;
+    let processes = [
+        ("client", std::process::id()),
+        ("supervisor", daemon.pid),
+        ("worker", large_session.worker_pid),
+    ];
+    let large = large_tensors(&mut client, &large_session.session_id, &plan, &processes).await?;
     println!(
         "  64 MiB through tfsd.v1: feed {:.0} MB/s, fetch {:.0} MB/s",
         large.feed_mb_per_s(),
         large.fetch_mb_per_s()
+    );
+    println!(
+        "  CPU per 64 MiB (µs): feed {}, fetch {}",
+        large.feed_cpu.clone().unwrap_or_default(),
+        large.fetch_cpu.clone().unwrap_or_default()
     );
     daemon.stop().await?;
 
@@ -92,7 +151,9 @@ async fn bench() -> anyhow::Result<()> {
         serde_json::json!({
             "steps": {
                 "in_process_rust": floor.to_json(),
+                "in_process_rust_inline": floor_inline.to_json(),
                 "tfsd_v1_rust": tfsd_v1.to_json(),
+                "tfsd_v1_rust_inline": tfsd_v1_inline.to_json(),
             },
             "large": {
                 "bytes": plan.large_bytes,
@@ -109,6 +170,9 @@ struct StepFigures {
     sequential_elapsed: Duration,
     concurrent: Latencies,
     concurrent_elapsed: Duration,
+    /// CPU µs per sequential step of each process involved (none for the floor: it is all
+    /// this process).
+    cpu_per_step: Option<serde_json::Value>,
 }
 
 impl StepFigures {
@@ -121,6 +185,7 @@ impl StepFigures {
             "t1": {
                 "latency": self.sequential.summary(true),
                 "steps_per_s": Self::steps_per_s(&self.sequential, self.sequential_elapsed),
+                "cpu_us_per_step": self.cpu_per_step,
             },
             "t4": {
                 "latency": self.concurrent.summary(true),
@@ -145,12 +210,14 @@ fn print_steps(what: &str, figures: &StepFigures) {
 // ---------------------------------------------------------------------------------------
 // The floor: TF_SessionRun in this process.
 
-fn in_process(graph_def: &[u8], plan: &Plan) -> anyhow::Result<StepFigures> {
+fn in_process(graph_def: &[u8], config: &[u8], plan: &Plan) -> anyhow::Result<StepFigures> {
     let mut graph = Graph::new();
     graph
         .import_graph_def(graph_def, &ImportGraphDefOptions::new())
         .context("import the step graph")?;
-    let mut session = Session::new(&SessionOptions::new(), &graph).context("new session")?;
+    let mut options = SessionOptions::new();
+    options.set_config(config).context("session config")?;
+    let mut session = Session::new(&options, &graph).context("new session")?;
     let x = graph.operation_by_name_required("x").context("x")?;
     let y = graph.operation_by_name_required("y").context("y")?;
     let side = common::MATMUL_SIDE;
@@ -217,6 +284,7 @@ fn in_process(graph_def: &[u8], plan: &Plan) -> anyhow::Result<StepFigures> {
         sequential_elapsed,
         concurrent,
         concurrent_elapsed,
+        cpu_per_step: None,
     })
 }
 
@@ -234,13 +302,19 @@ async fn one_step(client: &mut Client, request: &api::RunRequest) -> anyhow::Res
     Ok(())
 }
 
-async fn through_tfsd(client: &Client, id: &str, plan: &Plan) -> anyhow::Result<StepFigures> {
+async fn through_tfsd(
+    client: &Client,
+    id: &str,
+    plan: &Plan,
+    processes: &[(&'static str, u32)],
+) -> anyhow::Result<StepFigures> {
     let request = Arc::new(common::step_request(id));
     let mut client_1 = client.clone();
     for _ in 0..plan.warmup {
         one_step(&mut client_1, &request).await?;
     }
     let mut sequential = Latencies::default();
+    let meter = common::CpuMeter::start(processes)?;
     let started = Instant::now();
     for _ in 0..plan.sequential_steps {
         let step_started = Instant::now();
@@ -248,6 +322,7 @@ async fn through_tfsd(client: &Client, id: &str, plan: &Plan) -> anyhow::Result<
         sequential.push(step_started.elapsed());
     }
     let sequential_elapsed = started.elapsed();
+    let cpu_per_step = Some(meter.per_operation(plan.sequential_steps)?);
 
     // THREADS concurrent callers on one HTTP/2 connection, as TensorFlow's Python client
     // shares one channel between threads.
@@ -278,6 +353,7 @@ async fn through_tfsd(client: &Client, id: &str, plan: &Plan) -> anyhow::Result<
         sequential_elapsed,
         concurrent,
         concurrent_elapsed,
+        cpu_per_step,
     })
 }
 
@@ -288,6 +364,9 @@ struct LargeFigures {
     bytes: u64,
     feed_s: Vec<f64>,
     fetch_s: Vec<f64>,
+    /// CPU µs per transfer of each process.
+    feed_cpu: Option<serde_json::Value>,
+    fetch_cpu: Option<serde_json::Value>,
 }
 
 impl LargeFigures {
@@ -302,13 +381,28 @@ impl LargeFigures {
     }
     fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "feed": {"median_s": common::median(&self.feed_s), "mb_per_s": self.feed_mb_per_s(), "samples_s": self.feed_s},
-            "fetch": {"median_s": common::median(&self.fetch_s), "mb_per_s": self.fetch_mb_per_s(), "samples_s": self.fetch_s},
+            "feed": {
+                "median_s": common::median(&self.feed_s),
+                "mb_per_s": self.feed_mb_per_s(),
+                "samples_s": self.feed_s,
+                "cpu_us": self.feed_cpu,
+            },
+            "fetch": {
+                "median_s": common::median(&self.fetch_s),
+                "mb_per_s": self.fetch_mb_per_s(),
+                "samples_s": self.fetch_s,
+                "cpu_us": self.fetch_cpu,
+            },
         })
     }
 }
 
-async fn large_tensors(client: &mut Client, id: &str, plan: &Plan) -> anyhow::Result<LargeFigures> {
+async fn large_tensors(
+    client: &mut Client,
+    id: &str,
+    plan: &Plan,
+    processes: &[(&'static str, u32)],
+) -> anyhow::Result<LargeFigures> {
     let elements = plan.large_bytes / 4;
     let content: Vec<u8> = (0..elements)
         .flat_map(|i| ((i % 1000) as f32).to_le_bytes())
@@ -322,7 +416,11 @@ async fn large_tensors(client: &mut Client, id: &str, plan: &Plan) -> anyhow::Re
     };
     let mut feed_s = Vec::new();
     // One warm-up round each way, not counted.
+    let mut meter = None;
     for round in 0..=plan.large_repeats {
+        if round == 1 {
+            meter = Some(common::CpuMeter::start(processes)?);
+        }
         let started = Instant::now();
         let response = common::call("Run feed big_in", client.run(feed_request.clone())).await?;
         let elapsed = started.elapsed();
@@ -346,6 +444,11 @@ async fn large_tensors(client: &mut Client, id: &str, plan: &Plan) -> anyhow::Re
         }
     }
 
+    let feed_cpu = match &meter {
+        Some(meter) => Some(meter.per_operation(plan.large_repeats)?),
+        None => None,
+    };
+
     common::init_variable(client, id, "big_out").await?;
     let fetch_request = api::RunRequest {
         session_id: id.to_string(),
@@ -353,7 +456,11 @@ async fn large_tensors(client: &mut Client, id: &str, plan: &Plan) -> anyhow::Re
         ..Default::default()
     };
     let mut fetch_s = Vec::new();
+    let mut meter = None;
     for round in 0..=plan.large_repeats {
+        if round == 1 {
+            meter = Some(common::CpuMeter::start(processes)?);
+        }
         let started = Instant::now();
         let response =
             common::call("Run fetch big_out_read", client.run(fetch_request.clone())).await?;
@@ -369,9 +476,15 @@ async fn large_tensors(client: &mut Client, id: &str, plan: &Plan) -> anyhow::Re
             fetch_s.push(elapsed.as_secs_f64());
         }
     }
+    let fetch_cpu = match &meter {
+        Some(meter) => Some(meter.per_operation(plan.large_repeats)?),
+        None => None,
+    };
     Ok(LargeFigures {
         bytes: plan.large_bytes,
         feed_s,
         fetch_s,
+        feed_cpu,
+        fetch_cpu,
     })
 }

@@ -659,6 +659,37 @@ pub fn cpu_time_precise(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_nanos(total_ns))
 }
 
+/// CPU time spent by a few processes (this bench, the supervisor, a worker) between `start`
+/// and `per_operation`: what one operation costs each of them, independent of how busy the
+/// shared machine is (wall time is not).
+#[derive(Debug)]
+pub struct CpuMeter {
+    processes: Vec<(&'static str, u32, Duration)>,
+}
+
+impl CpuMeter {
+    pub fn start(processes: &[(&'static str, u32)]) -> anyhow::Result<CpuMeter> {
+        let processes = processes
+            .iter()
+            .map(|&(name, pid)| Ok((name, pid, cpu_time_precise(pid)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(CpuMeter { processes })
+    }
+
+    /// Microseconds of CPU per operation for each process, over `operations` operations.
+    pub fn per_operation(&self, operations: usize) -> anyhow::Result<serde_json::Value> {
+        let mut figures = serde_json::Map::new();
+        for (name, pid, before) in &self.processes {
+            let spent = cpu_time_precise(*pid)?.saturating_sub(*before);
+            figures.insert(
+                (*name).to_string(),
+                serde_json::json!(spent.as_secs_f64() * 1e6 / operations.max(1) as f64),
+            );
+        }
+        Ok(serde_json::Value::Object(figures))
+    }
+}
+
 /// (VmRSS, RssAnon) of a process, in bytes.
 pub fn process_memory(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
