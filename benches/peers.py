@@ -268,58 +268,80 @@ def large_graph(tf, elements: int):
 # Measurements.
 
 
-def measure_steps(
-    step, warmup: int, sequential: int, concurrent_s: float, processes: dict[str, int] | None = None
+def measure_interleaved(
+    contenders: dict[str, tuple], warmup: int, sequential: int, concurrent_s: float, rounds: int
 ) -> dict:
-    """`step()` once per call; 1 thread for `sequential` steps, then THREADS for concurrent_s.
+    """Measures every contender (name → (step function, {process name: pid})) in turns.
 
-    `processes` (name → pid) are metered during the 1-thread steps, with this client process,
-    for the CPU each spends per step."""
-    for _ in range(warmup):
-        step()
-    meter = {"client": os.getpid(), **(processes or {})}
-    cpu_before = {name: cpu_seconds(pid) for name, pid in meter.items()}
-    t1: list[float] = []
-    started = time.perf_counter()
-    for _ in range(sequential):
-        t = time.perf_counter()
-        step()
-        t1.append((time.perf_counter() - t) * 1e6)
-    t1_elapsed = time.perf_counter() - started
-    cpu_per_step = {
-        name: (cpu_seconds(pid) - cpu_before[name]) * 1e6 / sequential for name, pid in meter.items()
-    }
-
-    per_thread: list[list[float]] = [[] for _ in range(THREADS)]
-    errors: list[BaseException] = []
-    deadline = time.perf_counter() + concurrent_s
-
-    def loop(samples: list[float]) -> None:
-        try:
-            while time.perf_counter() < deadline:
+    `rounds` rounds of sequential steps, the order rotating each round, so that a burst of load
+    from other users of the shared machine falls on every system alike; then the same with
+    THREADS concurrent callers. The processes are metered (with this client process) during the
+    sequential steps, for the CPU each spends per step."""
+    names = list(contenders)
+    for name in names:
+        for _ in range(warmup):
+            contenders[name][0]()
+    per_round = -(-sequential // rounds)
+    t1: dict[str, list[float]] = {name: [] for name in names}
+    t1_elapsed = dict.fromkeys(names, 0.0)
+    cpu = {name: dict.fromkeys(["client", *contenders[name][1]], 0.0) for name in names}
+    for round_ in range(rounds):
+        for turn in range(len(names)):
+            name = names[(round_ + turn) % len(names)]
+            step, processes = contenders[name]
+            meter = {"client": os.getpid(), **processes}
+            before = {k: cpu_seconds(pid) for k, pid in meter.items()}
+            started = time.perf_counter()
+            for _ in range(per_round):
                 t = time.perf_counter()
                 step()
-                samples.append((time.perf_counter() - t) * 1e6)
-        except BaseException as error:  # reported below, in the main thread
-            errors.append(error)
+                t1[name].append((time.perf_counter() - t) * 1e6)
+            t1_elapsed[name] += time.perf_counter() - started
+            for k, pid in meter.items():
+                cpu[name][k] += cpu_seconds(pid) - before[k]
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(s,)) for s in per_thread]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    t4_elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    t4 = [us for samples in per_thread for us in samples]
+    concurrent_rounds = max(1, -(-rounds // 2))
+    block = concurrent_s / concurrent_rounds
+    t4: dict[str, list[float]] = {name: [] for name in names}
+    t4_elapsed = dict.fromkeys(names, 0.0)
+    for round_ in range(concurrent_rounds):
+        for turn in range(len(names)):
+            name = names[(round_ + turn) % len(names)]
+            step = contenders[name][0]
+            per_thread: list[list[float]] = [[] for _ in range(THREADS)]
+            errors: list[BaseException] = []
+            deadline = time.perf_counter() + block
+
+            def loop(samples: list[float]) -> None:
+                try:
+                    while time.perf_counter() < deadline:
+                        t = time.perf_counter()
+                        step()
+                        samples.append((time.perf_counter() - t) * 1e6)
+                except BaseException as error:  # reported below, in the main thread
+                    errors.append(error)
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=loop, args=(s,)) for s in per_thread]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            t4_elapsed[name] += time.perf_counter() - started
+            if errors:
+                raise errors[0]
+            t4[name].extend(us for samples in per_thread for us in samples)
+
     return {
-        "t1": {
-            "latency": summary(t1),
-            "steps_per_s": len(t1) / t1_elapsed,
-            "cpu_us_per_step": cpu_per_step,
-        },
-        "t4": {"latency": summary(t4), "steps_per_s": len(t4) / t4_elapsed},
+        name: {
+            "t1": {
+                "latency": summary(t1[name]),
+                "steps_per_s": len(t1[name]) / t1_elapsed[name],
+                "cpu_us_per_step": {k: v * 1e6 / len(t1[name]) for k, v in cpu[name].items()},
+            },
+            "t4": {"latency": summary(t4[name]), "steps_per_s": len(t4[name]) / t4_elapsed[name]},
+        }
+        for name in names
     }
 
 
@@ -362,6 +384,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick or os.environ.get("BENCH_QUICK", "0") not in ("", "0")
     warmup, sequential, concurrent_s = (50, 300, 0.5) if quick else (500, 5000, 4.0)
+    rounds = 2 if quick else 10
     large_repeats = 2 if quick else 7
     restart_repeats = 2 if quick else 5
     cycle_repeats = 5 if quick else 20
@@ -408,22 +431,21 @@ def main() -> None:
         runs.append(("tf_server_inline", tf_server.target, inline))
         if tfsd.master:
             runs.append(("tfsd_master_inline", f"grpc://{tfsd.master}", inline))
+        # Every system's session open at once, so that they can take turns.
+        contenders: dict[str, tuple] = {}
+        sessions = []
+        expected = feed @ np.arange(SIDE * SIDE, dtype=np.float32).reshape(SIDE, SIDE)
         for name, target, config in runs:
-            with tf.compat.v1.Session(target, graph=graph, config=config) as session:
-                expected = feed @ np.arange(SIDE * SIDE, dtype=np.float32).reshape(SIDE, SIDE)
-                assert np.allclose(session.run(y, {x: feed}), expected), name
-                if name.startswith("tf_server"):
-                    processes = {"server": tf_server.process.pid}
-                elif name.startswith("tfsd_master"):
-                    processes = {"supervisor": tfsd.process.pid, "worker": newest_worker()}
-                else:
-                    processes = {}
-                figures = measure_steps(
-                    lambda: session.run(y, {x: feed}), warmup, sequential, concurrent_s, processes
-                )
-            results["steps"][name] = figures
-            describe_steps(name, figures)
-
+            session = tf.compat.v1.Session(target, graph=graph, config=config)
+            sessions.append(session)
+            assert np.allclose(session.run(y, {x: feed}), expected), name
+            if name.startswith("tf_server"):
+                processes = {"server": tf_server.process.pid}
+            elif name.startswith("tfsd_master"):
+                processes = {"supervisor": tfsd.process.pid, "worker": newest_worker()}
+            else:
+                processes = {}
+            contenders[name] = (lambda s=session: s.run(y, {x: feed}), processes)
         created = stub.CreateSession(
             pb.CreateSessionRequest(graph_def=graph.as_graph_def().SerializeToString())
         )
@@ -432,15 +454,15 @@ def main() -> None:
             feeds={"x": tf.make_tensor_proto(feed)},
             fetches=["y:0"],
         )
-        figures = measure_steps(
+        contenders["tfsd_v1_python"] = (
             lambda: stub.Run(request),
-            warmup,
-            sequential,
-            concurrent_s,
             {"supervisor": tfsd.process.pid, "worker": created.session.worker_pid},
         )
-        results["steps"]["tfsd_v1_python"] = figures
-        describe_steps("tfsd_v1_python", figures)
+        results["steps"] = measure_interleaved(contenders, warmup, sequential, concurrent_s, rounds)
+        for name, figures in results["steps"].items():
+            describe_steps(name, figures)
+        for session in sessions:
+            session.close()
         stub.CloseSession(pb.CloseSessionRequest(session_id=created.session.session_id))
 
         # 64 MiB each way.

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use common::{Client, Daemon, Latencies, MIB, call};
-use tensorflow::{Graph, ImportGraphDefOptions, Session, SessionOptions, SessionRunArgs, Tensor};
+use tensorflow::{
+    Graph, ImportGraphDefOptions, Operation, Session, SessionOptions, SessionRunArgs, Tensor,
+};
 use tfsd::proto::tfsd::v1 as api;
 
 /// Client threads in the concurrent runs (the "1 and 4 client threads").
@@ -50,6 +52,9 @@ struct Plan {
     warmup: usize,
     sequential_steps: usize,
     concurrent_for: Duration,
+    /// The systems take turns, `rounds` times, so that a burst of load from other users of
+    /// the machine falls on all of them alike and the ratios stay fair.
+    rounds: usize,
     large_bytes: u64,
     large_repeats: usize,
 }
@@ -61,38 +66,22 @@ async fn bench() -> anyhow::Result<()> {
         warmup: common::scaled(500, 50),
         sequential_steps: common::scaled(5000, 300),
         concurrent_for: common::scaled(Duration::from_secs(4), Duration::from_millis(500)),
+        rounds: common::scaled(10, 2),
         large_bytes: 64 * MIB,
         large_repeats: common::scaled(7, 2),
     };
     println!(
-        "step_latency: tfsd {}; {} sequential steps, {:?} with {THREADS} threads; load {load_before:.2}",
+        "step_latency: tfsd {}; {} sequential steps, {:?} with {THREADS} threads, in {} interleaved rounds; load {load_before:.2}",
         tfsd.display(),
         plan.sequential_steps,
-        plan.concurrent_for
+        plan.concurrent_for,
+        plan.rounds
     );
     let graph_def = common::step_graph()?;
-
-    let floor = in_process(&graph_def, &[], &plan)?;
-    print_steps("in-process TF_SessionRun (Rust crate)", &floor);
-    let floor_inline = in_process(&graph_def, &RUN_IN_CALLER_THREAD, &plan)?;
-    print_steps(
-        "in-process TF_SessionRun, inter_op_parallelism_threads = -1",
-        &floor_inline,
-    );
 
     let daemon = Daemon::start(&tfsd, "steps", "").await?;
     let mut client = daemon.connect().await?;
     let session = common::create_session(&mut client, &graph_def, None).await?;
-    let processes = [
-        ("client", std::process::id()),
-        ("supervisor", daemon.pid),
-        ("worker", session.worker_pid),
-    ];
-    let tfsd_v1 = through_tfsd(&client, &session.session_id, &plan, &processes).await?;
-    print_steps("tfsd.v1 (Rust tonic client)", &tfsd_v1);
-    if let Some(cpu) = &tfsd_v1.cpu_per_step {
-        println!("  CPU per step (µs): {cpu}");
-    }
     // An experiment, not a tfsd default: the same step in a session whose ConfigProto makes
     // TensorFlow run the graph in the calling thread instead of handing it to its inter-op
     // pool (whose threads spin while they wait for work, on a 2-core machine shared with the
@@ -108,21 +97,53 @@ async fn bench() -> anyhow::Result<()> {
     .await?
     .session
     .context("CreateSession answered without session info")?;
-    let processes = [
-        ("client", std::process::id()),
-        ("supervisor", daemon.pid),
-        ("worker", inline_session.worker_pid),
+    let tfsd_processes = |worker_pid: u32| {
+        vec![
+            ("client", std::process::id()),
+            ("supervisor", daemon.pid),
+            ("worker", worker_pid),
+        ]
+    };
+    let mut contenders = vec![
+        Contender::new(
+            "in_process_rust",
+            "in-process TF_SessionRun (Rust crate)",
+            Stepper::InProcess(Arc::new(InProcess::new(&graph_def, &[])?)),
+            vec![("client", std::process::id())],
+        ),
+        Contender::new(
+            "in_process_rust_inline",
+            "in-process TF_SessionRun, inter_op_parallelism_threads = -1",
+            Stepper::InProcess(Arc::new(InProcess::new(&graph_def, &RUN_IN_CALLER_THREAD)?)),
+            vec![("client", std::process::id())],
+        ),
+        Contender::new(
+            "tfsd_v1_rust",
+            "tfsd.v1 (Rust tonic client)",
+            Stepper::Tfsd {
+                client: client.clone(),
+                request: Arc::new(common::step_request(&session.session_id)),
+            },
+            tfsd_processes(session.worker_pid),
+        ),
+        Contender::new(
+            "tfsd_v1_rust_inline",
+            "tfsd.v1 (Rust tonic client), inter_op_parallelism_threads = -1",
+            Stepper::Tfsd {
+                client: client.clone(),
+                request: Arc::new(common::step_request(&inline_session.session_id)),
+            },
+            tfsd_processes(inline_session.worker_pid),
+        ),
     ];
-    let tfsd_v1_inline =
-        through_tfsd(&client, &inline_session.session_id, &plan, &processes).await?;
-    print_steps(
-        "tfsd.v1 (Rust tonic client), inter_op_parallelism_threads = -1",
-        &tfsd_v1_inline,
-    );
-    if let Some(cpu) = &tfsd_v1_inline.cpu_per_step {
-        println!("  CPU per step (µs): {cpu}");
+    measure_interleaved(&mut contenders, &plan).await?;
+    let mut steps = serde_json::Map::new();
+    for contender in &contenders {
+        print_steps(contender.label, &contender.figures);
+        steps.insert(contender.key.to_string(), contender.figures.to_json());
     }
-    let overhead_us = tfsd_v1.sequential.percentile(50.0) - floor.sequential.percentile(50.0);
+    let overhead_us = contenders[2].figures.sequential.percentile(50.0)
+        - contenders[0].figures.sequential.percentile(50.0);
     println!("  tfsd.v1 overhead over in-process: {overhead_us:.0} µs p50");
 
     let large_graph = common::large_tensor_graph(plan.large_bytes / 4)?;
@@ -149,12 +170,7 @@ async fn bench() -> anyhow::Result<()> {
         "step_latency",
         load_before,
         serde_json::json!({
-            "steps": {
-                "in_process_rust": floor.to_json(),
-                "in_process_rust_inline": floor_inline.to_json(),
-                "tfsd_v1_rust": tfsd_v1.to_json(),
-                "tfsd_v1_rust_inline": tfsd_v1_inline.to_json(),
-            },
+            "steps": steps,
             "large": {
                 "bytes": plan.large_bytes,
                 "tfsd_v1_rust": large.to_json(),
@@ -165,13 +181,13 @@ async fn bench() -> anyhow::Result<()> {
 }
 
 /// One system's step figures.
+#[derive(Default)]
 struct StepFigures {
     sequential: Latencies,
     sequential_elapsed: Duration,
     concurrent: Latencies,
     concurrent_elapsed: Duration,
-    /// CPU µs per sequential step of each process involved (none for the floor: it is all
-    /// this process).
+    /// CPU µs per sequential step of each process involved.
     cpu_per_step: Option<serde_json::Value>,
 }
 
@@ -208,88 +224,217 @@ fn print_steps(what: &str, figures: &StepFigures) {
 }
 
 // ---------------------------------------------------------------------------------------
-// The floor: TF_SessionRun in this process.
+// The systems, measured in turns.
 
-fn in_process(graph_def: &[u8], config: &[u8], plan: &Plan) -> anyhow::Result<StepFigures> {
-    let mut graph = Graph::new();
-    graph
-        .import_graph_def(graph_def, &ImportGraphDefOptions::new())
-        .context("import the step graph")?;
-    let mut options = SessionOptions::new();
-    options.set_config(config).context("session config")?;
-    let mut session = Session::new(&options, &graph).context("new session")?;
-    let x = graph.operation_by_name_required("x").context("x")?;
-    let y = graph.operation_by_name_required("y").context("y")?;
-    let side = common::MATMUL_SIDE;
-    let values: Vec<f32> = (0..side * side).map(|i| i as f32 * 0.5).collect();
-    let feed = Tensor::<f32>::new(&[side, side])
-        .with_values(&values)
-        .context("feed tensor")?;
-    let step = || -> anyhow::Result<()> {
+/// The floor: TF_SessionRun in this process.
+struct InProcess {
+    session: Session,
+    x: Operation,
+    y: Operation,
+    feed: Tensor<f32>,
+}
+
+impl InProcess {
+    fn new(graph_def: &[u8], config: &[u8]) -> anyhow::Result<InProcess> {
+        let mut graph = Graph::new();
+        graph
+            .import_graph_def(graph_def, &ImportGraphDefOptions::new())
+            .context("import the step graph")?;
+        let mut options = SessionOptions::new();
+        options.set_config(config).context("session config")?;
+        let session = Session::new(&options, &graph).context("new session")?;
+        let side = common::MATMUL_SIDE;
+        let values: Vec<f32> = (0..side * side).map(|i| i as f32 * 0.5).collect();
+        Ok(InProcess {
+            session,
+            x: graph.operation_by_name_required("x").context("x")?,
+            y: graph.operation_by_name_required("y").context("y")?,
+            feed: Tensor::<f32>::new(&[side, side])
+                .with_values(&values)
+                .context("feed tensor")?,
+        })
+    }
+
+    fn step(&self) -> anyhow::Result<()> {
         let mut args = SessionRunArgs::new();
-        args.add_feed(&x, 0, &feed);
-        let token = args.request_fetch(&y, 0);
-        session.run(&mut args).context("TF_SessionRun")?;
+        args.add_feed(&self.x, 0, &self.feed);
+        let token = args.request_fetch(&self.y, 0);
+        self.session.run(&mut args).context("TF_SessionRun")?;
         let out: Tensor<f32> = args.fetch(token).context("fetch y")?;
+        let side = common::MATMUL_SIDE;
         ensure!(
             out.len() == (side * side) as usize,
             "y has {} elements",
             out.len()
         );
         Ok(())
-    };
-    for _ in 0..plan.warmup {
-        step()?;
     }
-    let mut sequential = Latencies::default();
-    let started = Instant::now();
-    for _ in 0..plan.sequential_steps {
-        let step_started = Instant::now();
-        step()?;
-        sequential.push(step_started.elapsed());
-    }
-    let sequential_elapsed = started.elapsed();
-
-    let started = Instant::now();
-    let deadline = started + plan.concurrent_for;
-    let per_thread = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|_| {
-                scope.spawn(|| -> anyhow::Result<Latencies> {
-                    let mut latencies = Latencies::default();
-                    while Instant::now() < deadline {
-                        let step_started = Instant::now();
-                        step()?;
-                        latencies.push(step_started.elapsed());
-                    }
-                    Ok(latencies)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| {
-                handle
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("a step thread panicked"))?
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-    })?;
-    let concurrent_elapsed = started.elapsed();
-    let mut concurrent = Latencies::default();
-    per_thread.into_iter().for_each(|l| concurrent.extend(l));
-    session.close().context("close the session")?;
-    Ok(StepFigures {
-        sequential,
-        sequential_elapsed,
-        concurrent,
-        concurrent_elapsed,
-        cpu_per_step: None,
-    })
 }
 
-// ---------------------------------------------------------------------------------------
-// tfsd.v1 from a tonic client.
+/// How one system runs the step.
+enum Stepper {
+    InProcess(Arc<InProcess>),
+    Tfsd {
+        client: Client,
+        request: Arc<api::RunRequest>,
+    },
+}
+
+impl Stepper {
+    async fn step(&mut self) -> anyhow::Result<()> {
+        match self {
+            Stepper::InProcess(floor) => floor.step(),
+            Stepper::Tfsd { client, request } => one_step(client, request).await,
+        }
+    }
+
+    /// THREADS callers until `deadline`: OS threads in-process, tasks on one HTTP/2
+    /// connection for tfsd (as TensorFlow's Python client shares one channel between threads).
+    async fn concurrently(&self, deadline: Instant) -> anyhow::Result<Latencies> {
+        let mut all = Latencies::default();
+        match self {
+            Stepper::InProcess(floor) => {
+                let per_thread = tokio::task::block_in_place(|| {
+                    std::thread::scope(|scope| {
+                        let handles: Vec<_> = (0..THREADS)
+                            .map(|_| {
+                                scope.spawn(|| -> anyhow::Result<Latencies> {
+                                    let mut latencies = Latencies::default();
+                                    while Instant::now() < deadline {
+                                        let started = Instant::now();
+                                        floor.step()?;
+                                        latencies.push(started.elapsed());
+                                    }
+                                    Ok(latencies)
+                                })
+                            })
+                            .collect();
+                        handles
+                            .into_iter()
+                            .map(|handle| {
+                                handle
+                                    .join()
+                                    .map_err(|_| anyhow::anyhow!("a step thread panicked"))?
+                            })
+                            .collect::<anyhow::Result<Vec<_>>>()
+                    })
+                })?;
+                per_thread.into_iter().for_each(|l| all.extend(l));
+            }
+            Stepper::Tfsd { client, request } => {
+                let tasks: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let mut client = client.clone();
+                        let request = request.clone();
+                        tokio::spawn(async move {
+                            let mut latencies = Latencies::default();
+                            while Instant::now() < deadline {
+                                let started = Instant::now();
+                                one_step(&mut client, &request).await?;
+                                latencies.push(started.elapsed());
+                            }
+                            anyhow::Ok(latencies)
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    all.extend(task.await.context("a step task panicked")??);
+                }
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// One system and what was measured of it so far.
+struct Contender {
+    key: &'static str,
+    label: &'static str,
+    stepper: Stepper,
+    processes: Vec<(&'static str, u32)>,
+    figures: StepFigures,
+    cpu: Vec<Duration>,
+}
+
+impl Contender {
+    fn new(
+        key: &'static str,
+        label: &'static str,
+        stepper: Stepper,
+        processes: Vec<(&'static str, u32)>,
+    ) -> Contender {
+        let cpu = vec![Duration::ZERO; processes.len()];
+        Contender {
+            key,
+            label,
+            stepper,
+            processes,
+            figures: StepFigures::default(),
+            cpu,
+        }
+    }
+}
+
+/// Warms every system up, then measures them in turns: `plan.rounds` rounds of sequential
+/// steps (the order rotating each round), then the same for THREADS concurrent callers.
+async fn measure_interleaved(contenders: &mut [Contender], plan: &Plan) -> anyhow::Result<()> {
+    for contender in contenders.iter_mut() {
+        for _ in 0..plan.warmup {
+            contender.stepper.step().await?;
+        }
+    }
+    let per_round = plan.sequential_steps.div_ceil(plan.rounds);
+    let count = contenders.len();
+    for round in 0..plan.rounds {
+        for turn in 0..count {
+            let contender = &mut contenders[(round + turn) % count];
+            let before = contender
+                .processes
+                .iter()
+                .map(|&(_, pid)| common::cpu_time_precise(pid))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let started = Instant::now();
+            for _ in 0..per_round {
+                let step_started = Instant::now();
+                contender.stepper.step().await?;
+                contender.figures.sequential.push(step_started.elapsed());
+            }
+            contender.figures.sequential_elapsed += started.elapsed();
+            for (index, &(_, pid)) in contender.processes.iter().enumerate() {
+                contender.cpu[index] +=
+                    common::cpu_time_precise(pid)?.saturating_sub(before[index]);
+            }
+        }
+    }
+    for contender in contenders.iter_mut() {
+        let steps = contender.figures.sequential.micros.len().max(1) as f64;
+        let cpu: serde_json::Map<String, serde_json::Value> = contender
+            .processes
+            .iter()
+            .zip(&contender.cpu)
+            .map(|(&(name, _), spent)| {
+                (
+                    name.to_string(),
+                    serde_json::json!(spent.as_secs_f64() * 1e6 / steps),
+                )
+            })
+            .collect();
+        contender.figures.cpu_per_step = Some(serde_json::Value::Object(cpu));
+    }
+
+    let concurrent_rounds = plan.rounds.div_ceil(2).max(1);
+    let block = plan.concurrent_for / concurrent_rounds as u32;
+    for round in 0..concurrent_rounds {
+        for turn in 0..count {
+            let contender = &mut contenders[(round + turn) % count];
+            let started = Instant::now();
+            let latencies = contender.stepper.concurrently(started + block).await?;
+            contender.figures.concurrent_elapsed += started.elapsed();
+            contender.figures.concurrent.extend(latencies);
+        }
+    }
+    Ok(())
+}
 
 async fn one_step(client: &mut Client, request: &api::RunRequest) -> anyhow::Result<()> {
     let response = common::call("Run", client.run(request.clone())).await?;
@@ -300,61 +445,6 @@ async fn one_step(client: &mut Client, request: &api::RunRequest) -> anyhow::Res
         "y has the wrong size"
     );
     Ok(())
-}
-
-async fn through_tfsd(
-    client: &Client,
-    id: &str,
-    plan: &Plan,
-    processes: &[(&'static str, u32)],
-) -> anyhow::Result<StepFigures> {
-    let request = Arc::new(common::step_request(id));
-    let mut client_1 = client.clone();
-    for _ in 0..plan.warmup {
-        one_step(&mut client_1, &request).await?;
-    }
-    let mut sequential = Latencies::default();
-    let meter = common::CpuMeter::start(processes)?;
-    let started = Instant::now();
-    for _ in 0..plan.sequential_steps {
-        let step_started = Instant::now();
-        one_step(&mut client_1, &request).await?;
-        sequential.push(step_started.elapsed());
-    }
-    let sequential_elapsed = started.elapsed();
-    let cpu_per_step = Some(meter.per_operation(plan.sequential_steps)?);
-
-    // THREADS concurrent callers on one HTTP/2 connection, as TensorFlow's Python client
-    // shares one channel between threads.
-    let started = Instant::now();
-    let deadline = started + plan.concurrent_for;
-    let tasks: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let mut client = client.clone();
-            let request = request.clone();
-            tokio::spawn(async move {
-                let mut latencies = Latencies::default();
-                while Instant::now() < deadline {
-                    let step_started = Instant::now();
-                    one_step(&mut client, &request).await?;
-                    latencies.push(step_started.elapsed());
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut concurrent = Latencies::default();
-    for task in tasks {
-        concurrent.extend(task.await.context("a step task panicked")??);
-    }
-    let concurrent_elapsed = started.elapsed();
-    Ok(StepFigures {
-        sequential,
-        sequential_elapsed,
-        concurrent,
-        concurrent_elapsed,
-        cpu_per_step,
-    })
 }
 
 // ---------------------------------------------------------------------------------------
