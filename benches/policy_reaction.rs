@@ -116,7 +116,12 @@ async fn reaction_trials(
     let mut before_mib = Vec::new();
     let mut after_mib = Vec::new();
     let mut killed_mid_step = 0;
-    for _ in 0..trials {
+    for trial in 0..trials {
+        // Start each trial at a different point of the policy's 250 ms tick (spread evenly
+        // over the trials): otherwise the trials fall into step with the tick and every one
+        // measures the same wait.
+        let offset_ms = (trial as u64 * 250 * 7 / trials.max(1) as u64) % 250;
+        tokio::time::sleep(Duration::from_millis(offset_ms)).await;
         if limit == Limit::Hard {
             // A warm worker for the recycle, as a running daemon would normally have.
             daemon.wait_for_warm_pool(client).await?;
