@@ -208,7 +208,7 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
             continue
         t1, t4 = f["t1"], f["t4"]
         vs_server = ratio(t1["latency"]["p50_us"], tf_server["t1"]["latency"]["p50_us"]) if tf_server else "—"
-        vs_floor = (f"+{t1['latency']['p50_us'] - floor['t1']['latency']['p50_us']:,.0f} µs"
+        vs_floor = (f"{t1['latency']['p50_us'] - floor['t1']['latency']['p50_us']:+,.0f} µs"
                     if floor and key != "in_process_rust" else "—")
         rows.append([
             system, client,
