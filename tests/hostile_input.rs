@@ -61,7 +61,38 @@ fn graph_of(build: impl FnOnce(&mut Graph)) -> Vec<u8> {
 /// Serialized GraphDef nodes written by hand (prost), for graphs the TensorFlow API refuses
 /// to build: unknown ops, cycles.
 fn raw_graph(nodes: &[(&str, &str, &[&str])]) -> Vec<u8> {
+    let nodes: Vec<RawNode> = nodes
+        .iter()
+        .map(|&(name, op, inputs)| RawNode {
+            name,
+            op,
+            inputs,
+            types: &[],
+        })
+        .collect();
+    raw_typed_graph(&nodes)
+}
+
+/// A node for `raw_typed_graph`: `types` sets type attributes to TensorFlow type codes (ones
+/// the `tensorflow` crate cannot name, too); a node with a `dtype` also gets a scalar `shape`.
+struct RawNode<'a> {
+    name: &'a str,
+    op: &'a str,
+    inputs: &'a [&'a str],
+    types: &'a [(&'a str, i32)],
+}
+
+fn raw_typed_graph(nodes: &[RawNode]) -> Vec<u8> {
     use prost::Message;
+    use std::collections::HashMap;
+    use tfsd::proto::tensorflow::TensorShapeProto;
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct AttrValue {
+        #[prost(int32, optional, tag = "6")]
+        r#type: Option<i32>,
+        #[prost(message, optional, tag = "7")]
+        shape: Option<TensorShapeProto>,
+    }
     #[derive(Clone, PartialEq, prost::Message)]
     struct NodeDef {
         #[prost(string, tag = "1")]
@@ -70,6 +101,8 @@ fn raw_graph(nodes: &[(&str, &str, &[&str])]) -> Vec<u8> {
         op: String,
         #[prost(string, repeated, tag = "3")]
         input: Vec<String>,
+        #[prost(map = "string, message", tag = "5")]
+        attr: HashMap<String, AttrValue>,
     }
     #[derive(Clone, PartialEq, prost::Message)]
     struct GraphDef {
@@ -79,10 +112,33 @@ fn raw_graph(nodes: &[(&str, &str, &[&str])]) -> Vec<u8> {
     GraphDef {
         node: nodes
             .iter()
-            .map(|(name, op, inputs)| NodeDef {
-                name: name.to_string(),
-                op: op.to_string(),
-                input: inputs.iter().map(|s| s.to_string()).collect(),
+            .map(|node| NodeDef {
+                name: node.name.to_string(),
+                op: node.op.to_string(),
+                input: node.inputs.iter().map(|s| s.to_string()).collect(),
+                attr: node
+                    .types
+                    .iter()
+                    .map(|&(attr, code)| {
+                        let value = AttrValue {
+                            r#type: Some(code),
+                            shape: None,
+                        };
+                        (attr.to_string(), value)
+                    })
+                    .chain(
+                        node.types
+                            .iter()
+                            .any(|&(attr, _)| attr == "dtype")
+                            .then(|| {
+                                let scalar = AttrValue {
+                                    r#type: None,
+                                    shape: Some(TensorShapeProto::default()),
+                                };
+                                ("shape".to_string(), scalar)
+                            }),
+                    )
+                    .collect(),
             })
             .collect(),
     }
@@ -370,3 +426,93 @@ impl tonic::codec::Encoder for RawEncoder {
 /// Only to name `ProstCodec`'s decoder type; never encoded.
 #[derive(Clone, PartialEq, prost::Message)]
 struct RawBytes2 {}
+
+/// TensorFlow has types tfsd cannot carry (float8, int4, resource handles). Fetching one is
+/// refused by name before the step runs; a graph holding one still runs, purges and
+/// recycles. (Reading such a type code once crashed release-built workers: the C API's type
+/// enum in tensorflow-sys lists only 1–23.)
+#[tokio::test(flavor = "multi_thread")]
+async fn fetches_of_types_tfsd_cannot_carry_are_refused_by_name() {
+    const DT_FLOAT8_E5M2: i32 = 24;
+    const DT_INT4: i32 = 29;
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let bystander = Bystander::new(&mut client).await;
+
+    const DT_FLOAT: i32 = 1;
+    let graph = raw_typed_graph(&[
+        RawNode {
+            name: "f8",
+            op: "Placeholder",
+            inputs: &[],
+            types: &[("dtype", DT_FLOAT8_E5M2)],
+        },
+        RawNode {
+            name: "i4",
+            op: "Placeholder",
+            inputs: &[],
+            types: &[("dtype", DT_INT4)],
+        },
+        RawNode {
+            name: "f8_var",
+            op: "VariableV2",
+            inputs: &[],
+            types: &[("dtype", DT_FLOAT8_E5M2)],
+        },
+        RawNode {
+            name: "ok",
+            op: "Placeholder",
+            inputs: &[],
+            types: &[("dtype", DT_FLOAT)],
+        },
+        RawNode {
+            name: "ok_out",
+            op: "Identity",
+            inputs: &["ok"],
+            types: &[("T", DT_FLOAT)],
+        },
+    ]);
+    let session = create(&mut client, graph).await;
+    let id = session.session_id;
+    for (fetch, type_name) in [
+        ("f8", "DT_FLOAT8_E5M2"),
+        ("i4", "DT_INT4"),
+        ("f8_var", "DT_FLOAT8_E5M2_REF"),
+    ] {
+        let status = run(&mut client, &id, &[], &[fetch], &[])
+            .await
+            .expect_err("an uncarriable type");
+        assert_eq!(status.code(), Code::InvalidArgument, "{fetch}: {status:?}");
+        assert!(
+            status.message().contains(fetch) && status.message().contains(type_name),
+            "{fetch}: {status:?}"
+        );
+    }
+    // A resource handle, in a graph the crate can build.
+    let handles = create(&mut client, model_graph()).await.session_id;
+    let status = run(&mut client, &handles, &[], &["v"], &[])
+        .await
+        .expect_err("a resource handle");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("DT_RESOURCE"), "{status:?}");
+
+    // The worker is the same one, and the session works and recycles.
+    let outputs = run(&mut client, &id, &[("ok", scalar(1.5))], &["ok_out"], &[])
+        .await
+        .expect("a float fetch");
+    assert_eq!(as_f32(&outputs[0]), 1.5);
+    let recycled = client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: id.clone(),
+            preserve_variables: true,
+        })
+        .await
+        .expect("recycle a graph with a float8 variable")
+        .into_inner();
+    assert_eq!(recycled.worker_pid_before, session.worker_pid);
+    assert_eq!(recycled.variables_preserved, 0);
+    run(&mut client, &id, &[("ok", scalar(2.5))], &["ok_out"], &[])
+        .await
+        .expect("runs after the recycle");
+    bystander.check(&mut client).await;
+}

@@ -124,6 +124,40 @@ async fn purge_uninitialises_every_variable_and_keeps_the_graph() {
     assert_eq!(as_f32(&outputs[1]), 5.0);
 }
 
+/// A `VariableV2` and the ops that assign to it output references (`DT_FLOAT_REF`); TF1
+/// clients fetch them (`sess.run(w)`, `sess.run(assign_op)`) and get the base type.
+#[tokio::test(flavor = "multi_thread")]
+async fn reference_outputs_are_fetched_as_their_values() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let created = create(&mut client, model_graph()).await;
+    let id = created.session_id;
+    let outputs = run(&mut client, &id, &[], &["w_init"], &[])
+        .await
+        .expect("fetch an Assign");
+    assert_eq!(outputs[0].dtype, 1, "DT_FLOAT, not DT_FLOAT_REF");
+    assert_eq!(as_f32(&outputs[0]), 3.0);
+    let outputs = run(
+        &mut client,
+        &id,
+        &[("x", scalar(2.0))],
+        &["w_add", "w:0"],
+        &[],
+    )
+    .await
+    .expect("fetch an AssignAdd and the variable");
+    assert_eq!(as_f32(&outputs[0]), 5.0);
+    assert_eq!(as_f32(&outputs[1]), 5.0);
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(info.worker_pid, created.worker_pid, "the worker survived");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn reset_graph_leaves_an_empty_graph_that_can_be_extended() {
     let daemon = Daemon::start();

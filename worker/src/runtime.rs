@@ -7,20 +7,21 @@
 //! used (it closes every session in the process, FACTS §3).
 
 mod partial_run;
+mod raw;
 
 use std::collections::HashSet;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use prost::Message;
 use tensorflow::{
-    DataType, Graph, ImportGraphDefOptions, Operation, Session, SessionOptions, SessionRunArgs,
+    Graph, ImportGraphDefOptions, Operation, Session, SessionOptions, SessionRunArgs,
 };
 use tfsd::proto::tensorflow::TensorProto;
 use tfsd::proto::tfsd::worker::v1 as wire;
-use tfsd::tensor;
+use tfsd::tensor::{self, DType};
 
 use crate::failure::Failure;
-use crate::tensors::{AnyTensor, data_type_of, dtype_of};
+use crate::tensors::{AnyTensor, data_type_of};
 
 /// Prefix of the nodes the worker adds to read and assign variables during a recycle.
 const INTERNAL_PREFIX: &str = "tfsd_internal";
@@ -231,10 +232,11 @@ impl Runtime {
         let mut fetches = Vec::with_capacity(run.fetches.len());
         for name in &run.fetches {
             let (operation, index) = resolve_output(graph, name, "fetch")?;
-            let data_type = operation.output_type(index as usize);
-            let dtype = dtype_of(data_type).ok_or_else(|| {
+            let code = raw::output_type(graph, &operation, index)?;
+            let dtype = DType::from_proto(code).map_err(|_| {
                 Failure::invalid_argument(format!(
-                    "fetch {name:?}: its type {data_type} cannot be returned to a client"
+                    "fetch {name:?}: its type {} cannot be returned to a client",
+                    type_name(code)
                 ))
             })?;
             fetches.push((args.request_fetch(&operation, index), dtype));
@@ -293,7 +295,7 @@ impl Runtime {
                                 operation: variable.operation.clone(),
                                 index: 0,
                             });
-                            op.set_attr_type("dtype", variable.data_type)?;
+                            op.set_attr_type("dtype", data_type_of(variable.dtype()?))?;
                             op.finish()?
                         }
                     };
@@ -303,14 +305,7 @@ impl Runtime {
             reads.push((variable, output));
         }
         let state = RwLockWriteGuard::downgrade(state);
-        let dtype = |v: &Variable| {
-            dtype_of(v.data_type).ok_or_else(|| {
-                Failure::internal(format!(
-                    "variable {:?} has unsupported type {}",
-                    v.name, v.data_type
-                ))
-            })
-        };
+        let dtype = Variable::dtype;
         // One run for all; if some are uninitialised, one run each to find the others.
         let read_all = || -> Result<Vec<wire::NamedTensor>, Failure> {
             let mut args = SessionRunArgs::new();
@@ -396,7 +391,7 @@ impl Runtime {
                         operation: placeholder.clone(),
                         index: 0,
                     });
-                    op.set_attr_type(type_attr, variable.data_type)?;
+                    op.set_attr_type(type_attr, data_type_of(variable.dtype()?))?;
                     op.finish()?
                 }
             };
@@ -447,7 +442,33 @@ struct Variable {
     name: String,
     operation: Operation,
     kind: VariableKind,
-    data_type: DataType,
+    /// TensorFlow's code for its `dtype` attribute.
+    type_code: i32,
+}
+
+impl Variable {
+    fn dtype(&self) -> Result<DType, Failure> {
+        DType::from_proto(self.type_code).map_err(|_| {
+            Failure::internal(format!(
+                "variable {:?} has type {}, which tfsd cannot carry over",
+                self.name,
+                type_name(self.type_code)
+            ))
+        })
+    }
+}
+
+/// TensorFlow's name for a type code (`DT_COMPLEX64`, `DT_FLOAT_REF`), for messages.
+fn type_name(code: i32) -> String {
+    let (base, suffix) = if code > 100 {
+        (code - 100, "_REF")
+    } else {
+        (code, "")
+    };
+    match tfsd::proto::tensorflow::DataType::try_from(base) {
+        Ok(data_type) => format!("{}{suffix}", data_type.as_str_name()),
+        Err(_) => format!("with code {code}"),
+    }
 }
 
 /// Every variable in the graph, skipping the nodes tfsd added itself.
@@ -464,12 +485,12 @@ fn variables(graph: &Graph) -> Vec<Variable> {
             if name.starts_with(INTERNAL_PREFIX) {
                 return None;
             }
-            let data_type = operation.get_attr_type("dtype").ok()?;
+            let type_code = raw::attr_type(graph, &operation, "dtype").ok()?;
             Some(Variable {
                 name,
                 operation,
                 kind,
-                data_type,
+                type_code,
             })
         })
         .collect()
@@ -490,7 +511,7 @@ mod tests {
 #[cfg(test)]
 mod variable_tests {
     use super::*;
-    use tensorflow::{Shape, Tensor};
+    use tensorflow::{DataType, Shape, Tensor};
 
     fn graph_with_variables() -> Vec<u8> {
         let mut graph = Graph::new();

@@ -49,31 +49,6 @@ macro_rules! with_tensor {
     };
 }
 
-/// Maps the crate's `DataType` (reference types included) to tfsd's.
-pub fn dtype_of(data_type: DataType) -> Option<DType> {
-    Some(match data_type {
-        DataType::Float => DType::Float,
-        DataType::Double => DType::Double,
-        DataType::Int32 => DType::Int32,
-        DataType::UInt8 => DType::UInt8,
-        DataType::Int16 => DType::Int16,
-        DataType::Int8 => DType::Int8,
-        DataType::String => DType::String,
-        DataType::Int64 => DType::Int64,
-        DataType::Bool => DType::Bool,
-        DataType::BFloat16 => DType::BFloat16,
-        DataType::UInt16 => DType::UInt16,
-        DataType::Half => DType::Half,
-        DataType::UInt32 => DType::UInt32,
-        DataType::UInt64 => DType::UInt64,
-        // Reference types (a VariableV2's output) are their base type plus 100.
-        DataType::UnrecognizedEnumValue(value) if value > 100 => {
-            return DType::from_proto(value as i32).ok();
-        }
-        _ => return None,
-    })
-}
-
 /// The crate's `DataType` for a tfsd type.
 pub fn data_type_of(dtype: DType) -> DataType {
     match dtype {

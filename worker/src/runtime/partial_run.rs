@@ -2,35 +2,23 @@
 //! (`tf.compat.v1.Session.partial_run`), through TensorFlow's `TF_SessionPRunSetup` and
 //! `TF_SessionPRun`.
 //!
-//! The `tensorflow` crate 0.21 wraps neither, and keeps the raw pointers these calls need
-//! (`TF_Session*`, `TF_Operation*`) in private fields. A second, raw TensorFlow session would
-//! not do: a DirectSession owns its devices, so it would not see the session's variables.
-//! So this module reads the two pointers out of the crate's structs, relying on their layout
-//! in exactly the crate version `Cargo.lock` pins (0.21.0), checked at compile time below
-//! and at run time in `raw_operation`. Everything else (tensors, status) goes through
-//! `tensorflow-sys` directly. Upgrading the crate means re-checking `raw_session` and
-//! `raw_operation`, or replacing them with the crate's own partial-run API if it gains one.
+//! The `tensorflow` crate 0.21 wraps neither. A second, raw TensorFlow session would not do:
+//! a DirectSession owns its devices, so it would not see the session's variables. So this
+//! module calls `tensorflow-sys` with the raw session and operation pointers that
+//! [`super::raw`] reads out of the crate's structs.
 
 use std::ffi::{CStr, CString, c_int};
-use std::mem::size_of;
 
-use tensorflow::{Graph, Operation, Session, TensorType};
+use tensorflow::{Graph, TensorType};
 use tensorflow_sys as tf;
 use tfsd::proto::tensorflow::TensorProto;
 use tfsd::proto::tfsd::worker::v1 as wire;
 use tfsd::tensor::{self, DType, DenseData, DenseTensor};
 
+use super::raw::{self, RawStatus, raw_operation, raw_session};
 use super::{Runtime, resolve_output, resolve_target};
 use crate::byte_string::ByteString;
 use crate::failure::Failure;
-
-// tensorflow 0.21: `Session { inner: *mut TF_Session }`, `Graph { gimpl: Arc<GraphImpl> }`,
-// `Operation { inner: *mut TF_Operation, gimpl: Arc<GraphImpl> }`. A struct exactly as big as
-// its one pointer field holds that field at offset 0; a struct of two pointer-sized fields
-// has no padding, so both words are initialised.
-const _: () = assert!(size_of::<Session>() == size_of::<*mut tf::TF_Session>());
-const _: () = assert!(size_of::<Graph>() == size_of::<usize>());
-const _: () = assert!(size_of::<Operation>() == 2 * size_of::<usize>());
 
 impl Runtime {
     /// Starts a partial run; answers TensorFlow's handle for it.
@@ -134,66 +122,6 @@ fn outputs(graph: &Graph, names: &[String], role: &str) -> Result<Vec<tf::TF_Out
         .collect()
 }
 
-fn raw_session(session: &Session) -> *mut tf::TF_Session {
-    // SAFETY: see the layout assertions at the top: the struct is its one pointer field.
-    unsafe { *(session as *const Session as *const *mut tf::TF_Session) }
-}
-
-/// The `TF_Operation*` of an operation of `graph`: of the operation's two words, the one
-/// that is not the graph's shared pointer.
-fn raw_operation(graph: &Graph, operation: &Operation) -> Result<*mut tf::TF_Operation, Failure> {
-    // SAFETY: see the layout assertions at the top: plain reads of initialised words.
-    let (graph_word, words) = unsafe {
-        (
-            *(graph as *const Graph as *const usize),
-            *(operation as *const Operation as *const [usize; 2]),
-        )
-    };
-    match words {
-        [shared, inner] | [inner, shared] if shared == graph_word && inner != graph_word => {
-            Ok(inner as *mut tf::TF_Operation)
-        }
-        _ => Err(Failure::internal(
-            "partial runs need the tensorflow crate's 0.21 layout, which changed; \
-             see worker/src/runtime/partial_run.rs",
-        )),
-    }
-}
-
-/// A `TF_Status`, deleted on drop.
-struct RawStatus(*mut tf::TF_Status);
-
-impl RawStatus {
-    fn new() -> RawStatus {
-        // SAFETY: TF_NewStatus has no preconditions.
-        RawStatus(unsafe { tf::TF_NewStatus() })
-    }
-
-    fn check(&self) -> Result<(), Failure> {
-        // SAFETY: a live status; TF_Message returns a NUL-terminated string it owns.
-        let (code, message) = unsafe {
-            (
-                tf::TF_GetCode(self.0) as i32,
-                CStr::from_ptr(tf::TF_Message(self.0))
-                    .to_string_lossy()
-                    .into_owned(),
-            )
-        };
-        if code == 0 {
-            Ok(())
-        } else {
-            Err(Failure::new(code, message))
-        }
-    }
-}
-
-impl Drop for RawStatus {
-    fn drop(&mut self) {
-        // SAFETY: created by TF_NewStatus, deleted once.
-        unsafe { tf::TF_DeleteStatus(self.0) };
-    }
-}
-
 /// Tensors we own, deleted on drop (null entries are skipped).
 struct OwnedTensors(Vec<*mut tf::TF_Tensor>);
 
@@ -279,7 +207,7 @@ fn read_tensor(tensor: *mut tf::TF_Tensor) -> Result<DenseTensor, Failure> {
         } else {
             std::slice::from_raw_parts(data, size)
         };
-        (tf::TF_TensorType(tensor) as i32, dims, bytes)
+        (raw::tensor_type(tensor), dims, bytes)
     };
     let dtype = DType::from_proto(code).map_err(|_| {
         Failure::invalid_argument(format!(
