@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use prost::Message;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::memory::{self, MemoryUsage};
 use crate::metrics::Metrics;
@@ -125,7 +125,8 @@ type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>;
 pub struct WorkerProcess {
     pid: u32,
     tensorflow_version: String,
-    writer: tokio::sync::Mutex<FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>>,
+    /// Frames are written whole under this lock; see `send_frame`.
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
     exit: watch::Receiver<Option<ExitDescription>>,
@@ -220,7 +221,6 @@ impl WorkerProcess {
                 .new_codec()
         };
         let mut reader = FramedRead::new(read_half, codec());
-        let writer = FramedWrite::new(write_half, codec());
 
         let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -288,7 +288,7 @@ impl WorkerProcess {
         Ok(Arc::new(WorkerProcess {
             pid,
             tensorflow_version: ready.tensorflow_version,
-            writer: tokio::sync::Mutex::new(writer),
+            writer: Arc::new(tokio::sync::Mutex::new(write_half)),
             pending,
             next_id: AtomicU64::new(1),
             exit: exit_rx,
@@ -358,13 +358,26 @@ impl WorkerProcess {
                 None => return Err(self.died()),
             }
         }
-        let frame = WorkerRequest {
+        let request = WorkerRequest {
             id,
             kind: Some(kind),
+        };
+        let length = request.encoded_len();
+        if length > MAX_FRAME_BYTES {
+            self.forget(id);
+            return Err(WorkerError::Protocol(format!(
+                "a request of {length} bytes is larger than a worker frame may be \
+                 ({MAX_FRAME_BYTES} bytes)"
+            )));
         }
-        .encode_to_vec();
-        let sent = self.writer.lock().await.send(Bytes::from(frame)).await;
-        if sent.is_err() {
+        // The one copy of the payload on the way out: the frame is encoded straight into
+        // the buffer that is written to the socket.
+        let mut frame = Vec::with_capacity(4 + length);
+        frame.extend_from_slice(&(length as u32).to_be_bytes());
+        request
+            .encode(&mut frame)
+            .expect("a Vec grows to fit the message");
+        if self.send_frame(Bytes::from(frame)).await.is_err() {
             // The socket is gone: the worker died or is dying. Its exit watcher answers this
             // request with the exit status, which says more than the write error.
             return match rx.await {
@@ -375,6 +388,37 @@ impl WorkerProcess {
         match rx.await {
             Ok(reply) => reply,
             Err(_) => Err(self.died()),
+        }
+    }
+
+    /// Writes one frame (4-byte big-endian length, then the message: `LengthDelimitedCodec`'s
+    /// framing, which the worker reads). Written from the caller's task, without a hand-off;
+    /// a frame that does not fit the socket's buffer at once is finished by a task of its
+    /// own, so that a caller whose RPC is cancelled never leaves half a frame behind.
+    async fn send_frame(&self, frame: Bytes) -> std::io::Result<()> {
+        let mut writer = self.writer.clone().lock_owned().await;
+        let mut written = 0;
+        while written < frame.len() {
+            match writer.try_write(&frame[written..]) {
+                Ok(n) => written += n,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    let rest = frame.slice(written..);
+                    return tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        writer.write_all(&rest).await
+                    })
+                    .await
+                    .unwrap_or_else(|join| Err(std::io::Error::other(join)));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(map) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            map.remove(&id);
         }
     }
 

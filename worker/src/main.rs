@@ -8,16 +8,15 @@ mod failure;
 mod runtime;
 mod tensors;
 
+use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
-use std::sync::Arc;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use prost::Message;
 use tfsd::proto::tfsd::worker::v1 as wire;
-use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use wire::{worker_request::Kind, worker_response::Result as Reply};
 
 use crate::failure::Failure;
@@ -25,8 +24,12 @@ use crate::runtime::Runtime;
 
 /// Largest frame either side accepts (the supervisor uses the same limit).
 const MAX_FRAME_BYTES: usize = 2 << 30;
-/// Responses queued for the socket before handlers wait.
-const RESPONSE_QUEUE: usize = 64;
+/// Most requests handled at once (concurrent runs on the session; tokio's blocking pool,
+/// which this replaces, had the same cap). Past it, requests wait for a free thread.
+const MAX_HANDLERS: usize = 512;
+/// Stack of a handler thread: with `inter_op_parallelism_threads = -1` TensorFlow runs the
+/// step's kernels on it, so it gets the size TensorFlow gives its own threads.
+const HANDLER_STACK_BYTES: usize = 8 << 20;
 
 fn main() -> anyhow::Result<()> {
     let fd: i32 = std::env::var("TFSD_WORKER_FD")
@@ -41,31 +44,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tune_allocator();
-    let runtime = Arc::new(Runtime::new().map_err(|f| anyhow::anyhow!(f.message))?);
+    let runtime = Runtime::new().map_err(|f| anyhow::anyhow!(f.message))?;
     // SAFETY: fd 3 was set up by the supervisor for this process and nothing else owns it.
-    let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-    socket.set_nonblocking(true)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?
-        .block_on(serve(socket, runtime))
-}
-
-async fn serve(
-    socket: std::os::unix::net::UnixStream,
-    runtime: Arc<Runtime>,
-) -> anyhow::Result<()> {
-    let (read_half, write_half) = tokio::net::UnixStream::from_std(socket)?.into_split();
-    let codec = || {
-        LengthDelimitedCodec::builder()
-            .max_frame_length(MAX_FRAME_BYTES)
-            .new_codec()
-    };
-    let mut reader = FramedRead::new(read_half, codec());
-    let mut writer = FramedWrite::new(write_half, codec());
-    let (responses, mut outgoing) = mpsc::channel::<wire::WorkerResponse>(RESPONSE_QUEUE);
-
+    let socket = unsafe { UnixStream::from_raw_fd(fd) };
+    let worker = Arc::new(Worker {
+        runtime,
+        writer: Mutex::new(socket.try_clone()?),
+        reader: Mutex::new(socket),
+        handlers: AtomicUsize::new(1),
+        waiting: AtomicUsize::new(0),
+    });
     let ready = wire::WorkerResponse {
         id: 0,
         result: Some(Reply::Ready(wire::Ready {
@@ -73,29 +61,86 @@ async fn serve(
             tensorflow_version: tensorflow::version().unwrap_or_default(),
         })),
     };
-    writer.send(Bytes::from(ready.encode_to_vec())).await?;
-    tokio::spawn(async move {
-        while let Some(response) = outgoing.recv().await {
-            if writer
-                .send(Bytes::from(response.encode_to_vec()))
-                .await
-                .is_err()
-            {
-                break;
+    worker.send(&ready)?;
+    worker.serve()
+}
+
+/// The worker's threads, in the leader/follower pattern: whichever thread holds `reader`
+/// reads the next request, lets go of `reader` (so another thread reads the one after) and
+/// handles the request itself, writing the response straight to the socket. A request thus
+/// runs on the thread the kernel woke with its bytes: no hand-off between threads on the
+/// way in or out (the tokio version this replaces crossed four per step). A thread is added
+/// when a request arrives and no other thread is waiting to read, so requests never wait
+/// for one another (concurrent runs, a run blocked on a queue that a later run fills).
+struct Worker {
+    runtime: Runtime,
+    reader: Mutex<UnixStream>,
+    writer: Mutex<UnixStream>,
+    /// Threads serving requests (at most MAX_HANDLERS).
+    handlers: AtomicUsize,
+    /// Threads waiting for `reader`.
+    waiting: AtomicUsize,
+}
+
+impl Worker {
+    fn serve(self: Arc<Self>) -> anyhow::Result<()> {
+        loop {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let frame = {
+                let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                read_frame(&mut reader)
+            };
+            let request = match frame {
+                Ok(Some(frame)) => wire::WorkerRequest::decode(bytes::Bytes::from(frame))?,
+                // The supervisor closed the socket: it is done with this worker, or gone.
+                // Leave at once; the OS takes back every byte TensorFlow held.
+                Ok(None) => std::process::exit(0),
+                Err(error) => return Err(error),
+            };
+            if self.waiting.load(Ordering::SeqCst) == 0 {
+                self.add_handler();
+            }
+            let response = wire::WorkerResponse {
+                id: request.id,
+                result: Some(self.answer(request.kind)),
+            };
+            if self.send(&response).is_err() {
+                std::process::exit(0);
             }
         }
-    });
+    }
 
-    while let Some(frame) = reader.next().await {
-        let request = wire::WorkerRequest::decode(frame?.freeze())?;
-        let runtime = runtime.clone();
-        let responses = responses.clone();
-        tokio::task::spawn_blocking(move || {
-            // A panic (a bug in tfsd or in the TensorFlow binding) must still answer the
-            // request, or the client would wait forever.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                handle(&runtime, request.kind)
-            }))
+    /// Starts one more thread to read the next request, unless there are enough.
+    fn add_handler(self: &Arc<Self>) {
+        let added = self
+            .handlers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_HANDLERS).then_some(n + 1)
+            })
+            .is_ok();
+        if !added {
+            return;
+        }
+        let worker = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tfsd-handler".into())
+            .stack_size(HANDLER_STACK_BYTES)
+            .spawn(move || {
+                if let Err(error) = worker.serve() {
+                    eprintln!("tfsd-worker: {error:#}");
+                    std::process::exit(1);
+                }
+            });
+        if spawned.is_err() {
+            self.handlers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Handles one request. A panic (a bug in tfsd or in the TensorFlow binding) still
+    /// answers it, or the client would wait forever.
+    fn answer(&self, kind: Option<Kind>) -> Reply {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&self.runtime, kind)))
             .unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<String>()
@@ -105,22 +150,51 @@ async fn serve(
                 Err(Failure::internal(format!(
                     "the worker failed while handling this request: {what}"
                 )))
-            });
-            let response = wire::WorkerResponse {
-                id: request.id,
-                result: Some(result.unwrap_or_else(|failure| {
-                    Reply::Error(wire::Error {
-                        code: failure.code,
-                        message: failure.message,
-                    })
-                })),
-            };
-            let _ = responses.blocking_send(response);
-        });
+            })
+            .unwrap_or_else(|failure| {
+                Reply::Error(wire::Error {
+                    code: failure.code,
+                    message: failure.message,
+                })
+            })
     }
-    // The supervisor closed the socket: it is done with this worker, or gone. Leave at once;
-    // the OS takes back every byte TensorFlow held.
-    std::process::exit(0);
+
+    /// Writes one response frame: a 4-byte big-endian length, then the message (the framing
+    /// of tokio-util's `LengthDelimitedCodec`, which the supervisor reads with).
+    fn send(&self, response: &wire::WorkerResponse) -> std::io::Result<()> {
+        let length = response.encoded_len();
+        let mut frame = Vec::with_capacity(4 + length);
+        frame.extend_from_slice(&(length as u32).to_be_bytes());
+        response
+            .encode(&mut frame)
+            .expect("a Vec grows to fit the message");
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        writer.write_all(&frame)
+    }
+}
+
+/// Reads one length-delimited frame; `None` when the socket closed between frames.
+fn read_frame(reader: &mut UnixStream) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut head = [0u8; 4];
+    match reader.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error).context("read a frame from the supervisor"),
+    }
+    let length = u32::from_be_bytes(head) as usize;
+    if length > MAX_FRAME_BYTES {
+        bail!("the supervisor sent a frame of {length} bytes (most: {MAX_FRAME_BYTES})");
+    }
+    // read_to_end fills the spare capacity without zeroing it first.
+    let mut frame = Vec::with_capacity(length);
+    reader
+        .take(length as u64)
+        .read_to_end(&mut frame)
+        .context("read a frame from the supervisor")?;
+    if frame.len() < length {
+        return Ok(None);
+    }
+    Ok(Some(frame))
 }
 
 /// Makes freed tensor memory go back to the OS. glibc serves big allocations with mmap
