@@ -417,7 +417,12 @@ impl WorkerProcess {
     }
 
     fn forget(&self, id: u64) {
-        if let Some(map) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(map) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             map.remove(&id);
         }
     }
