@@ -6,6 +6,7 @@
 //! their resource managers, and nothing else in the process is touched. `TF_Reset` is never
 //! used (it closes every session in the process, FACTS §3).
 
+mod c_tensors;
 mod partial_run;
 mod raw;
 
@@ -20,6 +21,7 @@ use tfsd::proto::tensorflow::TensorProto;
 use tfsd::proto::tfsd::worker::v1 as wire;
 use tfsd::tensor::{self, DType};
 
+use self::c_tensors::{OwnedTensors, new_tensor};
 use crate::failure::Failure;
 use crate::tensors::{AnyTensor, data_type_of};
 
@@ -215,50 +217,58 @@ impl Runtime {
         import(&mut state.graph, graph_def, &options)
     }
 
+    /// One step, through the C API directly (see `c_tensors` for why).
     pub fn run(&self, run: wire::Run) -> Result<Vec<TensorProto>, Failure> {
         let state = self.read();
         let graph = &state.graph;
-        let mut feeds = Vec::with_capacity(run.feeds.len());
+        let mut inputs = Vec::with_capacity(run.feeds.len());
+        let mut values = OwnedTensors(Vec::with_capacity(run.feeds.len()));
         for (name, proto) in &run.feeds {
             let dense = tensor::decode(proto)
                 .map_err(|error| Failure::invalid_argument(format!("feed {name:?}: {error}")))?;
             let (operation, index) = resolve_output(graph, name, "feed")?;
-            feeds.push((operation, index, AnyTensor::from_dense(&dense)));
+            inputs.push(tensorflow_sys::TF_Output {
+                oper: raw::raw_operation(graph, &operation)?,
+                index,
+            });
+            values.0.push(new_tensor(&dense)?);
         }
-        let mut args = SessionRunArgs::new();
-        for (operation, index, tensor) in &feeds {
-            tensor.feed(&mut args, operation, *index);
-        }
-        let mut fetches = Vec::with_capacity(run.fetches.len());
+        let mut outputs = Vec::with_capacity(run.fetches.len());
         for name in &run.fetches {
             let (operation, index) = resolve_output(graph, name, "fetch")?;
             let code = raw::output_type(graph, &operation, index)?;
-            let dtype = DType::from_proto(code).map_err(|_| {
+            DType::from_proto(code).map_err(|_| {
                 Failure::invalid_argument(format!(
                     "fetch {name:?}: its type {} cannot be returned to a client",
                     type_name(code)
                 ))
             })?;
-            fetches.push((args.request_fetch(&operation, index), dtype));
+            outputs.push(tensorflow_sys::TF_Output {
+                oper: raw::raw_operation(graph, &operation)?,
+                index,
+            });
         }
+        let mut targets = Vec::with_capacity(run.targets.len());
         for name in &run.targets {
             let name = name.strip_prefix('^').unwrap_or(name);
             let (operation, _) = resolve_target(graph, name)?;
-            args.add_target(&operation);
+            targets.push(raw::raw_operation(graph, &operation)? as *const _);
         }
-        if run.timeout_ms > 0 {
-            let options = RunOptions {
+        let options = (run.timeout_ms > 0).then(|| {
+            RunOptions {
                 timeout_in_ms: i64::try_from(run.timeout_ms).unwrap_or(i64::MAX),
-            };
-            args.set_run_options(&options.encode_to_vec());
-        }
-        state.session.run(&mut args)?;
-        fetches
-            .into_iter()
-            .map(|(token, dtype)| {
-                AnyTensor::take(&mut args, token, dtype).map(|t| tensor::encode(t.into_dense()))
-            })
-            .collect()
+            }
+            .encode_to_vec()
+        });
+        raw::session_run(
+            &state.session,
+            options.as_deref(),
+            &inputs,
+            &values,
+            &outputs,
+            &targets,
+        )?
+        .into_protos()
     }
 
     /// An empty graph and a new session with the same config.

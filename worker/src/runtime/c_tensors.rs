@@ -1,0 +1,165 @@
+//! TensorFlow tensors made and read through the C API, for the steps the worker runs with
+//! `TF_SessionRun` / `TF_SessionPRun` directly. Compared with the crate's `Tensor<T>`, a feed
+//! is one copy into memory TensorFlow allocated (the crate zero-fills it first: a third of the
+//! worker's CPU for a 64 MiB feed), and a fetch is not copied at all: its bytes stay in
+//! TensorFlow's buffer until the response has been written.
+
+use std::ffi::c_int;
+
+use bytes::Bytes;
+use tensorflow::TensorType; // ByteString::pack and unpack
+use tensorflow_sys as tf;
+use tfsd::proto::tensorflow::TensorProto;
+use tfsd::tensor::{self, DType, DenseData, DenseTensor};
+
+use super::raw;
+use crate::byte_string::ByteString;
+use crate::failure::Failure;
+
+/// Tensors we own, deleted on drop (null entries are skipped).
+pub struct OwnedTensors(pub Vec<*mut tf::TF_Tensor>);
+
+impl OwnedTensors {
+    /// `count` empty slots, for TensorFlow to fill with a step's outputs.
+    pub fn slots(count: usize) -> OwnedTensors {
+        OwnedTensors(vec![std::ptr::null_mut(); count])
+    }
+
+    /// Each tensor as a TensorProto; numeric payloads are handed over without a copy.
+    pub fn into_protos(mut self) -> Result<Vec<TensorProto>, Failure> {
+        self.0
+            .iter_mut()
+            .map(|slot| take(std::mem::replace(slot, std::ptr::null_mut())).map(tensor::encode))
+            .collect()
+    }
+}
+
+impl Drop for OwnedTensors {
+    fn drop(&mut self) {
+        for &tensor in &self.0 {
+            if !tensor.is_null() {
+                // SAFETY: each non-null entry is a tensor we own, deleted once.
+                unsafe { tf::TF_DeleteTensor(tensor) };
+            }
+        }
+    }
+}
+
+fn c_data_type(dtype: DType) -> tf::TF_DataType {
+    use tf::TF_DataType as C;
+    match dtype {
+        DType::Float => C::TF_FLOAT,
+        DType::Double => C::TF_DOUBLE,
+        DType::Int32 => C::TF_INT32,
+        DType::UInt8 => C::TF_UINT8,
+        DType::Int16 => C::TF_INT16,
+        DType::Int8 => C::TF_INT8,
+        DType::String => C::TF_STRING,
+        DType::Int64 => C::TF_INT64,
+        DType::Bool => C::TF_BOOL,
+        DType::BFloat16 => C::TF_BFLOAT16,
+        DType::UInt16 => C::TF_UINT16,
+        DType::Half => C::TF_HALF,
+        DType::UInt32 => C::TF_UINT32,
+        DType::UInt64 => C::TF_UINT64,
+    }
+}
+
+/// A new TensorFlow tensor holding a decoded feed.
+pub fn new_tensor(dense: &DenseTensor) -> Result<*mut tf::TF_Tensor, Failure> {
+    let dims: Vec<i64> = dense.dims.iter().map(|&d| d as i64).collect();
+    match &dense.data {
+        DenseData::Strings(strings) => {
+            let strings: Vec<ByteString> = strings.iter().cloned().map(ByteString).collect();
+            Ok(ByteString::pack(&strings, &dense.dims)?)
+        }
+        DenseData::Bytes(bytes) => {
+            // SAFETY: TensorFlow allocates `bytes.len()` bytes (the dense size for these
+            // dims, checked by tensor::decode), which are filled before anyone reads them.
+            unsafe {
+                let tensor = tf::TF_AllocateTensor(
+                    c_data_type(dense.dtype),
+                    dims.as_ptr(),
+                    dims.len() as c_int,
+                    bytes.len(),
+                );
+                if tensor.is_null() {
+                    return Err(Failure::internal("TF_AllocateTensor failed"));
+                }
+                if !bytes.is_empty() {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        tf::TF_TensorData(tensor) as *mut u8,
+                        bytes.len(),
+                    );
+                }
+                Ok(tensor)
+            }
+        }
+    }
+}
+
+/// A tensor TensorFlow returned, owned: its bytes, readable from any thread, deleted with it.
+struct Owned(*mut tf::TF_Tensor);
+
+// SAFETY: a finished step's output is immutable and no longer referenced by TensorFlow;
+// reading it and deleting it need no particular thread.
+unsafe impl Send for Owned {}
+
+impl AsRef<[u8]> for Owned {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: a live tensor; its data is TF_TensorByteSize bytes long.
+        unsafe {
+            let size = tf::TF_TensorByteSize(self.0);
+            let data = tf::TF_TensorData(self.0) as *const u8;
+            if size == 0 || data.is_null() {
+                &[]
+            } else {
+                std::slice::from_raw_parts(data, size)
+            }
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // SAFETY: owned, deleted once.
+        unsafe { tf::TF_DeleteTensor(self.0) };
+    }
+}
+
+/// The dense form of a tensor TensorFlow returned, taking ownership of it.
+fn take(tensor: *mut tf::TF_Tensor) -> Result<DenseTensor, Failure> {
+    if tensor.is_null() {
+        return Err(Failure::internal(
+            "TensorFlow returned no tensor for a fetch",
+        ));
+    }
+    let tensor = Owned(tensor);
+    let code = raw::tensor_type(tensor.0);
+    // SAFETY: a live tensor.
+    let dims: Vec<u64> = unsafe {
+        (0..tf::TF_NumDims(tensor.0))
+            .map(|index| tf::TF_Dim(tensor.0, index) as u64)
+            .collect()
+    };
+    let dtype = DType::from_proto(code).map_err(|_| {
+        Failure::invalid_argument(format!(
+            "a fetch has TensorFlow type {code}, which cannot be returned to a client"
+        ))
+    })?;
+    let data = match dtype {
+        DType::String => {
+            let count = dims.iter().product::<u64>() as usize;
+            let strings = ByteString::unpack(tensor.as_ref(), count)?;
+            DenseData::Strings(strings.into_iter().map(|s| s.0).collect())
+        }
+        // TensorFlow keeps every other supported type as its little-endian elements (bool as
+        // 0 or 1, bfloat16 and half as their 16 bits): TensorProto's tensor_content layout.
+        _ => DenseData::Bytes(Bytes::from_owner(tensor)),
+    };
+    Ok(DenseTensor { dtype, dims, data })
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("tfsd-worker hands TensorFlow's tensor bytes over as little-endian");
