@@ -39,10 +39,12 @@ pub const DEFAULT_POOL_SIZE: usize = 1;
 pub const DEFAULT_WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Environment every worker gets unless the config overrides it. oneDNN's CPU allocator pools
 /// freed memory, so an in-process purge or graph reset would not give memory back
-/// (FACTS §3); TensorFlow's info logs are noise in the daemon's log.
-pub const DEFAULT_WORKER_ENV: [(&str, &str); 2] = [
+/// (FACTS §3); TensorFlow's info logs are noise in the daemon's log; TensorFlow's pool
+/// threads spinning while idle take CPU from every other session (worker/src/runtime.rs).
+pub const DEFAULT_WORKER_ENV: [(&str, &str); 3] = [
     ("TF_ENABLE_ONEDNN_OPTS", "0"),
     ("TF_CPP_MIN_LOG_LEVEL", "1"),
+    ("TFSD_THREAD_SPINNING", "0"),
 ];
 /// Log filter (tracing-subscriber's EnvFilter syntax) when neither config nor RUST_LOG set one.
 pub const DEFAULT_LOG_FILTER: &str = "info";
@@ -466,6 +468,7 @@ mod tests {
         );
         assert_eq!(config.workers.start_timeout, DEFAULT_WORKER_START_TIMEOUT);
         assert_eq!(config.workers.env["TF_ENABLE_ONEDNN_OPTS"], "0");
+        assert_eq!(config.workers.env["TFSD_THREAD_SPINNING"], "0");
         assert_eq!(config.log.format, LogFormat::Human);
     }
 
