@@ -139,6 +139,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve_master(
             master_listener,
             manager.clone(),
+            config.limits.clone(),
             shutdown.clone(),
         ));
         println!("tfsd master on {master_address}");
@@ -238,9 +239,10 @@ async fn serve_metrics(
 async fn serve_master(
     listener: tokio::net::TcpListener,
     manager: Arc<SessionManager>,
+    limits: crate::limits::Limits,
     shutdown: CancellationToken,
 ) {
-    if let Err(error) = crate::master::serve(listener, manager, shutdown).await {
+    if let Err(error) = crate::master::serve(listener, manager, limits, shutdown).await {
         tracing::error!(%error, "the MasterService failed");
     }
 }

@@ -1,12 +1,21 @@
 //! Operator maxima on what clients may ask of the daemon: sessions in total and per
 //! principal, message and GraphDef sizes, tensor elements per feed, concurrent runs per
 //! session, and a ceiling on run timeouts. Going past one is a clear RESOURCE_EXHAUSTED
-//! (counts) or INVALID_ARGUMENT (sizes) that names the limit.
+//! (counts, and an answer too big to send) or INVALID_ARGUMENT (sizes of what a client
+//! sent) that names the limit.
+//!
+//! The checks live here, as domain errors, for every API to apply alike: tfsd.v1 (`grpc/`)
+//! and TensorFlow's MasterService (`master/`). An API decides only who the principal is;
+//! its tonic server enforces the message size on what arrives.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
+
+use crate::error::Error;
+use crate::proto::tensorflow::TensorProto;
+use crate::session::RunSpec;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +99,110 @@ impl Limits {
             (requested, None) => requested,
         }
     }
+
+    /// limits.max_graph_def_size, for a GraphDef that creates or extends a session.
+    pub fn check_graph_def_size(&self, bytes: usize) -> Result<(), Error> {
+        match self.max_graph_def_bytes {
+            Some(max) if bytes > max => Err(Error::InvalidArgument(format!(
+                "graph_def is {bytes} bytes; limits.max_graph_def_size is {max} bytes"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// limits.max_message_size, for an answer a handler is about to send. tonic's encoder
+    /// would refuse it too, but with OUT_OF_RANGE, which TensorFlow's client raises as
+    /// `OutOfRangeError`: the "end of input" that training loops stop on without a word.
+    pub fn check_answer_size(&self, bytes: usize) -> Result<(), Error> {
+        if bytes > self.max_message_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "the answer is {bytes} bytes; limits.max_message_size is {} bytes: fetch less \
+                 in one step",
+                self.max_message_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// limits.max_sessions and max_sessions_per_principal, before a session is created:
+    /// `sessions` is how many the daemon hosts, `own` how many of them belong to `principal`
+    /// (as messages name it). Checked before the worker is taken, so concurrent creates may
+    /// overshoot by the number in flight.
+    pub fn check_session_count(
+        &self,
+        sessions: usize,
+        own: usize,
+        principal: &str,
+    ) -> Result<(), Error> {
+        if let Some(max) = self.max_sessions
+            && sessions >= max
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "the daemon already hosts {sessions} sessions, the most limits.max_sessions \
+                 allows; close one first"
+            )));
+        }
+        if let Some(max) = self.max_sessions_per_principal
+            && own >= max
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "{principal} already has {own} sessions, the most \
+                 limits.max_sessions_per_principal allows; close one first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// limits.max_feed_elements, for each feed by its declared shape.
+    pub fn check_feed_elements<'a>(
+        &self,
+        feeds: impl IntoIterator<Item = (&'a str, &'a TensorProto)>,
+    ) -> Result<(), Error> {
+        let Some(max) = self.max_feed_elements else {
+            return Ok(());
+        };
+        for (name, tensor) in feeds {
+            let elements = element_count(tensor);
+            if elements > max {
+                return Err(Error::InvalidArgument(format!(
+                    "feed {name:?} has {elements} elements; limits.max_feed_elements is {max}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A step within the limits: its feeds checked, its timeout capped (or set), and its
+    /// runs in flight bounded (limits.max_concurrent_runs_per_session, which the session
+    /// manager enforces).
+    pub fn limit_run(&self, spec: RunSpec) -> Result<RunSpec, Error> {
+        self.check_feed_elements(
+            spec.feeds
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor)),
+        )?;
+        Ok(RunSpec {
+            timeout: self.run_timeout(spec.timeout),
+            max_runs_in_flight: self.max_concurrent_runs_per_session,
+            ..spec
+        })
+    }
+}
+
+/// Elements in a feed by its declared shape (1 without a shape, `u64::MAX` when the product
+/// overflows or a dimension is negative: tensor validation reports a malformed shape).
+pub fn element_count(tensor: &TensorProto) -> u64 {
+    tensor.tensor_shape.as_ref().map_or(1, |shape| {
+        shape
+            .dim
+            .iter()
+            .try_fold(1u64, |total, dim| {
+                u64::try_from(dim.size)
+                    .ok()
+                    .and_then(|size| total.checked_mul(size))
+            })
+            .unwrap_or(u64::MAX)
+    })
 }
 
 #[cfg(test)]
@@ -133,6 +246,105 @@ mod tests {
             Some(Duration::from_secs(60))
         );
         assert_eq!(Limits::default().run_timeout(None), None);
+    }
+
+    #[test]
+    fn sizes_are_invalid_arguments_naming_the_limit() {
+        let limits = Limits {
+            max_graph_def_bytes: Some(10),
+            max_feed_elements: Some(6),
+            ..Limits::default()
+        };
+        assert!(limits.check_graph_def_size(10).is_ok());
+        let error = limits.check_graph_def_size(11).expect_err("too big");
+        assert!(matches!(&error, Error::InvalidArgument(message)
+            if message.contains("limits.max_graph_def_size")));
+
+        let mut tensor = TensorProto::default();
+        assert_eq!(element_count(&tensor), 1, "a scalar");
+        tensor.tensor_shape = Some(crate::proto::tensorflow::TensorShapeProto {
+            dim: [2, 3]
+                .into_iter()
+                .map(|size| crate::proto::tensorflow::tensor_shape_proto::Dim {
+                    size,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        assert_eq!(element_count(&tensor), 6);
+        assert!(limits.check_feed_elements([("x", &tensor)]).is_ok());
+        let too_many = Limits {
+            max_feed_elements: Some(5),
+            ..Limits::default()
+        };
+        let error = too_many
+            .check_feed_elements([("x", &tensor)])
+            .expect_err("six elements");
+        assert!(matches!(&error, Error::InvalidArgument(message)
+            if message.contains("\"x\"") && message.contains("limits.max_feed_elements")));
+        assert!(
+            Limits::default()
+                .check_feed_elements([("x", &tensor)])
+                .is_ok()
+        );
+
+        let small = Limits {
+            max_message_bytes: 100,
+            ..Limits::default()
+        };
+        assert!(small.check_answer_size(100).is_ok());
+        let error = small.check_answer_size(101).expect_err("too big");
+        assert!(matches!(&error, Error::ResourceExhausted(message)
+            if message.contains("limits.max_message_size")));
+    }
+
+    #[test]
+    fn session_counts_are_resource_exhausted_naming_the_limit() {
+        let limits = Limits {
+            max_sessions: Some(3),
+            max_sessions_per_principal: Some(2),
+            ..Limits::default()
+        };
+        assert!(limits.check_session_count(2, 1, "alice").is_ok());
+        let error = limits
+            .check_session_count(3, 0, "alice")
+            .expect_err("daemon full");
+        assert!(matches!(&error, Error::ResourceExhausted(message)
+            if message.contains("limits.max_sessions ")));
+        let error = limits
+            .check_session_count(2, 2, "alice")
+            .expect_err("alice full");
+        assert!(matches!(&error, Error::ResourceExhausted(message)
+            if message.starts_with("alice ")
+                && message.contains("limits.max_sessions_per_principal")));
+        assert!(
+            Limits::default()
+                .check_session_count(1000, 1000, "alice")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn runs_get_the_timeout_ceiling_and_the_concurrency_bound() {
+        let limits = Limits {
+            max_run_timeout: Some(Duration::from_secs(60)),
+            max_concurrent_runs_per_session: Some(2),
+            ..Limits::default()
+        };
+        let spec = limits
+            .limit_run(RunSpec {
+                timeout: Some(Duration::from_secs(600)),
+                ..RunSpec::default()
+            })
+            .expect("within the limits");
+        assert_eq!(spec.timeout, Some(Duration::from_secs(60)));
+        assert_eq!(spec.max_runs_in_flight, Some(2));
+        let unlimited = Limits::default()
+            .limit_run(RunSpec::default())
+            .expect("unlimited");
+        assert_eq!(unlimited.timeout, None);
+        assert_eq!(unlimited.max_runs_in_flight, None);
     }
 
     #[test]

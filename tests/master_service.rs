@@ -275,3 +275,251 @@ async fn a_master_session_outlives_a_daemon_restart_with_a_state_directory() {
     drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tensorflow.RunOptions`, only the field tfsd reads.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RunOptions {
+    #[prost(int64, tag = "2")]
+    timeout_in_ms: i64,
+}
+
+/// `tensorflow.CallableOptions`, only the fields these tests set.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CallableOptions {
+    #[prost(string, repeated, tag = "1")]
+    feed: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    fetch: Vec<String>,
+    #[prost(bytes = "vec", tag = "4")]
+    run_options: Vec<u8>,
+}
+
+async fn make_callable(master: &mut Master, handle: &str, options: CallableOptions) -> i64 {
+    let request = tf::MakeCallableRequest {
+        session_handle: handle.to_string(),
+        options: prost::Message::encode_to_vec(&options),
+        request_id: 0,
+    };
+    let made = master.make_callable(request).await.expect("MakeCallable");
+    made.into_inner().handle
+}
+
+async fn run_callable(
+    master: &mut Master,
+    handle: &str,
+    callable: i64,
+    feed: Vec<tfsd::proto::tensorflow::TensorProto>,
+) -> Result<tf::RunCallableResponse, tonic::Status> {
+    let request = tf::RunCallableRequest {
+        session_handle: handle.to_string(),
+        handle: callable,
+        feed,
+        request_id: 0,
+    };
+    master.run_callable(request).await.map(|r| r.into_inner())
+}
+
+async fn partial_run_setup(master: &mut Master, handle: &str) -> String {
+    let request = tf::PartialRunSetupRequest {
+        session_handle: handle.to_string(),
+        feed: vec!["x:0".into()],
+        fetch: vec!["y:0".into()],
+        ..Default::default()
+    };
+    let setup = master.partial_run_setup(request).await;
+    setup
+        .expect("PartialRunSetup")
+        .into_inner()
+        .partial_run_handle
+}
+
+/// A step's outcome as TensorFlow's client gets it (errors in the body, over gRPC OK).
+async fn step_outcome(master: &mut Master, request: tf::RunStepRequest) -> (tonic::Code, String) {
+    let answer = master.run_step(request).await.expect("gRPC OK");
+    let answer = answer.into_inner();
+    let code = tonic::Code::from_i32(answer.status_code);
+    (code, answer.status_error_message)
+}
+
+/// Asserts that a call failed with `code` and a message naming `limit`.
+#[track_caller]
+fn assert_refused(outcome: (tonic::Code, String), code: tonic::Code, limit: &str) {
+    assert_eq!(outcome.0, code, "{}", outcome.1);
+    assert!(outcome.1.contains(limit), "{limit} not in {:?}", outcome.1);
+}
+
+fn status_of<T>(result: Result<T, tonic::Status>) -> (tonic::Code, String) {
+    let status = result.err().expect("refused");
+    (status.code(), status.message().to_string())
+}
+
+fn create_request(graph_def: Vec<u8>) -> tf::CreateSessionRequest {
+    tf::CreateSessionRequest {
+        graph_def,
+        ..Default::default()
+    }
+}
+
+/// A float feed declaring `elements` elements (its content left empty).
+fn big_feed(elements: i64) -> tfsd::proto::tensorflow::TensorProto {
+    let mut big = scalar(0.0);
+    big.float_val.clear();
+    big.tensor_shape = shape(&[elements]);
+    big
+}
+
+/// `step` with `x:0` fed `tensor`.
+fn step_feeding(handle: &str, tensor: tfsd::proto::tensorflow::TensorProto) -> tf::RunStepRequest {
+    let mut request = step(handle, "y:0", &[]);
+    request.feed[0].tensor = Some(tensor);
+    request
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operators_limits_apply_to_master_sessions() {
+    use tonic::Code;
+    let dir = std::env::temp_dir().join(format!(
+        "tfsd-master-limits-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let config = dir.join("tfsd.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_sessions = 3\nmax_sessions_per_principal = 2\n\
+         max_message_size = \"1MiB\"\nmax_graph_def_size = \"64KiB\"\n\
+         max_feed_elements = 100\nmax_concurrent_runs_per_session = 1\n\
+         max_run_timeout = \"3s\"\n",
+    )
+    .expect("config");
+    let daemon = Daemon::start_with(&["--config", config.to_str().expect("utf-8 path")]);
+    let mut master = master(&daemon).await;
+    let mut client = daemon.client().await;
+
+    // max_sessions counts every session, tfsd.v1's and the MasterService's.
+    let own = create(&mut client, model_graph()).await.session_id;
+    let handle = create_master_session(&mut master).await;
+    let second = create_master_session(&mut master).await;
+    let refused = master.create_session(create_request(model_graph())).await;
+    let limit = "limits.max_sessions allows";
+    assert_refused(status_of(refused), Code::ResourceExhausted, limit);
+    // max_sessions_per_principal: the MasterService clients at one address are one principal.
+    let close = api::CloseSessionRequest { session_id: own };
+    client.close_session(close).await.expect("close");
+    let refused = status_of(master.create_session(create_request(model_graph())).await);
+    assert!(refused.1.contains("master:127.0.0.1"), "{}", refused.1);
+    assert_refused(
+        refused,
+        Code::ResourceExhausted,
+        "max_sessions_per_principal",
+    );
+
+    // max_graph_def_size, for CreateSession and ExtendSession.
+    let limit = "limits.max_graph_def_size";
+    let refused = master
+        .create_session(create_request(vec![0; 100 << 10]))
+        .await;
+    assert_refused(status_of(refused), Code::InvalidArgument, limit);
+    let mut extend = tf::ExtendSessionRequest {
+        session_handle: handle.clone(),
+        graph_def: vec![0; 100 << 10],
+        current_graph_version: 0,
+    };
+    let refused = master.extend_session(extend.clone()).await;
+    assert_refused(status_of(refused), Code::InvalidArgument, limit);
+    // Within it: `fill`, a float vector of 512 Ki elements (2 MiB) from the fed `value`.
+    let mut graph = tensorflow::Graph::new();
+    add_big_variable(&mut graph, 512 << 10);
+    extend.graph_def = graph.graph_def().expect("graph_def");
+    master.extend_session(extend).await.expect("Extend");
+    let init = step(&handle, "", &["w_init"]);
+    master.run_step(init).await.expect("init");
+
+    // max_feed_elements, for RunStep, RunCallable and a partial run's steps.
+    let limit = "limits.max_feed_elements";
+    let outcome = step_outcome(&mut master, step_feeding(&handle, big_feed(1000))).await;
+    assert_refused(outcome, Code::InvalidArgument, limit);
+    let options = CallableOptions {
+        feed: vec!["x:0".into()],
+        fetch: vec!["y:0".into()],
+        ..Default::default()
+    };
+    let callable = make_callable(&mut master, &handle, options).await;
+    let refused = run_callable(&mut master, &handle, callable, vec![big_feed(1000)]).await;
+    assert_refused(status_of(refused), Code::InvalidArgument, limit);
+    let mut partial = step_feeding(&handle, big_feed(1000));
+    partial.partial_run_handle = partial_run_setup(&mut master, &handle).await;
+    let outcome = step_outcome(&mut master, partial.clone()).await;
+    assert_refused(outcome, Code::InvalidArgument, limit);
+    // The refused feed never reached the partial run: it goes on with a small one.
+    partial.feed[0].tensor = Some(scalar(2.0));
+    let answer = master.run_step(partial).await.expect("partial run");
+    assert_eq!(
+        as_f32(answer.into_inner().tensor[0].tensor.as_ref().expect("y")),
+        6.0
+    );
+
+    // max_message_size: an answer over it is refused by name (in the body)...
+    let mut fill = step(&handle, "fill:0", &[]);
+    fill.feed[0] = tf::NamedTensorProto {
+        name: "value:0".into(),
+        tensor: Some(scalar(1.0)),
+    };
+    let outcome = step_outcome(&mut master, fill).await;
+    assert_refused(outcome, Code::ResourceExhausted, "limits.max_message_size");
+    // ...and a request over it by tonic's decoder before any handler runs: OUT_OF_RANGE with
+    // the limit in bytes, as on the tfsd.v1 listener.
+    let mut huge = big_feed(512 << 10);
+    huge.tensor_content = content(&vec![0; 2 << 20]);
+    let refused = master.run_step(step_feeding(&handle, huge)).await;
+    assert_refused(status_of(refused), Code::OutOfRange, "1048576");
+
+    // max_run_timeout ends a step that set no timeout (the dequeue would block for ever);
+    // meanwhile max_concurrent_runs_per_session refuses a step and a partial run's step.
+    let mut blocked_master = self::master(&daemon).await;
+    let dequeue = step(&handle, "dequeue:0", &[]);
+    let blocked = tokio::spawn(async move { step_outcome(&mut blocked_master, dequeue).await });
+    wait_for_runs_in_flight(&mut client, &handle, 1).await;
+    let limit = "limits.max_concurrent_runs_per_session";
+    let outcome = step_outcome(&mut master, step(&handle, "y:0", &[])).await;
+    assert_refused(outcome, Code::ResourceExhausted, limit);
+    let mut partial = step_feeding(&handle, scalar(2.0));
+    partial.partial_run_handle = partial_run_setup(&mut master, &handle).await;
+    let outcome = step_outcome(&mut master, partial).await;
+    assert_refused(outcome, Code::ResourceExhausted, limit);
+    let (code, message) = blocked.await.expect("the blocked step");
+    assert_eq!(code, Code::DeadlineExceeded, "{message}");
+
+    // A callable's own timeout longer than the ceiling is cut to it.
+    let options = CallableOptions {
+        fetch: vec!["dequeue:0".into()],
+        run_options: prost::Message::encode_to_vec(&RunOptions {
+            timeout_in_ms: 600_000,
+        }),
+        ..Default::default()
+    };
+    let callable = make_callable(&mut master, &handle, options).await;
+    let refused = run_callable(&mut master, &handle, callable, Vec::new()).await;
+    assert_eq!(status_of(refused).0, Code::DeadlineExceeded);
+
+    // The session and the daemon go on working, and a closed session frees its place.
+    let answer = master
+        .run_step(step(&handle, "y:0", &[]))
+        .await
+        .expect("step");
+    assert_eq!(
+        as_f32(answer.into_inner().tensor[0].tensor.as_ref().expect("y")),
+        6.0
+    );
+    let close = tf::CloseSessionRequest {
+        session_handle: second,
+    };
+    master.close_session(close).await.expect("CloseSession");
+    create_master_session(&mut master).await;
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import DEADLINE_S, REPO_ROOT
+from conftest import DEADLINE_S, REPO_ROOT, Daemon
 
 tf = pytest.importorskip("tensorflow")
 
@@ -293,6 +293,28 @@ class TestErrorsSurfaceAsTensorFlowExceptions:
             assert session.run(one) == 1.0
             with pytest.raises(tf.errors.DeadlineExceededError):
                 session.run(dequeue)
+
+
+def test_past_max_sessions_the_client_gets_resource_exhausted(tmp_path):
+    config = tmp_path / "tfsd.toml"
+    config.write_text("[limits]\nmax_sessions = 1\n")
+    daemon = Daemon("--config", str(config))
+    try:
+        graph = tf.Graph()
+        with graph.as_default():
+            one = tf.constant(1.0)
+        with tf.compat.v1.Session(target(daemon), graph=graph) as first:
+            assert first.run(one) == 1.0
+            second = tf.compat.v1.Session(target(daemon), graph=graph)
+            with pytest.raises(tf.errors.ResourceExhaustedError, match="limits.max_sessions"):
+                second.run(one)
+            second.close()
+            assert first.run(one) == 1.0
+        # The first session is closed: its place is free again.
+        with tf.compat.v1.Session(target(daemon), graph=graph) as third:
+            assert third.run(one) == 1.0
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_reset_clears_this_clients_sessions_and_no_tfsd_v1_session(daemon, client):

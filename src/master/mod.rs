@@ -17,6 +17,10 @@
 //! - `errors.rs`: errors in the response body (`store_errors_in_response_body`).
 //!
 //! It must not touch sessions created through tfsd.v1: their handles are unknown here.
+//!
+//! The operator's `[limits]` apply here as over tfsd.v1, through the same checks
+//! (`limits.rs`); TensorFlow's client cannot authenticate, so for
+//! `max_sessions_per_principal` every client address is one principal, `master:IP`.
 
 mod callables;
 mod convert;
@@ -33,14 +37,16 @@ use tonic::transport::server::TcpIncoming;
 
 pub use service::{CLIENT_LABEL, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER};
 
-use crate::grpc::MAX_MESSAGE_BYTES;
+use crate::limits::Limits;
 use crate::proto::tensorflow::master_service_server::MasterServiceServer;
 use crate::session::SessionManager;
 
-/// Serves MasterService on `listener` until `shutdown` is cancelled.
+/// Serves MasterService on `listener`, within the operator's `limits`, until `shutdown` is
+/// cancelled.
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<SessionManager>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let sessions = Arc::new(sessions::MasterSessions::default());
@@ -57,11 +63,12 @@ pub async fn serve(
             .clone()
             .forget_closed(manager.clone(), shutdown.clone()),
     );
+    let max_message = limits.max_message_bytes;
     let service = MasterServiceServer::new(service::MasterService::new(service::Master::new(
-        manager, sessions,
+        manager, sessions, limits,
     )))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     // Steps are small request/response pairs: Nagle's algorithm would hold them back.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()

@@ -1,6 +1,6 @@
-//! The MasterService handlers: validate, convert (`convert.rs`), call the `SessionManager`,
-//! convert back. Requests that carry a `request_id` go through `RecentRequests`, so a
-//! client's retry never runs a step twice.
+//! The MasterService handlers: validate, check the operator's limits, convert
+//! (`convert.rs`), call the `SessionManager`, convert back. Requests that carry a
+//! `request_id` go through `RecentRequests`, so a client's retry never runs a step twice.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use super::dedup::RecentRequests;
 use super::errors;
 use super::sessions::{MasterSession, MasterSessions};
 use crate::error::Error;
+use crate::limits::Limits;
 use crate::policy::SessionPolicy;
 use crate::proto::tensorflow as tf;
 use crate::session::{PartialRunSpec, RunSpec, SessionManager};
@@ -45,6 +46,7 @@ fn answer_size<T: Message>(answer: &Answer<T>) -> usize {
 pub struct Master {
     manager: Arc<SessionManager>,
     sessions: Arc<MasterSessions>,
+    limits: Limits,
     run_steps: Arc<RecentRequests<Answer<tf::RunStepResponse>>>,
     partial_run_setups: Arc<RecentRequests<Answer<tf::PartialRunSetupResponse>>>,
     make_callables: Arc<RecentRequests<Answer<tf::MakeCallableResponse>>>,
@@ -52,15 +54,37 @@ pub struct Master {
 }
 
 impl Master {
-    pub fn new(manager: Arc<SessionManager>, sessions: Arc<MasterSessions>) -> Arc<Master> {
+    pub fn new(
+        manager: Arc<SessionManager>,
+        sessions: Arc<MasterSessions>,
+        limits: Limits,
+    ) -> Arc<Master> {
         Arc::new(Master {
             manager,
             sessions,
+            limits,
             run_steps: Arc::new(RecentRequests::new(answer_size)),
             partial_run_setups: Arc::new(RecentRequests::new(answer_size)),
             make_callables: Arc::new(RecentRequests::new(answer_size)),
             run_callables: Arc::new(RecentRequests::new(answer_size)),
         })
+    }
+
+    /// limits.max_sessions, and max_sessions_per_principal with every MasterService client
+    /// address as one principal, `master:IP`: TensorFlow's client cannot authenticate, and
+    /// its address is what the MasterService knows a client by (as for Reset).
+    fn check_session_count(&self, client_ip: Option<IpAddr>) -> Result<(), Status> {
+        let principal = match client_ip {
+            Some(ip) => format!("master:{ip} (the MasterService clients at {ip})"),
+            None => "master: (the MasterService clients of unknown address)".to_string(),
+        };
+        self.limits
+            .check_session_count(
+                self.manager.list().len(),
+                self.sessions.created_from(client_ip).len(),
+                &principal,
+            )
+            .map_err(errors::status)
     }
 }
 
@@ -98,6 +122,12 @@ impl tf::master_service_server::MasterService for MasterService {
         let client = request.remote_addr();
         let request = request.into_inner();
         let config = convert::session_config(&request.config)?;
+        let client_ip = client.map(|address| address.ip());
+        self.master
+            .limits
+            .check_graph_def_size(request.graph_def.len())
+            .map_err(errors::status)?;
+        self.master.check_session_count(client_ip)?;
         let mut labels = std::collections::BTreeMap::from([(
             ORIGIN_LABEL.to_string(),
             ORIGIN_MASTER.to_string(),
@@ -139,7 +169,7 @@ impl tf::master_service_server::MasterService for MasterService {
         self.master.sessions.insert(
             snapshot.id.clone(),
             MasterSession {
-                client_ip: client.map(|address| address.ip()),
+                client_ip,
                 operation_timeout: config.operation_timeout,
                 callables: callables::Callables::default(),
             },
@@ -159,6 +189,10 @@ impl tf::master_service_server::MasterService for MasterService {
         self.master.sessions.with(handle, |_| Ok(()))?;
         let current = u64::try_from(request.current_graph_version)
             .map_err(|_| Status::invalid_argument("current_graph_version must not be negative"))?;
+        self.master
+            .limits
+            .check_graph_def_size(request.graph_def.len())
+            .map_err(errors::status)?;
         let version = self
             .master
             .manager
@@ -304,15 +338,19 @@ impl tf::master_service_server::MasterService for MasterService {
                     let callable = session.callables.get(request.handle)?;
                     callables::run_spec(callable, request.feed, session.operation_timeout)
                 })?;
+                let spec = master.limits.limit_run(spec).map_err(errors::status)?;
                 let fetch = master
                     .manager
                     .run(handle, spec)
                     .await
                     .map_err(errors::status)?;
-                Ok(tf::RunCallableResponse {
-                    fetch,
-                    metadata: Vec::new(),
-                })
+                within_message_size(
+                    &master.limits,
+                    tf::RunCallableResponse {
+                        fetch,
+                        metadata: Vec::new(),
+                    },
+                )
             })
             .await;
         replayed(answer).map(Response::new)
@@ -339,26 +377,51 @@ async fn run_step(master: Arc<Master>, request: tf::RunStepRequest) -> Answer<tf
         .with(handle, |session| Ok(session.operation_timeout))?;
     let feeds = convert::feeds(request.feed)?;
     let fetches = request.fetch;
+    let limits = &master.limits;
     let outputs = if request.partial_run_handle.is_empty() {
-        let spec = RunSpec {
-            feeds,
-            fetches: fetches.clone(),
-            targets: request.target,
-            timeout: convert::run_timeout(&request.options)?.or(operation_timeout),
-            max_runs_in_flight: None,
-        };
+        let spec = limits
+            .limit_run(RunSpec {
+                feeds,
+                fetches: fetches.clone(),
+                targets: request.target,
+                timeout: convert::run_timeout(&request.options)?.or(operation_timeout),
+                max_runs_in_flight: None,
+            })
+            .map_err(errors::status)?;
         master.manager.run(handle, spec).await
     } else {
+        // TensorFlow's partial runs take no timeout, so max_run_timeout cannot reach them.
+        limits
+            .check_feed_elements(feeds.iter().map(|(name, tensor)| (name.as_str(), tensor)))
+            .map_err(errors::status)?;
         master
             .manager
-            .partial_run(handle, &request.partial_run_handle, feeds, fetches.clone())
+            .partial_run(
+                handle,
+                &request.partial_run_handle,
+                feeds,
+                fetches.clone(),
+                limits.max_concurrent_runs_per_session,
+            )
             .await
     }
     .map_err(errors::status)?;
-    Ok(tf::RunStepResponse {
-        tensor: convert::named(&fetches, outputs),
-        ..tf::RunStepResponse::default()
-    })
+    within_message_size(
+        limits,
+        tf::RunStepResponse {
+            tensor: convert::named(&fetches, outputs),
+            ..tf::RunStepResponse::default()
+        },
+    )
+}
+
+/// The answer, or RESOURCE_EXHAUSTED naming limits.max_message_size when it is too big to
+/// send (see `Limits::check_answer_size`).
+fn within_message_size<T: Message>(limits: &Limits, answer: T) -> Answer<T> {
+    limits
+        .check_answer_size(answer.encoded_len())
+        .map_err(errors::status)?;
+    Ok(answer)
 }
 
 /// Reset: clears the state of every MasterService session created from the caller's address

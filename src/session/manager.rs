@@ -297,22 +297,8 @@ impl SessionManager {
                 .map_or(0, |timeout| timeout.as_millis().max(1) as u64),
         });
         let started = Instant::now();
-        {
-            let mut stats = session.stats();
-            if let Some(max) = spec.max_runs_in_flight
-                && stats.runs_in_flight >= max
-            {
-                return Err(Error::ResourceExhausted(format!(
-                    "session {id} already has {} runs in flight, the most \
-                     limits.max_concurrent_runs_per_session allows",
-                    stats.runs_in_flight
-                )));
-            }
-            stats.runs_in_flight += 1;
-            stats.last_used_at = std::time::SystemTime::now();
-        }
         // Counted down even if the caller goes away mid-run.
-        let in_flight = InFlight(&session);
+        let in_flight = InFlight::enter(&session, spec.max_runs_in_flight)?;
         let reply = worker.call(run).await;
         drop(in_flight);
         drop(core);
@@ -581,6 +567,27 @@ impl SessionManager {
 
 /// One run in flight on a session, counted down on drop.
 struct InFlight<'a>(&'a Session);
+
+impl<'a> InFlight<'a> {
+    /// Counts one more run in flight on the session and marks it used, or refuses the run
+    /// when the session already has `max` in flight (limits.max_concurrent_runs_per_session).
+    fn enter(session: &'a Session, max: Option<u32>) -> Result<InFlight<'a>> {
+        let mut stats = session.stats();
+        if let Some(max) = max
+            && stats.runs_in_flight >= max
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "session {} already has {} runs in flight, the most \
+                 limits.max_concurrent_runs_per_session allows",
+                session.id(),
+                stats.runs_in_flight
+            )));
+        }
+        stats.runs_in_flight += 1;
+        stats.last_used_at = std::time::SystemTime::now();
+        Ok(InFlight(session))
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {

@@ -39,13 +39,15 @@ impl SessionManager {
         }
     }
 
-    /// Feeds some inputs of a partial run and fetches some of its outputs.
+    /// Feeds some inputs of a partial run and fetches some of its outputs. Each call is a
+    /// run in flight on the session, refused past `max_runs_in_flight` like a step.
     pub async fn partial_run(
         &self,
         id: &str,
         handle: &str,
         feeds: Vec<(String, TensorProto)>,
         fetches: Vec<String>,
+        max_runs_in_flight: Option<u32>,
     ) -> Result<Vec<TensorProto>> {
         for (name, tensor) in &feeds {
             tensor::validate(tensor)
@@ -72,8 +74,7 @@ impl SessionManager {
             fetches,
         });
         let started = Instant::now();
-        session.touch(|stats| stats.runs_in_flight += 1);
-        let in_flight = InFlight(&session);
+        let in_flight = InFlight::enter(&session, max_runs_in_flight)?;
         let reply = worker.call(run).await;
         drop(in_flight);
         drop(core);
