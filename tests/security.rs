@@ -505,3 +505,55 @@ async fn limits_answer_with_clear_errors() {
     );
     let _ = blocked.await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_over_max_message_size_is_refused_by_name() {
+    let dir = temp_dir("message-size");
+    let config = write_config(&dir, "[limits]\nmax_message_size = \"1MiB\"\n");
+    let daemon = Daemon::start_with(&["--config", &config]);
+    let mut client = daemon.client().await;
+    let id = create(&mut client, model_graph()).await.session_id;
+    // `fill`: a float vector of 512 Ki elements (2 MiB) from the fed `value`.
+    let mut graph = tensorflow::Graph::new();
+    add_big_variable(&mut graph, 512 << 10);
+    client
+        .extend_graph(api::ExtendGraphRequest {
+            session_id: id.clone(),
+            graph_def: graph.graph_def().expect("graph_def"),
+            current_graph_version: 0,
+        })
+        .await
+        .expect("extend");
+
+    // An answer over the limit names it, with RESOURCE_EXHAUSTED rather than tonic's
+    // encoder's OUT_OF_RANGE.
+    let status = run(&mut client, &id, &[("value", scalar(1.0))], &["fill"], &[])
+        .await
+        .expect_err("a 2 MiB answer");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limits.max_message_size"),
+        "{status:?}"
+    );
+    // A request over it is refused by tonic's decoder before any handler runs, as before.
+    let mut huge = scalar(0.0);
+    huge.float_val.clear();
+    huge.tensor_shape = shape(&[512 << 10]);
+    huge.tensor_content = content(&vec![0; 2 << 20]);
+    let status = run(&mut client, &id, &[("x", huge)], &["y"], &[])
+        .await
+        .expect_err("a 2 MiB request");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("1048576"), "{status:?}");
+
+    // The session goes on working with answers within the limit.
+    run(&mut client, &id, &[], &[], &["w_init"])
+        .await
+        .expect("init");
+    let outputs = run(&mut client, &id, &[("x", scalar(2.0))], &["y"], &[])
+        .await
+        .expect("a small step");
+    assert_eq!(as_f32(&outputs[0]), 6.0);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,12 +1,14 @@
 //! tfsd.v1.SessionService: each handler checks who is calling (`authorize`) and the
-//! operator's limits, validates, converts, calls the `SessionManager`, and converts back.
-//! No domain logic lives here.
+//! operator's limits (through `limits.rs`, the checks the MasterService applies too),
+//! validates, converts, calls the `SessionManager`, and converts back. No domain logic lives
+//! here.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use prost::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -77,7 +79,7 @@ impl api::session_service_server::SessionService for SessionService {
         let caller = Caller::of(&request);
         let request = request.into_inner();
         let policy = validate_memory_policy(request.memory_policy)?;
-        self.check_graph_size(request.graph_def.len())?;
+        self.limits.check_graph_def_size(request.graph_def.len())?;
         self.check_session_count(&caller)?;
         let snapshot = self
             .manager
@@ -107,7 +109,7 @@ impl api::session_service_server::SessionService for SessionService {
                 "graph_def is empty: ExtendGraph needs the new nodes",
             ));
         }
-        self.check_graph_size(request.graph_def.len())?;
+        self.limits.check_graph_def_size(request.graph_def.len())?;
         let new_graph_version = self
             .manager
             .extend(id, request.graph_def.into(), request.current_graph_version)
@@ -129,26 +131,20 @@ impl api::session_service_server::SessionService for SessionService {
                 "a run needs at least one fetch or target",
             ));
         }
-        if let Some(max) = self.limits.max_feed_elements {
-            for (name, tensor) in &request.feeds {
-                let elements = element_count(tensor);
-                if elements > max {
-                    return Err(Status::invalid_argument(format!(
-                        "feed {name:?} has {elements} elements; limits.max_feed_elements is {max}"
-                    )));
-                }
-            }
-        }
         let requested = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
-        let spec = RunSpec {
+        let spec = self.limits.limit_run(RunSpec {
             feeds: request.feeds.into_iter().collect(),
             fetches: request.fetches,
             targets: request.targets,
-            timeout: self.limits.run_timeout(requested),
-            max_runs_in_flight: self.limits.max_concurrent_runs_per_session,
-        };
+            timeout: requested,
+            max_runs_in_flight: None,
+        })?;
         let outputs = self.manager.run(id, spec).await?;
-        Ok(Response::new(api::RunResponse { outputs }))
+        let answer = api::RunResponse { outputs };
+        // Refused by name rather than by tonic's encoder, whose OUT_OF_RANGE says nothing of
+        // the limit or of what to do.
+        self.limits.check_answer_size(answer.encoded_len())?;
+        Ok(Response::new(answer))
     }
 
     async fn reset_graph(
@@ -288,58 +284,18 @@ impl SessionService {
         }
     }
 
-    fn check_graph_size(&self, bytes: usize) -> Result<(), Status> {
-        match self.limits.max_graph_def_bytes {
-            Some(max) if bytes > max => Err(Status::invalid_argument(format!(
-                "graph_def is {bytes} bytes; limits.max_graph_def_size is {max} bytes"
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    /// limits.max_sessions and max_sessions_per_principal. Checked before the worker is
-    /// taken; concurrent creates may overshoot by the number in flight.
+    /// limits.max_sessions and max_sessions_per_principal, counting the sessions the caller
+    /// owns (`Limits::check_session_count`).
     fn check_session_count(&self, caller: &Caller) -> Result<(), Status> {
         let sessions = self.manager.list();
-        if let Some(max) = self.limits.max_sessions
-            && sessions.len() >= max
-        {
-            return Err(Status::resource_exhausted(format!(
-                "the daemon already hosts {} sessions, the most limits.max_sessions allows; \
-                 close one first",
-                sessions.len()
-            )));
-        }
-        if let Some(max) = self.limits.max_sessions_per_principal {
-            let own = sessions
-                .iter()
-                .filter(|session| session.owner == caller.principal)
-                .count();
-            if own >= max {
-                return Err(Status::resource_exhausted(format!(
-                    "{} already has {own} sessions, the most \
-                     limits.max_sessions_per_principal allows; close one first",
-                    caller.actor()
-                )));
-            }
-        }
+        let own = sessions
+            .iter()
+            .filter(|session| session.owner == caller.principal)
+            .count();
+        self.limits
+            .check_session_count(sessions.len(), own, &caller.actor())?;
         Ok(())
     }
-}
-
-/// Elements in a feed by its declared shape (0 for a malformed shape: validation reports it).
-fn element_count(tensor: &crate::proto::tensorflow::TensorProto) -> u64 {
-    tensor.tensor_shape.as_ref().map_or(1, |shape| {
-        shape
-            .dim
-            .iter()
-            .try_fold(1u64, |total, dim| {
-                u64::try_from(dim.size)
-                    .ok()
-                    .and_then(|size| total.checked_mul(size))
-            })
-            .unwrap_or(u64::MAX)
-    })
 }
 
 /// A stream fed by a producer task through a small bounded channel; the task ends when the
