@@ -328,6 +328,10 @@ def resets_section(out: list[str], plots: Path, resets: dict | None, py: dict | 
         ("reset_graph", "tfsd ResetGraph"),
         ("recycle_warm", "tfsd RecycleSession, warm worker"),
         ("first_step_after_recycle_warm", "first step in the fresh worker after a warm recycle"),
+        (
+            "first_step_after_recycle_warm_refilled",
+            "the same, once the pool has refilled (no worker starting beside it)",
+        ),
         ("recycle_warm_preserve", "tfsd RecycleSession, warm, preserve_variables (256 KiB)"),
         ("recycle_cold", "tfsd RecycleSession, cold (pool_size = 0)"),
         ("recycle_cold_preserve", "tfsd RecycleSession, cold, preserve_variables"),

@@ -90,19 +90,30 @@ async fn main() -> anyhow::Result<()> {
     record("reset_graph", figures);
 
     let mut first_steps = Figures::default();
+    let mut first_steps_refilled = Figures::default();
     for preserve in [false, true] {
         let mut figures = Figures::default();
-        for _ in 0..repeats {
+        for repeat in 0..repeats {
             warm.wait_for_warm_pool(&mut client).await?;
             common::init_variable(&mut client, &id, "v").await?;
             let started = Instant::now();
             let reply = recycle(&mut client, &id, preserve).await?;
             figures.record(started, &reply);
             if !preserve {
-                // The first step in the fresh worker: what the client waits for next.
+                // The first step in the fresh worker: what the client waits for next. Every
+                // other time, only once the pool has refilled, to tell the step's own cost
+                // from the new worker's start competing with it for the two cores.
+                let refilled = repeat % 2 == 1;
+                if refilled {
+                    warm.wait_for_warm_pool(&mut client).await?;
+                }
                 let started = Instant::now();
                 call("Run", client.run(common::step_request(&id))).await?;
-                first_steps.client.push(started.elapsed());
+                if refilled {
+                    first_steps_refilled.client.push(started.elapsed());
+                } else {
+                    first_steps.client.push(started.elapsed());
+                }
             }
         }
         record(
@@ -115,6 +126,10 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     record("first_step_after_recycle_warm", first_steps);
+    record(
+        "first_step_after_recycle_warm_refilled",
+        first_steps_refilled,
+    );
     record(
         "create_run_close_warm",
         session_lives(&warm, &mut client, &graph_def, repeats, true).await?,
