@@ -276,8 +276,8 @@ impl SessionService {
     /// answers exactly like a missing one: its existence is not theirs to know.
     fn authorize<'a>(&self, caller: &Caller, id: &'a str) -> Result<&'a str, Status> {
         let id = required_id(id)?;
-        let snapshot = self.manager.session(id)?;
-        if caller.may_access(&snapshot.owner) {
+        let owner = self.manager.owner(id)?;
+        if caller.may_access(&owner) {
             Ok(id)
         } else {
             Err(Error::SessionNotFound(id.to_string()).into())

@@ -92,6 +92,12 @@ impl SessionManager {
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))
     }
 
+    /// The principal that owns a session: what authorization needs on every call, without
+    /// reading the worker's memory from /proc as `session` does.
+    pub fn owner(&self, id: &str) -> Result<String> {
+        Ok(self.get(id)?.owner.clone())
+    }
+
     pub fn session(&self, id: &str) -> Result<SessionSnapshot> {
         Ok(self.get(id)?.snapshot())
     }
