@@ -6,7 +6,6 @@
 mod byte_string;
 mod failure;
 mod runtime;
-mod tensors;
 
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;

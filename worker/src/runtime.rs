@@ -21,9 +21,8 @@ use tfsd::proto::tensorflow::TensorProto;
 use tfsd::proto::tfsd::worker::v1 as wire;
 use tfsd::tensor::{self, DType};
 
-use self::c_tensors::{OwnedTensors, new_tensor};
+use self::c_tensors::{OwnedTensors, data_type_of, new_tensor};
 use crate::failure::Failure;
-use crate::tensors::{AnyTensor, data_type_of};
 
 /// Prefix of the nodes the worker adds to read and assign variables during a recycle.
 const INTERNAL_PREFIX: &str = "tfsd_internal";
@@ -401,37 +400,44 @@ impl Runtime {
             reads.push((variable, output));
         }
         let state = RwLockWriteGuard::downgrade(state);
-        let dtype = Variable::dtype;
         // One run for all; if some are uninitialised, one run each to find the others.
-        let read_all = || -> Result<Vec<wire::NamedTensor>, Failure> {
-            let mut args = SessionRunArgs::new();
-            let mut tokens = Vec::new();
-            for (variable, (operation, index)) in &reads {
-                tokens.push((variable, args.request_fetch(operation, *index)));
-            }
-            state.session.run(&mut args)?;
-            tokens
-                .into_iter()
-                .map(|(variable, token)| {
-                    named(
-                        variable,
-                        AnyTensor::take(&mut args, token, dtype(variable)?)?,
-                    )
+        let read = |reads: &[&(Variable, (Operation, i32))]| -> Result<_, Failure> {
+            let outputs = reads
+                .iter()
+                .map(|(_, (operation, index))| {
+                    Ok(tensorflow_sys::TF_Output {
+                        oper: raw::raw_operation(&state.graph, operation)?,
+                        index: *index,
+                    })
                 })
-                .collect()
+                .collect::<Result<Vec<_>, Failure>>()?;
+            let no_feeds = OwnedTensors(Vec::new());
+            let values = raw::session_run(&state.session, None, &[], &no_feeds, &outputs, &[])?;
+            for (variable, _) in reads {
+                variable.dtype()?;
+            }
+            let tensors = values.into_protos()?;
+            Ok(reads
+                .iter()
+                .zip(tensors)
+                .map(|((variable, _), tensor)| wire::NamedTensor {
+                    name: variable.name.clone(),
+                    tensor: Some(tensor),
+                })
+                .collect::<Vec<_>>())
         };
-        match read_all() {
+        let all: Vec<_> = reads.iter().collect();
+        match read(&all) {
             Ok(values) => Ok(values),
             Err(_) => {
                 let mut values = Vec::new();
-                for (variable, (operation, index)) in &reads {
-                    let mut args = SessionRunArgs::new();
-                    let token = args.request_fetch(operation, *index);
-                    if state.session.run(&mut args).is_ok() {
-                        values.push(named(
-                            variable,
-                            AnyTensor::take(&mut args, token, dtype(variable)?)?,
-                        )?);
+                for one in &all {
+                    match read(std::slice::from_ref(one)) {
+                        Ok(value) => values.extend(value),
+                        // A type tfsd cannot carry is an error; a variable TensorFlow
+                        // cannot read (uninitialised) stays so after the recycle.
+                        Err(failure) if failure.code == Failure::INTERNAL => return Err(failure),
+                        Err(_) => {}
                     }
                 }
                 Ok(values)
@@ -491,18 +497,24 @@ impl Runtime {
                     op.finish()?
                 }
             };
-            feeds.push((placeholder, AnyTensor::from_dense(&dense)));
+            feeds.push((placeholder, new_tensor(&dense)?));
             targets.push(assign);
         }
         let state = RwLockWriteGuard::downgrade(state);
-        let mut args = SessionRunArgs::new();
-        for (placeholder, tensor) in &feeds {
-            tensor.feed(&mut args, placeholder, 0);
+        let mut inputs = Vec::with_capacity(feeds.len());
+        let mut values = OwnedTensors(Vec::with_capacity(feeds.len()));
+        for (placeholder, value) in feeds {
+            inputs.push(tensorflow_sys::TF_Output {
+                oper: raw::raw_operation(&state.graph, &placeholder)?,
+                index: 0,
+            });
+            values.0.push(value);
         }
-        for target in &targets {
-            args.add_target(target);
-        }
-        state.session.run(&mut args)?;
+        let targets = targets
+            .iter()
+            .map(|target| raw::raw_operation(&state.graph, target).map(|op| op as *const _))
+            .collect::<Result<Vec<_>, Failure>>()?;
+        raw::session_run(&state.session, None, &inputs, &values, &[], &targets)?;
         Ok(())
     }
 }
@@ -517,13 +529,6 @@ fn resolve_target(graph: &Graph, name: &str) -> Result<(Operation, i32), Failure
             ))
         })?;
     Ok((operation, 0))
-}
-
-fn named(variable: &Variable, value: AnyTensor) -> Result<wire::NamedTensor, Failure> {
-    Ok(wire::NamedTensor {
-        name: variable.name.clone(),
-        tensor: Some(tensor::encode(value.into_dense())),
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

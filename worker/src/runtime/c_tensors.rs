@@ -7,7 +7,7 @@
 use std::ffi::c_int;
 
 use bytes::Bytes;
-use tensorflow::TensorType; // ByteString::pack and unpack
+use tensorflow::{DataType, TensorType}; // TensorType: ByteString::pack and unpack
 use tensorflow_sys as tf;
 use tfsd::proto::tensorflow::TensorProto;
 use tfsd::tensor::{self, DType, DenseData, DenseTensor};
@@ -42,6 +42,26 @@ impl Drop for OwnedTensors {
                 unsafe { tf::TF_DeleteTensor(tensor) };
             }
         }
+    }
+}
+
+/// The crate's `DataType` for a tfsd type.
+pub fn data_type_of(dtype: DType) -> DataType {
+    match dtype {
+        DType::Float => DataType::Float,
+        DType::Double => DataType::Double,
+        DType::Int32 => DataType::Int32,
+        DType::UInt8 => DataType::UInt8,
+        DType::Int16 => DataType::Int16,
+        DType::Int8 => DataType::Int8,
+        DType::String => DataType::String,
+        DType::Int64 => DataType::Int64,
+        DType::Bool => DataType::Bool,
+        DType::BFloat16 => DataType::BFloat16,
+        DType::UInt16 => DataType::UInt16,
+        DType::Half => DataType::Half,
+        DType::UInt32 => DataType::UInt32,
+        DType::UInt64 => DataType::UInt64,
     }
 }
 
