@@ -157,8 +157,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "shutting down: no new sessions, in-flight work may finish, then every worker is reaped"
     );
     let pool = manager.pool().clone();
+    // Set before the second signal's task kills anything: killing the workers ends the runs
+    // the drain waits for, so the drain may finish first, and the exit must still say 130.
+    let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forced_by_signal = forced.clone();
     tokio::spawn(async move {
         signals.recv().await;
+        forced_by_signal.store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::warn!("second signal: killing every worker now, then exiting");
         pool.kill_all_workers().await;
         std::process::exit(130);
@@ -167,6 +172,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     health.set_draining().await;
     shutdown.cancel();
     drain(manager, tracker).await;
+    if forced.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::info!("tfsd stopped by a second signal; every worker reaped");
+        std::process::exit(130);
+    }
     // Streams that never end by themselves (a client's health Watch) must not keep the
     // daemon alive once every session is closed.
     match tokio::time::timeout(SERVER_CLOSE_TIMEOUT, server).await {
