@@ -130,7 +130,7 @@ pub struct WorkerProcess {
     pending: Arc<Pending>,
     next_id: AtomicU64,
     exit: watch::Receiver<Option<ExitDescription>>,
-    kill: Mutex<Option<oneshot::Sender<()>>>,
+    kill: Arc<Mutex<Option<oneshot::Sender<()>>>>,
     /// Set before the supervisor kills the worker on purpose, so that the exit is not
     /// reported as a crash.
     expected_exit: Arc<AtomicBool>,
@@ -283,7 +283,8 @@ impl WorkerProcess {
             )));
         };
 
-        tokio::spawn(read_responses(reader, pending.clone()));
+        let kill = Arc::new(Mutex::new(Some(kill_tx)));
+        tokio::spawn(read_responses(reader, pending.clone(), pid, kill.clone()));
         tracing::debug!(worker_pid = pid, tensorflow = %ready.tensorflow_version, "worker ready");
         Ok(Arc::new(WorkerProcess {
             pid,
@@ -292,7 +293,7 @@ impl WorkerProcess {
             pending,
             next_id: AtomicU64::new(1),
             exit: exit_rx,
-            kill: Mutex::new(Some(kill_tx)),
+            kill,
             expected_exit,
             session_id,
         }))
@@ -400,6 +401,7 @@ impl WorkerProcess {
         let mut written = 0;
         while written < frame.len() {
             match writer.try_write(&frame[written..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                     let rest = frame.slice(written..);
@@ -511,12 +513,27 @@ async fn watch_exit(
     let _ = exit.send(Some(description));
 }
 
-/// Routes each response frame to the request waiting for it.
+/// Routes each response frame to the request waiting for it. A stream that breaks while the
+/// worker lives (a frame over the size limit, bytes out of step) kills the worker: the
+/// requests waiting on it then fail with its exit, and the session is restored, instead of
+/// waiting forever for answers that can no longer be read.
 async fn read_responses(
     mut reader: FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>,
     pending: Arc<Pending>,
+    pid: u32,
+    kill: Arc<Mutex<Option<oneshot::Sender<()>>>>,
 ) {
-    while let Some(Ok(frame)) = reader.next().await {
+    while let Some(frame) = reader.next().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::error!(worker_pid = pid, %error, "unreadable stream from a worker: killing it");
+                if let Some(kill) = kill.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = kill.send(());
+                }
+                return;
+            }
+        };
         let response = match WorkerResponse::decode(frame.freeze()) {
             Ok(response) => response,
             Err(error) => {

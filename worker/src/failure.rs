@@ -12,6 +12,7 @@ pub struct Failure {
 impl Failure {
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const NOT_FOUND: i32 = 5;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
     pub const INTERNAL: i32 = 13;
 
     pub fn new(code: i32, message: impl Into<String>) -> Failure {

@@ -162,6 +162,20 @@ impl Worker {
     /// of tokio-util's `LengthDelimitedCodec`, which the supervisor reads with).
     fn send(&self, response: &wire::WorkerResponse) -> std::io::Result<()> {
         let length = response.encoded_len();
+        if length > MAX_FRAME_BYTES {
+            let refusal = wire::WorkerResponse {
+                id: response.id,
+                result: Some(Reply::Error(wire::Error {
+                    code: Failure::RESOURCE_EXHAUSTED,
+                    message: format!(
+                        "the answer is {length} bytes, more than the supervisor and its \
+                         worker exchange in one message ({MAX_FRAME_BYTES} bytes): fetch less \
+                         in one step"
+                    ),
+                })),
+            };
+            return self.send(&refusal);
+        }
         let mut frame = Vec::with_capacity(4 + length);
         frame.extend_from_slice(&(length as u32).to_be_bytes());
         response

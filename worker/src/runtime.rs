@@ -210,7 +210,6 @@ fn release_free_memory() {
 }
 
 impl Runtime {
-    /// An empty graph in a default session. Loads TensorFlow's kernels on first use.
     /// A runtime with an empty graph, TensorFlow initialised by one throwaway step.
     ///
     /// A process's first `TF_SessionRun` costs ~30 ms of one-time initialisation (measured:
@@ -220,7 +219,10 @@ impl Runtime {
     ///
     /// Neither this step's session nor the placeholder session may create TensorFlow's
     /// process-wide inter-op pool: its size comes from the first session that does, which
-    /// must be the client's, so both use per-session threads.
+    /// must be the client's, so both use per-session threads. (The CPU device's intra-op
+    /// pool is process-wide too and made with the first session's devices, here the
+    /// warm-up's: a client's `intra_op_parallelism_threads` has no effect in a worker, as it
+    /// had none before the warm-up either, the placeholder session being first.)
     pub fn new() -> Result<Runtime, Failure> {
         warm_up()?;
         let graph = Graph::new();
@@ -448,7 +450,10 @@ impl Runtime {
     /// Assigns each named variable its value (the output of `export_variables` elsewhere).
     pub fn import_variables(&self, values: Vec<wire::NamedTensor>) -> Result<(), Failure> {
         let mut state = self.write();
-        let mut feeds = Vec::new();
+        // The values are TensorFlow tensors from the start, owned by `values` so that an
+        // error on the way frees them.
+        let mut placeholders = Vec::with_capacity(values.len());
+        let mut tensors = OwnedTensors(Vec::with_capacity(values.len()));
         let mut targets = Vec::new();
         for value in &values {
             let variable = variables(&state.graph)
@@ -497,24 +502,25 @@ impl Runtime {
                     op.finish()?
                 }
             };
-            feeds.push((placeholder, new_tensor(&dense)?));
+            tensors.0.push(new_tensor(&dense)?);
+            placeholders.push(placeholder);
             targets.push(assign);
         }
         let state = RwLockWriteGuard::downgrade(state);
-        let mut inputs = Vec::with_capacity(feeds.len());
-        let mut values = OwnedTensors(Vec::with_capacity(feeds.len()));
-        for (placeholder, value) in feeds {
-            inputs.push(tensorflow_sys::TF_Output {
-                oper: raw::raw_operation(&state.graph, &placeholder)?,
-                index: 0,
-            });
-            values.0.push(value);
-        }
+        let inputs = placeholders
+            .iter()
+            .map(|placeholder| {
+                Ok(tensorflow_sys::TF_Output {
+                    oper: raw::raw_operation(&state.graph, placeholder)?,
+                    index: 0,
+                })
+            })
+            .collect::<Result<Vec<_>, Failure>>()?;
         let targets = targets
             .iter()
             .map(|target| raw::raw_operation(&state.graph, target).map(|op| op as *const _))
             .collect::<Result<Vec<_>, Failure>>()?;
-        raw::session_run(&state.session, None, &inputs, &values, &[], &targets)?;
+        raw::session_run(&state.session, None, &inputs, &tensors, &[], &targets)?;
         Ok(())
     }
 }

@@ -1,8 +1,10 @@
 //! TensorFlow tensors made and read through the C API, for the steps the worker runs with
 //! `TF_SessionRun` / `TF_SessionPRun` directly. Compared with the crate's `Tensor<T>`, a feed
 //! is one copy into memory TensorFlow allocated (the crate zero-fills it first: a third of the
-//! worker's CPU for a 64 MiB feed), and a fetch is not copied at all: its bytes stay in
-//! TensorFlow's buffer until the response has been written.
+//! worker's CPU for a 64 MiB feed), and a fetch whose buffer the step produced for it alone is
+//! not copied at all: its bytes stay in TensorFlow's buffer until the response has been
+//! written. A fetch that shares its buffer (a `VariableV2`'s value, or an `Identity` of it,
+//! which a concurrent step may assign in place) is copied at once.
 
 use std::ffi::c_int;
 
@@ -120,10 +122,12 @@ pub fn new_tensor(dense: &DenseTensor) -> Result<*mut tf::TF_Tensor, Failure> {
 }
 
 /// A tensor TensorFlow returned, owned: its bytes, readable from any thread, deleted with it.
+/// Only made for tensors whose buffer nothing else references (`TF_TensorMaybeMove`).
 struct Owned(*mut tf::TF_Tensor);
 
-// SAFETY: a finished step's output is immutable and no longer referenced by TensorFlow;
-// reading it and deleting it need no particular thread.
+// SAFETY: the buffer is referenced by this tensor alone (checked with TF_TensorMaybeMove
+// before an `Owned` is handed out), so nothing writes it any more; reading and deleting it
+// need no particular thread.
 unsafe impl Send for Owned {}
 
 impl AsRef<[u8]> for Owned {
@@ -176,7 +180,12 @@ fn take(tensor: *mut tf::TF_Tensor) -> Result<DenseTensor, Failure> {
         }
         // TensorFlow keeps every other supported type as its little-endian elements (bool as
         // 0 or 1, bfloat16 and half as their 16 bits): TensorProto's tensor_content layout.
-        _ => DenseData::Bytes(Bytes::from_owner(tensor)),
+        // SAFETY: a live tensor; TF_TensorMaybeMove only reads its buffer's reference counts
+        // and answers the same tensor when nothing else references the buffer, or null.
+        _ if !unsafe { tf::TF_TensorMaybeMove(tensor.0) }.is_null() => {
+            DenseData::Bytes(Bytes::from_owner(tensor))
+        }
+        _ => DenseData::Bytes(Bytes::copy_from_slice(tensor.as_ref())),
     };
     Ok(DenseTensor { dtype, dims, data })
 }
