@@ -71,6 +71,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
 
     let shutdown = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let spec = WorkerSpec {
         binary: config.workers.binary.clone(),
@@ -118,6 +119,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             limits: config.limits.clone(),
         },
         shutdown.clone(),
+        stop_accepting.clone(),
     ));
     if let Some(metrics_listener) = metrics_listener {
         let metrics_address = metrics_listener
@@ -176,6 +178,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("tfsd stopped by a second signal; every worker reaped");
         std::process::exit(130);
     }
+    stop_accepting.cancel();
     // Streams that never end by themselves (a client's health Watch) must not keep the
     // daemon alive once every session is closed.
     match tokio::time::timeout(SERVER_CLOSE_TIMEOUT, server).await {

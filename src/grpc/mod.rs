@@ -92,6 +92,10 @@ fn tls_config(tls: &TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConf
     Ok(config)
 }
 
+/// `shutdown` starts the drain (event streams end, new sessions are refused with
+/// UNAVAILABLE); `stop_accepting`, cancelled once the drain is over, closes the listener. Until
+/// then a client connecting during the drain gets a clear UNAVAILABLE, not a connection
+/// accepted by the kernel's backlog and then dropped.
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<SessionManager>,
@@ -100,6 +104,7 @@ pub async fn serve(
     >,
     options: ServeOptions,
     shutdown: CancellationToken,
+    stop_accepting: CancellationToken,
 ) -> anyhow::Result<()> {
     let max_message = options.limits.max_message_bytes;
     let sessions = SessionServiceServer::new(session_service::SessionService::new(
@@ -139,7 +144,7 @@ pub async fn serve(
         // for the client's delayed ACK (Nagle): without it, concurrent callers saw 40 ms p99.
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
+            stop_accepting.cancelled_owned(),
         )
         .await?;
     Ok(())
