@@ -171,8 +171,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         std::process::exit(130);
     });
     crate::notify::notify("STOPPING=1");
-    health.set_draining().await;
+    // Refuse new work before health says so: a client that sees NOT_SERVING and tries
+    // anyway must be refused, not slip in between.
     shutdown.cancel();
+    health.set_draining().await;
     drain(manager, tracker).await;
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         tracing::info!("tfsd stopped by a second signal; every worker reaped");
