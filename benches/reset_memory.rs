@@ -22,8 +22,9 @@
 //! own default) it starts a daemon on port 0 with a generated config, and for each variable
 //! size creates sessions whose graph holds one float32 VariableV2 `big`, initialised by
 //! `big_init`, and measures every reset kind a few times. The table reports medians; memory is
-//! the worker's RssAnon ("private"), the honest per-session figure (FACTS §2), as the daemon
-//! reports it in GetSession and ResetResponse.
+//! the worker's RssAnon ("private"), as the daemon reports it in GetSession and ResetResponse:
+//! the honest per-session figure, since RSS also counts the libtensorflow pages mapped into
+//! every worker (most of a fresh worker's ~280 MiB RSS).
 //!
 //! The machine is shared and noisy: the numbers are for the issue note and the docs, so
 //! nothing here asserts on timings or sizes. It does check that each reset did what it says
@@ -44,8 +45,10 @@ use anyhow::{Context, bail, ensure};
 use common::{CALL_DEADLINE, Client, Daemon, MIB, call};
 use tfsd::proto::tfsd::v1 as api;
 
-/// TF_ENABLE_ONEDNN_OPTS values: "0" is tfsd's default (oneDNN's allocator pools freed memory,
-/// FACTS §3), "1" is TensorFlow's own default on x86.
+/// TF_ENABLE_ONEDNN_OPTS values: "0" is tfsd's default (oneDNN's CPU allocator pools freed
+/// memory: a session holding a 200 MiB variable, closed in-process, left RSS 200 MiB higher,
+/// and `malloc_trim` did not give it back; with oneDNN off RSS went back to the baseline),
+/// "1" is TensorFlow's own default on x86.
 const ONEDNN_SETTINGS: [&str; 2] = ["0", "1"];
 
 /// Sizes of the variable `big`, in bytes: one well above a fresh worker's ~32 MiB of private

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::policy::PolicyConfig;
+use crate::units::parse_duration;
 
 /// Address the tfsd.v1 API listens on when the config names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -22,7 +23,7 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_MASTER_LISTEN: &str = "127.0.0.1:2222";
 
 /// Environment variables that override one config key each, applied on top of the file.
-pub const ENV_OVERRIDES: [(&str, &str); 9] = [
+pub const ENV_OVERRIDES: [(&str, &str); 10] = [
     ("TFSD_LISTEN", "server.listen"),
     ("TFSD_METRICS_LISTEN", "metrics.listen"),
     ("TFSD_MASTER_LISTEN", "master.listen"),
@@ -30,6 +31,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 9] = [
     ("TFSD_WORKER_BINARY", "workers.binary"),
     ("TFSD_POOL_SIZE", "workers.pool_size"),
     ("TFSD_WORKER_START_TIMEOUT", "workers.start_timeout"),
+    ("TFSD_PYTHON_INTERPRETER", "python.interpreter"),
     ("TFSD_LOG_FILTER", "log.filter"),
     ("TFSD_LOG_FORMAT", "log.format"),
 ];
@@ -46,6 +48,15 @@ pub const DEFAULT_WORKER_ENV: [(&str, &str); 3] = [
     ("TF_CPP_MIN_LOG_LEVEL", "1"),
     ("TFSD_THREAD_SPINNING", "0"),
 ];
+/// Modules a Python worker imports before it reports ready, so that a call never waits for
+/// them (importing TensorFlow and Keras takes seconds).
+pub const DEFAULT_PYTHON_PRELOAD: [&str; 2] = ["tensorflow", "keras"];
+/// Python workers kept ready.
+pub const DEFAULT_PYTHON_POOL_SIZE: usize = 1;
+/// How long a Python worker may take to import its preload list and say it is ready
+/// (`import tensorflow, keras` took 2.5–5.7 s on the development machine; a loaded host or a
+/// cold page cache takes longer).
+pub const DEFAULT_PYTHON_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// Log filter (tracing-subscriber's EnvFilter syntax) when neither config nor RUST_LOG set one.
 pub const DEFAULT_LOG_FILTER: &str = "info";
 
@@ -56,6 +67,8 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     workers: RawWorkers,
+    #[serde(default)]
+    python: RawPython,
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
@@ -138,6 +151,16 @@ struct RawWorkers {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawPython {
+    interpreter: Option<PathBuf>,
+    preload: Option<Vec<String>>,
+    pool_size: Option<usize>,
+    start_timeout: Option<String>,
+    env: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     filter: Option<String>,
     format: Option<String>,
@@ -152,6 +175,8 @@ pub struct Config {
     /// TensorFlow's MasterService; `None` when switched off (`master.listen = ""`).
     pub master_listen: Option<SocketAddr>,
     pub workers: WorkerConfig,
+    /// Python sessions; `None` when `python.interpreter` is not set (they are refused).
+    pub python: Option<PythonConfig>,
     pub policy: PolicyConfig,
     pub auth: crate::auth::AuthConfig,
     /// `None`: plaintext (the default; fine on loopback).
@@ -170,6 +195,19 @@ pub struct WorkerConfig {
     pub start_timeout: Duration,
     /// Prepended to the workers' LD_LIBRARY_PATH when set (libtensorflow's directory).
     pub library_dir: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Python sessions' workers: `INTERPRETER -m tfsd_worker`, which imports `preload` and waits.
+#[derive(Debug, Clone)]
+pub struct PythonConfig {
+    /// The environment's interpreter; the `tfsd_worker` package must be installed in it.
+    pub interpreter: PathBuf,
+    pub preload: Vec<String>,
+    pub pool_size: usize,
+    pub start_timeout: Duration,
+    /// The workers' environment on top of the daemon's: `[workers.env]` (TensorFlow's
+    /// settings apply to Python's TensorFlow too), then `[python.env]`.
     pub env: BTreeMap<String, String>,
 }
 
@@ -286,6 +324,41 @@ impl Config {
             .collect();
         env.extend(raw.workers.env.unwrap_or_default());
         let library_dir = raw.workers.library_dir.map(|dir| base.join(dir));
+        let python_tuned = raw.python.preload.is_some()
+            || raw.python.pool_size.is_some()
+            || raw.python.start_timeout.is_some()
+            || raw.python.env.is_some();
+        let python = match raw.python.interpreter {
+            None => None,
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => {
+                let pool_size = raw.python.pool_size.unwrap_or(DEFAULT_PYTHON_POOL_SIZE);
+                if pool_size > 64 {
+                    bail!("python.pool_size = {pool_size} is too large (at most 64)");
+                }
+                let mut python_env = env.clone();
+                python_env.extend(raw.python.env.unwrap_or_default());
+                Some(PythonConfig {
+                    interpreter: base.join(path),
+                    preload: match raw.python.preload {
+                        Some(modules) => modules,
+                        None => DEFAULT_PYTHON_PRELOAD.map(str::to_string).to_vec(),
+                    },
+                    pool_size,
+                    start_timeout: match raw.python.start_timeout {
+                        Some(text) => parse_duration("python.start_timeout", &text)?,
+                        None => DEFAULT_PYTHON_START_TIMEOUT,
+                    },
+                    env: python_env,
+                })
+            }
+        };
+        if python.is_none() && python_tuned {
+            bail!(
+                "python.preload, python.pool_size, python.start_timeout and python.env need \
+                 python.interpreter (Python sessions are off without it)"
+            );
+        }
 
         let format = match raw.log.format.as_deref() {
             None | Some("human") => LogFormat::Human,
@@ -337,6 +410,7 @@ impl Config {
                 library_dir,
                 env,
             },
+            python,
             log: LogConfig { filter, format },
         };
         config.ensure_safe_exposure()?;
@@ -391,6 +465,7 @@ impl RawConfig {
                     self.workers.pool_size = Some(value.parse().with_context(invalid)?)
                 }
                 "workers.start_timeout" => self.workers.start_timeout = Some(value.clone()),
+                "python.interpreter" => self.python.interpreter = Some(PathBuf::from(&value)),
                 "log.filter" => self.log.filter = Some(value.clone()),
                 "log.format" => self.log.format = Some(value.clone()),
                 "state.dir" => self.state.dir = Some(PathBuf::from(&value)),
@@ -399,41 +474,6 @@ impl RawConfig {
         }
         Ok(())
     }
-}
-
-/// Parses a byte size: a number with an optional unit, binary ("KiB", "MiB", "GiB", "TiB")
-/// or decimal ("KB", "MB", "GB", "TB"), e.g. "2GiB", "512 MiB", "1.5GB", "1048576".
-pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("{text:?} is not a size like \"2GiB\" or \"512MiB\""))?;
-    let multiplier: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        other => bail!("{other:?} is not a size unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
-    };
-    Ok((number * multiplier as f64) as u64)
-}
-
-pub(crate) fn parse_duration(key: &str, text: &str) -> anyhow::Result<Duration> {
-    let duration = humantime::parse_duration(text)
-        .with_context(|| format!("{key} = {text:?} is not a duration like \"30s\" or \"250ms\""))?;
-    if duration.is_zero() {
-        bail!("{key} must be more than zero");
-    }
-    Ok(duration)
 }
 
 /// `tfsd-worker` in the directory of the running `tfsd` binary (cargo puts both in the same
@@ -534,16 +574,6 @@ mod tests {
         let bad = |name: &str| (name == "TFSD_POOL_SIZE").then(|| "many".to_string());
         let error = Config::parse_with_env("", Path::new("."), bad).expect_err("not a number");
         assert!(format!("{error:#}").contains("TFSD_POOL_SIZE"), "{error:#}");
-    }
-
-    #[test]
-    fn byte_sizes_take_binary_and_decimal_units() {
-        assert_eq!(parse_bytes("2GiB").expect("size"), 2 << 30);
-        assert_eq!(parse_bytes("512 MiB").expect("size"), 512 << 20);
-        assert_eq!(parse_bytes("1.5GB").expect("size"), 1_500_000_000);
-        assert_eq!(parse_bytes("4096").expect("size"), 4096);
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("3 parsecs").is_err());
     }
 
     #[test]

@@ -9,8 +9,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
-use crate::session::SessionManager;
-use crate::worker::{WarmPool, WorkerSpec};
+use crate::session::{Pools, SessionManager};
+use crate::worker::{Runtime, WarmPool, WorkerSpec};
 
 /// How long in-flight work may take to finish after SIGTERM before workers are killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -39,6 +39,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "the worker binary {} does not exist (build it with `cargo build --workspace`, \
              or set workers.binary)",
             config.workers.binary.display()
+        );
+    }
+    if let Some(python) = &config.python
+        && !python.interpreter.is_file()
+    {
+        bail!(
+            "python.interpreter = {} does not exist (scripts/python-env makes the project's \
+             environment; or point it at an environment with tensorflow, keras and tfsd_worker \
+             installed)",
+            python.interpreter.display()
         );
     }
     let store = match &config.state {
@@ -74,13 +84,31 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let spec = WorkerSpec {
+        runtime: Runtime::Graph,
         binary: config.workers.binary.clone(),
+        args: Vec::new(),
         env: config.workers.env.clone(),
         library_dir: config.workers.library_dir.clone(),
         start_timeout: config.workers.start_timeout,
         metrics: metrics.clone(),
     };
     let pool = WarmPool::start(spec, config.workers.pool_size, &tracker, shutdown.clone());
+    let python_pool = config.python.as_ref().map(|python| {
+        let mut env = python.env.clone();
+        env.insert("TFSD_PYTHON_PRELOAD".to_string(), python.preload.join(","));
+        // The worker's own output must reach the supervisor's log unbuffered.
+        env.insert("PYTHONUNBUFFERED".to_string(), "1".to_string());
+        let spec = WorkerSpec {
+            runtime: Runtime::Python,
+            binary: python.interpreter.clone(),
+            args: vec!["-m".to_string(), "tfsd_worker".to_string()],
+            env,
+            library_dir: None,
+            start_timeout: python.start_timeout,
+            metrics: metrics.clone(),
+        };
+        WarmPool::start(spec, python.pool_size, &tracker, shutdown.clone())
+    });
     let (health, health_service) = crate::grpc::health().await;
     tracker.spawn(follow_worker_health(
         pool.startable(),
@@ -88,7 +116,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let manager = SessionManager::new(
-        pool,
+        Pools {
+            graph: pool,
+            python: python_pool,
+        },
         metrics.clone(),
         config.policy.clone(),
         tracker.clone(),
@@ -158,7 +189,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         grace = ?SHUTDOWN_GRACE,
         "shutting down: no new sessions, in-flight work may finish, then every worker is reaped"
     );
-    let pool = manager.pool().clone();
+    let pools = manager.pools().clone();
     // Set before the second signal's task kills anything: killing the workers ends the runs
     // the drain waits for, so the drain may finish first, and the exit must still say 130.
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -167,7 +198,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         signals.recv().await;
         forced_by_signal.store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::warn!("second signal: killing every worker now, then exiting");
-        pool.kill_all_workers().await;
+        for pool in pools.all() {
+            pool.kill_all_workers().await;
+        }
         std::process::exit(130);
     });
     crate::notify::notify("STOPPING=1");
@@ -245,7 +278,20 @@ async fn serve_metrics(
     manager: Arc<SessionManager>,
     shutdown: CancellationToken,
 ) {
-    if let Err(error) = crate::metrics::serve(listener, metrics, manager, shutdown).await {
+    let present = move || {
+        let status = manager.status();
+        crate::metrics::Present {
+            sessions: manager
+                .list()
+                .into_iter()
+                .map(|session| (session.id, session.memory))
+                .collect(),
+            warm_workers: status.warm_workers + status.warm_python_workers,
+            supervisor: status.memory,
+            system: status.system,
+        }
+    };
+    if let Err(error) = crate::metrics::serve(listener, metrics, present, shutdown).await {
         tracing::error!(%error, "the metrics endpoint failed");
     }
 }

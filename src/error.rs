@@ -31,6 +31,13 @@ pub enum Error {
     /// The memory policy killed the worker under a running step (hard limit).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The operation does not apply to the session as it is (e.g. a graph operation on a
+    /// Python session, Python sessions not configured).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A call ran past its deadline and was stopped.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("the daemon is shutting down and takes no new work")]
     ShuttingDown,
     #[error("worker protocol error: {0}")]

@@ -11,13 +11,16 @@
 //! - `master`: TensorFlow's MasterService, so `tf.compat.v1.Session("grpc://…")` runs here.
 //! - `session`: sessions, their operations (`SessionManager`) and lifecycle events.
 //! - `worker`: worker processes (spawn, protocol, death, reaping) and the warm pool.
-//! - `tensor`: TensorFlow's TensorProto, validated and decoded (shared with the worker).
+//! - `tensor`: TensorFlow's TensorProto, validated and decoded (from `tfsd-protocol`, shared
+//!   with the worker).
 //! - `memory`: a process's RSS and private memory from `/proc`.
 //! - `metrics`: Prometheus metrics and their HTTP endpoint.
 //! - `notify`: systemd readiness and watchdog notifications.
 //! - `store`: durable sessions (SQLite) and variable checkpoints in the state directory.
 //! - `system`: system-wide memory (sysinfo).
-//! - `proto`: generated code.
+//! - `units`: byte sizes and durations as the config writes them.
+//! - `proto`: generated code (the worker protocol and TensorFlow's framework messages
+//!   re-exported from `tfsd-protocol`).
 //!
 //! This crate never links libtensorflow: only the `tfsd-worker` binary (in `worker/`) does.
 
@@ -38,4 +41,5 @@ pub mod session;
 pub mod store;
 pub mod system;
 pub mod tensor;
+pub mod units;
 pub mod worker;

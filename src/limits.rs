@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::error::Error;
 use crate::proto::tensorflow::TensorProto;
 use crate::session::RunSpec;
+use crate::units::parse_bytes;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +63,7 @@ impl Limits {
         let size = |key: &str, value: Option<String>| -> anyhow::Result<Option<usize>> {
             value
                 .map(|text| {
-                    crate::config::parse_bytes(&text)
+                    parse_bytes(&text)
                         .map(|bytes| bytes as usize)
                         .with_context(|| format!("limits.{key} = {text:?}"))
                 })

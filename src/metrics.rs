@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::session::{EventKind, SessionEvent, SessionManager};
+use crate::memory::MemoryUsage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabels {
@@ -157,27 +157,13 @@ impl Metrics {
         }
     }
 
-    pub fn record_event(&self, event: &SessionEvent) {
-        let action = match event.kind {
-            EventKind::Created => "created",
-            EventKind::Extended => "extended",
-            EventKind::GraphReset => "graph_reset",
-            EventKind::VariablesPurged => "variables_purged",
-            EventKind::Recycled => "recycled",
-            EventKind::WorkerExited => "worker_exited",
-            EventKind::Restored => "restored",
-            EventKind::Closed => "closed",
-            EventKind::Unhealthy => "unhealthy",
-            EventKind::DryRun => "dry_run",
-        };
+    /// One lifecycle action on a session: `action` is the event's name ("created",
+    /// "recycled", ...), `trigger` who asked ("client", "soft_limit", ...).
+    pub fn record_action(&self, action: &str, trigger: &str) {
         self.actions
             .get_or_create(&ActionLabels {
                 action: action.to_string(),
-                trigger: if event.trigger.is_empty() {
-                    "client".to_string()
-                } else {
-                    event.trigger.to_string()
-                },
+                trigger: trigger.to_string(),
             })
             .inc();
     }
@@ -203,28 +189,26 @@ impl Metrics {
     }
 
     /// Refreshes the gauges from the present state and renders the exposition.
-    pub fn render(&self, manager: &SessionManager) -> String {
+    pub fn render(&self, present: &Present) -> String {
         self.session_private.clear();
         self.session_rss.clear();
-        let sessions = manager.list();
-        for session in &sessions {
+        for (session_id, memory) in &present.sessions {
             let labels = SessionLabels {
-                session_id: session.id.clone(),
+                session_id: session_id.clone(),
             };
             self.session_private
                 .get_or_create(&labels)
-                .set(session.memory.private_bytes as i64);
+                .set(memory.private_bytes as i64);
             self.session_rss
                 .get_or_create(&labels)
-                .set(session.memory.rss_bytes as i64);
+                .set(memory.rss_bytes as i64);
         }
-        let status = manager.status();
-        self.sessions.set(sessions.len() as i64);
-        self.warm_workers.set(status.warm_workers as i64);
-        self.supervisor_rss.set(status.memory.rss_bytes as i64);
-        self.system_total.set(status.system.total_bytes as i64);
+        self.sessions.set(present.sessions.len() as i64);
+        self.warm_workers.set(present.warm_workers as i64);
+        self.supervisor_rss.set(present.supervisor.rss_bytes as i64);
+        self.system_total.set(present.system.total_bytes as i64);
         self.system_available
-            .set(status.system.available_bytes as i64);
+            .set(present.system.available_bytes as i64);
         let pressure = crate::system::memory_pressure().unwrap_or_default();
         self.pressure_some_avg10.set(pressure.some_avg10);
         self.pressure_full_avg10.set(pressure.full_avg10);
@@ -237,17 +221,28 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
+/// What the gauges show, read at scrape time (by whoever owns the sessions: `daemon.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct Present {
+    /// Each session's id and its worker's memory.
+    pub sessions: Vec<(String, MemoryUsage)>,
+    /// Ready workers in the warm pools.
+    pub warm_workers: usize,
+    pub supervisor: MemoryUsage,
+    pub system: crate::system::SystemMemory,
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`; `present` is read at each scrape.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    manager: Arc<SessionManager>,
+    present: impl Fn() -> Present + Clone + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let text = metrics.render(&manager);
+            let text = metrics.render(&present());
             async move {
                 (
                     [(

@@ -1,5 +1,7 @@
-//! Code generated from `proto/` by `build.rs`. Only this module, `grpc/` and the worker
-//! protocol (`worker/connection.rs`, and the worker binary) touch these types.
+//! Code generated from `proto/` by `build.rs`, and the types the `tfsd-protocol` crate
+//! generates (the worker protocol and TensorFlow's framework messages) re-exported under the
+//! same paths. Only this module, `grpc/` and the worker protocol (`worker/connection.rs`, and
+//! the worker binary) touch these types.
 
 #![allow(
     missing_debug_implementations,
@@ -7,7 +9,11 @@
     reason = "generated code is not ours to lint"
 )]
 
+/// Package `tensorflow`: the MasterService, generated here, and the framework messages
+/// (`TensorProto`, `DataType`, `DeviceAttributes`, ...) from `tfsd-protocol`.
 pub mod tensorflow {
+    pub use tfsd_protocol::tensorflow::*;
+
     tonic::include_proto!("tensorflow");
 }
 
@@ -15,11 +21,8 @@ pub mod tfsd {
     pub mod v1 {
         tonic::include_proto!("tfsd.v1");
     }
-    pub mod worker {
-        pub mod v1 {
-            tonic::include_proto!("tfsd.worker.v1");
-        }
-    }
+    /// The supervisor–worker protocol, from `tfsd-protocol`.
+    pub use tfsd_protocol::tfsd::worker;
 }
 
 /// The file descriptor set of every proto above, for gRPC server reflection.

@@ -155,8 +155,9 @@ async fn a_soft_limit_purges_between_steps_and_memory_comes_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn when_the_gentle_action_is_not_enough_the_policy_recycles() {
-    // With oneDNN's allocator a purge keeps the memory pooled in the process (FACTS §3):
-    // the gentle rung cannot help, the recycle does.
+    // With oneDNN's allocator a purge keeps the memory pooled in the process (freed tensors
+    // stay in its pool, and `malloc_trim` does not release them): the gentle rung cannot
+    // help, the recycle does.
     let daemon = daemon_with(
         "[policy]\ninterval = \"100ms\"\n[workers.env]\nTF_ENABLE_ONEDNN_OPTS = \"1\"\n",
     );

@@ -1,18 +1,23 @@
 """Harness for the Python tests: the real `tfsd` daemon on port 0 and a real grpcio client.
 
-Stubs for tfsd.v1 are generated at test time from proto/tfsd/v1/tfsd.proto (only that file).
+Stubs for tfsd.v1 are generated at test time from proto/tfsd/v1/tfsd.proto and the
+control.proto it imports (only those files).
 `tfsd_pb2` imports TensorFlow's own `tensorflow.core.framework.tensor_pb2` for
 tensorflow/core/framework/tensor.proto, so the API's TensorProto *is* TensorFlow's class: tests
 pass `tf.make_tensor_proto(x)` in feeds and read outputs with `tf.make_ndarray(t)`.
 
 Environment:
-  TFSD_BIN       the daemon binary (default: target/debug/tfsd in the repository root);
-  TFSD_TEST_LOG  RUST_LOG for the daemon (default: warn).
+  TFSD_BIN          the daemon binary (default: target/debug/tfsd in the repository root);
+  TFSD_TEST_LOG     RUST_LOG for the daemon (default: warn);
+  TFSD_TEST_PYTHON  the interpreter of the `python_daemon` fixture's Python sessions (default:
+                    the one running the tests, i.e. .venv/bin/python: the same Python minor
+                    version as the client, as cloudpickle requires).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import queue
 import select
@@ -29,6 +34,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
 API_PROTO = "tfsd/v1/tfsd.proto"
+# What tfsd.proto imports (`import public`): every tfsd.v1 message without a tensor.
+CONTROL_PROTO = "tfsd/v1/control.proto"
 
 # How long starting or stopping the daemon, or any one RPC, may take before the test fails
 # instead of hanging.
@@ -72,6 +79,7 @@ def api(tmp_path_factory) -> types.SimpleNamespace:
         f"--proto_path={well_known}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
+        CONTROL_PROTO,
         API_PROTO,
     ]
     result = subprocess.run(
@@ -205,6 +213,31 @@ class Daemon:
 def daemon():
     """A fresh daemon per test; the test fails if it does not stop cleanly (exit code 0)."""
     started = Daemon()
+    try:
+        yield started
+    finally:
+        code = started.stop()
+    assert code == 0, f"tfsd exited with {code} after SIGTERM"
+
+
+def python_config(path: Path, interpreter: str | None = None) -> Path:
+    """A config file (at `path`) that turns Python sessions on: `[python]` with the test
+    interpreter, one warm worker, TensorFlow and Keras preloaded."""
+    interpreter = interpreter or os.environ.get("TFSD_TEST_PYTHON") or sys.executable
+    path.write_text(
+        "[python]\n"
+        f"interpreter = {json.dumps(interpreter)}\n"
+        "pool_size = 1\n"
+        'preload = ["tensorflow", "keras"]\n'
+    )
+    return path
+
+
+@pytest.fixture
+def python_daemon(tmp_path):
+    """A fresh daemon per test with Python sessions configured (`python_config`); like
+    `daemon`, the test fails if it does not stop cleanly."""
+    started = Daemon("--config", str(python_config(tmp_path / "tfsd.toml")))
     try:
         yield started
     finally:

@@ -25,6 +25,13 @@ pub enum CliError {
     /// `watch` could not listen for Ctrl-C.
     #[error("listen for Ctrl-C: {0}")]
     Signal(#[source] std::io::Error),
+    /// `run`: the script could not be read.
+    #[error("cannot read the script {path}: {error}")]
+    Script {
+        path: String,
+        #[source]
+        error: std::io::Error,
+    },
     /// Writing to stdout failed (a closed pipe is not reported: see `cli::run`).
     #[error("write the output: {0}")]
     Output(#[from] std::io::Error),
@@ -51,6 +58,7 @@ impl CliError {
             | CliError::NotServing { .. }
             | CliError::InvalidConfig(_)
             | CliError::Signal(_)
+            | CliError::Script { .. }
             | CliError::Output(_) => EXIT_FAILED,
         }
     }

@@ -53,6 +53,18 @@ impl Human for DaemonStatusReport {
                 "warm pool",
                 format!("{}/{} ready", self.warm_workers, self.warm_pool_size),
             ),
+            (
+                "Python sessions",
+                match &self.python {
+                    None => "not configured (python.interpreter)".into(),
+                    Some(python) => format!(
+                        "{}/{} ready; {}",
+                        python.warm_workers,
+                        python.warm_pool_size,
+                        python.runtime.as_deref().unwrap_or("no worker has started yet")
+                    ),
+                },
+            ),
             ("system memory", system),
             ("cgroup limit", cgroup_limit),
             ("draining", yes_no(self.draining).into()),
@@ -69,10 +81,11 @@ impl Human for SessionListReport {
         let mut table = Table::new(&[
             ("ID", Align::Left),
             ("STATE", Align::Left),
+            ("RUNTIME", Align::Left),
             ("PID", Align::Right),
             ("PRIVATE MiB", Align::Right),
             ("RSS MiB", Align::Right),
-            ("RUNS", Align::Right),
+            ("RUNS/CALLS", Align::Right),
             ("GRAPH", Align::Right),
             ("RESETS", Align::Right),
             ("PURGES", Align::Right),
@@ -85,6 +98,7 @@ impl Human for SessionListReport {
             table.row(vec![
                 session.session_id.clone(),
                 session.state.clone(),
+                session.runtime.clone(),
                 session.worker_pid.to_string(),
                 session
                     .memory
@@ -92,7 +106,7 @@ impl Human for SessionListReport {
                 session
                     .memory
                     .map_or("-".into(), |memory| mib_number(memory.rss_bytes)),
-                session.run_count.to_string(),
+                (session.run_count + session.call_count).to_string(),
                 session.graph_version.to_string(),
                 session.graph_reset_count.to_string(),
                 session.purge_count.to_string(),
@@ -121,6 +135,7 @@ impl Human for SessionReport {
         fields(&[
             ("session", self.session_id.clone()),
             ("state", self.state.clone()),
+            ("runtime", self.runtime.clone()),
             ("worker pid", self.worker_pid.to_string()),
             ("memory", memory_pair(self.memory)),
             ("graph version", self.graph_version.to_string()),
@@ -128,6 +143,7 @@ impl Human for SessionReport {
                 "runs",
                 format!("{} ({} in flight)", self.run_count, self.runs_in_flight),
             ),
+            ("calls", self.call_count.to_string()),
             ("graph resets", self.graph_reset_count.to_string()),
             ("purges", self.purge_count.to_string()),
             ("recycles", self.recycle_count.to_string()),

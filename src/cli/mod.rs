@@ -20,6 +20,7 @@ mod health;
 mod human;
 mod output;
 mod report;
+mod run_script;
 mod watch;
 
 use std::path::PathBuf;
@@ -145,6 +146,21 @@ pub enum Command {
     },
     /// Validate a config file and print what it resolves to, TFSD_* environment overrides
     /// included (the daemon is not contacted).
+    /// Run a Python script in a fresh Python session (TensorFlow and Keras already imported),
+    /// stream its output, and exit with its exit status. The session is closed afterwards.
+    /// Errors of tfsd itself (no daemon, no Python sessions configured) exit as every other
+    /// command does (1, 3), with `error:` on stderr.
+    #[command(trailing_var_arg = true)]
+    Run {
+        /// The script (read here, run in the daemon's Python environment).
+        script: PathBuf,
+        /// The script's arguments (sys.argv[1:]).
+        #[arg(allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// Stop the script after this long (e.g. "10m"); none by default.
+        #[arg(long = "call-timeout", value_parser = humantime::parse_duration, value_name = "DURATION")]
+        call_timeout: Option<Duration>,
+    },
     #[command(after_long_help = EXIT_CODES_HELP)]
     CheckConfig {
         /// The config file (TOML).
@@ -156,6 +172,26 @@ pub enum Command {
 /// Runs one operator command and returns the process's exit code. Errors are printed here,
 /// once, as `error: ...` on stderr (with a hint when one helps).
 pub async fn run(options: ClientOptions, command: Command) -> ExitCode {
+    if let Command::Run {
+        script,
+        args,
+        call_timeout,
+    } = &command
+    {
+        let request = run_script::ScriptRun {
+            script,
+            argv: args.clone(),
+            timeout: *call_timeout,
+        };
+        let ran = match connect::connect(&options).await {
+            Ok(client) => run_script::run(client, &options.address, request).await,
+            Err(error) => Err(error),
+        };
+        return match ran {
+            Ok(code) => ExitCode::from(code),
+            Err(error) => fail(error),
+        };
+    }
     let mut output = output::Output::stdout(options.json);
     match execute(&options, command, &mut output).await {
         Ok(()) => ExitCode::from(EXIT_OK),
@@ -163,14 +199,17 @@ pub async fn run(options: ClientOptions, command: Command) -> ExitCode {
         Err(CliError::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::from(EXIT_OK)
         }
-        Err(error) => {
-            eprintln!("error: {error}");
-            if let Some(hint) = error.hint() {
-                eprintln!("hint: {hint}");
-            }
-            ExitCode::from(error.exit_code())
-        }
+        Err(error) => fail(error),
     }
+}
+
+/// Prints a failed command's error (and a hint when one helps); its exit code.
+fn fail(error: CliError) -> ExitCode {
+    eprintln!("error: {error}");
+    if let Some(hint) = error.hint() {
+        eprintln!("hint: {hint}");
+    }
+    ExitCode::from(error.exit_code())
 }
 
 async fn execute(
@@ -210,5 +249,6 @@ async fn execute(
             health::run(channel, address, service, output).await
         }
         Command::CheckConfig { config } => check_config::run(&config, output),
+        Command::Run { .. } => unreachable!("`run` is handled by `cli::run`"),
     }
 }

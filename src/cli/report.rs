@@ -65,8 +65,19 @@ pub struct DaemonStatusReport {
     pub session_count: u32,
     pub warm_workers: u32,
     pub warm_pool_size: u32,
+    /// Python sessions' pool; `None` when Python sessions are not configured.
+    pub python: Option<PythonPoolReport>,
     pub system: Option<SystemMemoryReport>,
     pub draining: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PythonPoolReport {
+    pub warm_workers: u32,
+    pub warm_pool_size: u32,
+    /// What the workers run ("python 3.11.2, tensorflow 2.21.0, keras 3.15.1"); `None`
+    /// until one has started.
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -92,6 +103,11 @@ impl DaemonStatusReport {
             session_count: status.session_count,
             warm_workers: status.warm_workers,
             warm_pool_size: status.warm_pool_size,
+            python: (status.warm_python_pool_size > 0).then(|| PythonPoolReport {
+                warm_workers: status.warm_python_workers,
+                warm_pool_size: status.warm_python_pool_size,
+                runtime: Some(status.python_runtime.clone()).filter(|text| !text.is_empty()),
+            }),
             system: status.system.as_ref().map(|system| SystemMemoryReport {
                 total_bytes: system.total_bytes,
                 available_bytes: system.available_bytes,
@@ -106,11 +122,15 @@ impl DaemonStatusReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionReport {
     pub session_id: String,
+    /// "graph" or "python".
+    pub runtime: String,
     pub state: String,
     pub worker_pid: u32,
     pub memory: Option<MemoryReport>,
     pub graph_version: u64,
     pub run_count: u64,
+    /// Python sessions: calls made.
+    pub call_count: u64,
     pub runs_in_flight: u32,
     pub graph_reset_count: u64,
     pub purge_count: u64,
@@ -135,11 +155,13 @@ impl SessionReport {
         let last_used_at = Time::from_proto(session.last_used_at.as_ref());
         SessionReport {
             session_id: session.session_id.clone(),
+            runtime: runtime_name(session.runtime),
             state: state_name(session.state),
             worker_pid: session.worker_pid,
             memory: MemoryReport::from_proto(session.memory.as_ref()),
             graph_version: session.graph_version,
             run_count: session.run_count,
+            call_count: session.call_count,
             runs_in_flight: session.runs_in_flight,
             graph_reset_count: session.graph_reset_count,
             purge_count: session.purge_count,
@@ -286,6 +308,14 @@ fn millis(duration: Duration) -> u64 {
 
 /// The proto enum's value name without its prefix, in lowercase ("ready"); a value this
 /// CLI does not know (a newer daemon) stays visible as "unknown(N)".
+fn runtime_name(value: i32) -> String {
+    match api::Runtime::try_from(value) {
+        Ok(api::Runtime::Unspecified | api::Runtime::Graph) => "graph".into(),
+        Ok(api::Runtime::Python) => "python".into(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
 fn state_name(value: i32) -> String {
     match api::SessionState::try_from(value) {
         Ok(api::SessionState::Unspecified) => "unspecified".into(),

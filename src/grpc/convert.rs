@@ -8,8 +8,9 @@ use crate::memory::MemoryUsage;
 use crate::policy::{GentleAction, SessionPolicy};
 use crate::proto::tfsd::v1 as api;
 use crate::session::{
-    DaemonStatus, EventKind, ResetOutcome, SessionEvent, SessionSnapshot, SessionState,
+    DaemonStatus, EventKind, ResetOutcome, Runtime, SessionEvent, SessionSnapshot, SessionState,
 };
+use crate::worker::{CallOutcome, CallOutput, CallTarget, OutputStream};
 
 pub fn memory(usage: MemoryUsage) -> api::MemoryUsage {
     api::MemoryUsage {
@@ -53,7 +54,65 @@ pub fn session(snapshot: SessionSnapshot) -> api::SessionInfo {
         automatic_action_count: snapshot.automatic_action_count,
         owner: snapshot.owner,
         durable_variables: snapshot.durable_variables,
+        runtime: runtime(snapshot.runtime) as i32,
+        call_count: snapshot.call_count,
     }
+}
+
+pub fn runtime(runtime: Runtime) -> api::Runtime {
+    match runtime {
+        Runtime::Graph => api::Runtime::Graph,
+        Runtime::Python => api::Runtime::Python,
+    }
+}
+
+/// What a Python call runs, from the request; `None` when it names nothing.
+pub fn call_target(target: Option<api::call_request::Target>) -> Option<CallTarget> {
+    Some(match target? {
+        api::call_request::Target::Pickled(pickled) => CallTarget::Pickled(pickled.into()),
+        api::call_request::Target::Script(script) => CallTarget::Script {
+            path: script.path,
+            source: script.source.into(),
+            argv: script.argv,
+        },
+    })
+}
+
+pub fn call_output(output: CallOutput) -> api::CallEvent {
+    let stream = match output.stream {
+        OutputStream::Stdout => api::Stream::Stdout,
+        OutputStream::Stderr => api::Stream::Stderr,
+    };
+    api::CallEvent {
+        event: Some(api::call_event::Event::Output(api::Output {
+            stream: stream as i32,
+            data: output.data.to_vec(),
+        })),
+    }
+}
+
+pub fn call_outcome(outcome: CallOutcome, duration: std::time::Duration) -> api::CallEvent {
+    let duration_us = duration.as_micros() as u64;
+    let event = match outcome {
+        CallOutcome::Returned(pickled) => api::call_event::Event::Result(api::CallResult {
+            pickled: pickled.to_vec(),
+            exit_code: 0,
+            duration_us,
+        }),
+        CallOutcome::Exited(exit_code) => api::call_event::Event::Result(api::CallResult {
+            pickled: Vec::new(),
+            exit_code,
+            duration_us,
+        }),
+        CallOutcome::Raised(exception) => {
+            api::call_event::Event::Exception(api::RemoteException {
+                type_name: exception.type_name,
+                message: exception.message,
+                traceback: exception.traceback,
+            })
+        }
+    };
+    api::CallEvent { event: Some(event) }
 }
 
 fn memory_policy_to_api(policy: SessionPolicy) -> api::MemoryPolicy {
@@ -115,6 +174,8 @@ fn event_kind(kind: EventKind) -> api::EventKind {
 }
 
 pub fn event(event: SessionEvent) -> api::SessionEvent {
+    let trigger_name = event.trigger_name().to_string();
+    let actor_name = event.actor_name().to_string();
     api::SessionEvent {
         session_id: event.session_id,
         kind: event_kind(event.kind) as i32,
@@ -124,9 +185,9 @@ pub fn event(event: SessionEvent) -> api::SessionEvent {
         memory_after: event.memory_after.map(memory),
         graph_version: event.graph_version,
         at: Some(timestamp(event.at)),
-        trigger: event.trigger.to_string(),
+        trigger: trigger_name,
         rung: event.rung,
-        actor: event.actor,
+        actor: actor_name,
     }
 }
 
@@ -150,6 +211,9 @@ pub fn daemon_status(status: DaemonStatus) -> api::DaemonStatus {
         session_count: status.session_count as u32,
         warm_workers: status.warm_workers as u32,
         warm_pool_size: status.warm_pool_size as u32,
+        warm_python_workers: status.warm_python_workers as u32,
+        warm_python_pool_size: status.warm_python_pool_size as u32,
+        python_runtime: status.python_runtime,
         system: Some(api::SystemMemory {
             total_bytes: status.system.total_bytes,
             available_bytes: status.system.available_bytes,

@@ -18,7 +18,7 @@ use crate::auth::Caller;
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::proto::tfsd::v1 as api;
-use crate::session::{Cause, EventKind, RunSpec, SessionManager};
+use crate::session::{CallEvent, Cause, InPlaceReset, RunSpec, SessionManager};
 
 #[derive(Debug)]
 pub struct SessionService {
@@ -69,6 +69,7 @@ fn required_id(id: &str) -> Result<&str, Status> {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<api::SessionEvent, Status>> + Send>>;
+type CallStream = Pin<Box<dyn Stream<Item = Result<api::CallEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl api::session_service_server::SessionService for SessionService {
@@ -79,19 +80,47 @@ impl api::session_service_server::SessionService for SessionService {
         let caller = Caller::of(&request);
         let request = request.into_inner();
         let policy = validate_memory_policy(request.memory_policy)?;
+        let runtime = api::Runtime::try_from(request.runtime).map_err(|_| {
+            Status::invalid_argument(format!("runtime = {} is not a Runtime", request.runtime))
+        })?;
         self.limits.check_graph_def_size(request.graph_def.len())?;
         self.check_session_count(&caller)?;
-        let snapshot = self
-            .manager
-            .create_owned(
-                caller.principal,
-                request.durable_variables,
-                request.graph_def.into(),
-                request.config.into(),
-                request.labels.into_iter().collect(),
-                policy,
-            )
-            .await?;
+        let snapshot = match runtime {
+            api::Runtime::Unspecified | api::Runtime::Graph => {
+                self.manager
+                    .create_owned(
+                        caller.principal,
+                        request.durable_variables,
+                        request.graph_def.into(),
+                        request.config.into(),
+                        request.labels.into_iter().collect(),
+                        policy,
+                    )
+                    .await?
+            }
+            api::Runtime::Python => {
+                if !request.graph_def.is_empty() || !request.config.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "a Python session takes no graph_def or config: its code builds what \
+                         it needs",
+                    ));
+                }
+                if request.durable_variables {
+                    return Err(Status::invalid_argument(
+                        "durable_variables applies to graph sessions: a Python session's state \
+                         lives in its process (RecycleSession with preserve_variables carries \
+                         it to a fresh one) and ends with the daemon",
+                    ));
+                }
+                self.manager
+                    .create_python_owned(
+                        caller.principal,
+                        request.labels.into_iter().collect(),
+                        policy,
+                    )
+                    .await?
+            }
+        };
         Ok(Response::new(api::CreateSessionResponse {
             session: Some(convert::session(snapshot)),
         }))
@@ -155,7 +184,7 @@ impl api::session_service_server::SessionService for SessionService {
         let id = self.authorize(&caller, &request.get_ref().session_id)?;
         let outcome = self
             .manager
-            .in_place_reset(id, EventKind::GraphReset, Cause::by(caller.actor()))
+            .reset_in_place(id, InPlaceReset::Graph, Cause::by(caller.actor()))
             .await?;
         Ok(Response::new(convert::reset(outcome)))
     }
@@ -168,7 +197,7 @@ impl api::session_service_server::SessionService for SessionService {
         let id = self.authorize(&caller, &request.get_ref().session_id)?;
         let outcome = self
             .manager
-            .in_place_reset(id, EventKind::VariablesPurged, Cause::by(caller.actor()))
+            .reset_in_place(id, InPlaceReset::Variables, Cause::by(caller.actor()))
             .await?;
         Ok(Response::new(convert::reset(outcome)))
     }
@@ -182,7 +211,7 @@ impl api::session_service_server::SessionService for SessionService {
         let id = self.authorize(&caller, &request.session_id)?;
         let outcome = self
             .manager
-            .recycle_because(id, request.preserve_variables, Cause::by(caller.actor()))
+            .recycle(id, request.preserve_variables, Cause::by(caller.actor()))
             .await?;
         Ok(Response::new(convert::reset(outcome)))
     }
@@ -230,6 +259,55 @@ impl api::session_service_server::SessionService for SessionService {
         _request: Request<api::GetDaemonStatusRequest>,
     ) -> Result<Response<api::DaemonStatus>, Status> {
         Ok(Response::new(convert::daemon_status(self.manager.status())))
+    }
+
+    type CallStream = CallStream;
+
+    async fn call(
+        &self,
+        request: Request<api::CallRequest>,
+    ) -> Result<Response<Self::CallStream>, Status> {
+        let caller = Caller::of(&request);
+        let request = request.into_inner();
+        let id = self.authorize(&caller, &request.session_id)?;
+        let target = convert::call_target(request.target).ok_or_else(|| {
+            Status::invalid_argument("a call needs `pickled` (a function) or `script`")
+        })?;
+        let requested = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
+        let timeout = self.limits.run_timeout(requested);
+        let mut events = self.manager.call(
+            id,
+            target,
+            timeout,
+            self.limits.max_concurrent_runs_per_session,
+        )?;
+        let started = std::time::Instant::now();
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        // Ends when the call does, or when the client goes away: dropping `events` then tells
+        // the call to stop.
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    // A client that went away during a silent call is noticed at once.
+                    _ = sender.closed() => break,
+                };
+                let Some(event) = event else { break };
+                let item = match event {
+                    CallEvent::Output(output) => Ok(convert::call_output(output)),
+                    CallEvent::Finished(Ok(outcome)) => {
+                        Ok(convert::call_outcome(outcome, started.elapsed()))
+                    }
+                    CallEvent::Finished(Err(error)) => Err(Status::from(error)),
+                };
+                if sender.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     type WatchEventsStream = EventStream;

@@ -21,6 +21,8 @@ impl From<Error> for Status {
             }
             Error::WorkerStart(_) => Code::Unavailable,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Protocol(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

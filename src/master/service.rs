@@ -12,24 +12,15 @@ use super::callables;
 use super::convert;
 use super::dedup::RecentRequests;
 use super::errors;
-use super::sessions::{MasterSession, MasterSessions};
+use super::sessions::{
+    CLIENT_LABEL, MasterSession, MasterSessions, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL,
+    ORIGIN_MASTER,
+};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::policy::SessionPolicy;
 use crate::proto::tensorflow as tf;
 use crate::session::{PartialRunSpec, RunSpec, SessionManager};
-
-/// Label on every tfsd session the MasterService created.
-pub const ORIGIN_LABEL: &str = "tfsd.origin";
-pub const ORIGIN_MASTER: &str = "master";
-/// Label with the address (IP:port) of the TensorFlow client that created the session.
-pub const CLIENT_LABEL: &str = "tfsd.master.client";
-/// Label with the name the client gave its session in
-/// `ConfigProto.experimental.session_metadata.name` (`NAME/VERSION` for a non-zero version).
-pub const NAME_LABEL: &str = "tfsd.master.name";
-/// Label with the ConfigProto's `operation_timeout_in_ms`, when set: the session's default
-/// step timeout, kept where a restart (durable sessions) finds it again.
-pub const OPERATION_TIMEOUT_LABEL: &str = "tfsd.master.operation_timeout_ms";
 
 type Answer<T> = Result<T, Status>;
 

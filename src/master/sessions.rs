@@ -16,8 +16,20 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::callables::Callables;
-use super::service::{CLIENT_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER};
 use crate::session::{EventKind, SessionManager, SessionSnapshot};
+
+/// Label on every tfsd session the MasterService created: what makes a tfsd session a
+/// MasterService session (`adopt_restored` finds them again by it after a restart).
+pub const ORIGIN_LABEL: &str = "tfsd.origin";
+pub const ORIGIN_MASTER: &str = "master";
+/// Label with the address (IP:port) of the TensorFlow client that created the session.
+pub const CLIENT_LABEL: &str = "tfsd.master.client";
+/// Label with the name the client gave its session in
+/// `ConfigProto.experimental.session_metadata.name` (`NAME/VERSION` for a non-zero version).
+pub const NAME_LABEL: &str = "tfsd.master.name";
+/// Label with the ConfigProto's `operation_timeout_in_ms`, when set: the session's default
+/// step timeout, kept where a restart (durable sessions) finds it again.
+pub const OPERATION_TIMEOUT_LABEL: &str = "tfsd.master.operation_timeout_ms";
 
 #[derive(Debug)]
 pub struct MasterSession {

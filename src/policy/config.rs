@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use super::{GentleAction, IdleAction, PolicyConfig, PressureConfig};
-use crate::config::{parse_bytes, parse_duration};
+use crate::units::{parse_bytes, parse_duration};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

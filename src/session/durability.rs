@@ -5,12 +5,11 @@
 
 use std::sync::Arc;
 
-use super::manager::{expect_done, unexpected};
-use super::{Cause, EventKind, Session, SessionDefinition, SessionManager, SessionState};
-use crate::proto::tfsd::worker::v1 as wire;
+use super::{
+    Cause, EventKind, Runtime, Session, SessionDefinition, SessionManager, SessionState, Trigger,
+};
 use crate::store::{SessionRecord, SessionStore};
-use crate::worker::WorkerProcess;
-use wire::{worker_request::Kind, worker_response::Result as Reply};
+use crate::worker::{CarriedState, WorkerProcess};
 
 impl SessionManager {
     /// Makes sessions durable in `store` from now on.
@@ -24,6 +23,25 @@ impl SessionManager {
             && let Err(error) = update(store)
         {
             tracing::error!(error = %format!("{error:#}"), "could not update the session store");
+        }
+    }
+
+    /// `persist` for one session's record. Python sessions are never stored: their state
+    /// lives in their process, and a daemon restart ends them.
+    pub(super) fn persist_session(
+        &self,
+        session: &Session,
+        update: impl FnOnce(&SessionStore) -> anyhow::Result<()>,
+    ) {
+        if session.runtime == Runtime::Graph {
+            self.persist(update);
+        }
+    }
+
+    /// Writes `state` as the session's checkpoint (graph sessions' variables only).
+    pub(super) fn write_checkpoint(&self, session: &Session, state: &CarriedState) {
+        if let Some(variables) = state.variables() {
+            self.persist_blocking(|store| store.write_checkpoint(session.id(), variables));
         }
     }
 
@@ -72,8 +90,10 @@ impl SessionManager {
             }
         };
         let count = variables.len();
-        let import = Kind::ImportVariables(wire::ImportVariables { variables });
-        match expect_done(worker, worker.call(import).await) {
+        match worker
+            .import_state(CarriedState::Variables(variables))
+            .await
+        {
             Ok(()) => count,
             Err(error) => {
                 tracing::error!(session_id = %session.id, %error, "could not restore the checkpoint");
@@ -85,21 +105,14 @@ impl SessionManager {
     /// Checkpoints one durable session's variables now.
     async fn checkpoint(&self, session: &Session) {
         let core = session.core.read().await;
-        let Some(worker) = core.worker.clone() else {
+        let Some(worker) = session.worker.get() else {
             return;
         };
-        let reply = worker
-            .call(Kind::ExportVariables(wire::ExportVariables {}))
-            .await;
+        let exported = worker.export_state().await;
         drop(core);
-        match reply {
-            Ok(Reply::Variables(variables)) => {
-                self.persist_blocking(|store| {
-                    store.write_checkpoint(&session.id, &variables.variables)
-                });
-            }
-            other => {
-                let error = unexpected(&worker, other);
+        match exported {
+            Ok(state) => self.write_checkpoint(session, &state),
+            Err(error) => {
                 tracing::warn!(session_id = %session.id, %error, "could not checkpoint the variables");
             }
         }
@@ -140,7 +153,7 @@ impl SessionManager {
         let mut restored = 0;
         for record in records {
             let worker = match self
-                .start_worker(&record.graph_def, &record.config.clone().into())
+                .start_worker(Runtime::Graph, &record.graph_def, &record.config.clone().into())
                 .await
             {
                 Ok(worker) => worker,
@@ -149,36 +162,34 @@ impl SessionManager {
                     continue;
                 }
             };
-            let session = Arc::new(Session::new(
-                SessionDefinition {
-                    id: record.id.clone(),
-                    owner: record.owner.clone(),
-                    durable_variables: record.durable_variables,
-                    labels: record.labels.clone(),
-                    policy: record.policy,
-                    graph_def: record.graph_def.clone(),
-                    config: record.config.clone().into(),
-                },
-                worker.clone(),
-            ));
+            let session = Arc::new(Session::new(SessionDefinition {
+                id: record.id.clone(),
+                runtime: Runtime::Graph,
+                owner: record.owner.clone(),
+                durable_variables: record.durable_variables,
+                labels: record.labels.clone(),
+                policy: record.policy,
+                graph_def: record.graph_def.clone(),
+                config: record.config.clone().into(),
+            }));
             session.touch_policy(|stats| stats.graph_version = record.graph_version);
             let variables = self.restore_checkpoint(&session, &worker).await;
+            let mut core = session.core.write().await;
+            self.replace_worker(&session, &mut core, Some(worker.clone()));
+            drop(core);
             self.sessions
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(record.id.clone(), session.clone());
-            self.watch_worker(&session, &worker);
             session.touch_policy(|stats| stats.state = SessionState::Ready);
-            let cause = Cause {
-                trigger: "restart",
-                rung: 0,
-                reason: format!(
+            let cause = Cause::daemon(
+                Trigger::Restart,
+                format!(
                     "brought back after a daemon restart (created {}); {variables} variables \
                      restored from the last checkpoint",
                     humantime::format_rfc3339_seconds(record.created_at)
                 ),
-                actor: "tfsd".to_string(),
-            };
+            );
             self.events.publish(
                 session
                     .event(EventKind::Restored, worker.pid(), record.graph_version)

@@ -31,18 +31,84 @@ pub enum EventKind {
     DryRun,
 }
 
+impl EventKind {
+    /// The event's name in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Extended => "extended",
+            EventKind::GraphReset => "graph_reset",
+            EventKind::VariablesPurged => "variables_purged",
+            EventKind::Recycled => "recycled",
+            EventKind::WorkerExited => "worker_exited",
+            EventKind::Restored => "restored",
+            EventKind::Closed => "closed",
+            EventKind::Unhealthy => "unhealthy",
+            EventKind::DryRun => "dry_run",
+        }
+    }
+}
+
+/// What set an event off. Names only at the edges (`as_str`: events, logs, metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A client's or operator's request.
+    Client,
+    /// One of the memory policy's triggers.
+    Policy(crate::policy::Trigger),
+    /// A worker that died on its own.
+    WorkerExit,
+    /// The daemon bringing stored sessions back at start-up.
+    Restart,
+    /// The daemon shutting down.
+    Shutdown,
+    /// A Python call that did not stop when interrupted (its timeout, or its caller gone).
+    CallStopped,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Client => "client",
+            Trigger::Policy(trigger) => trigger.as_str(),
+            Trigger::WorkerExit => "worker_exit",
+            Trigger::Restart => "restart",
+            Trigger::Shutdown => "shutdown",
+            Trigger::CallStopped => "call_stopped",
+        }
+    }
+}
+
+/// Who acted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// The calling principal ("client" when authentication is off).
+    Principal(String),
+    /// The memory policy.
+    Policy,
+    /// The daemon itself: restores, shutdown.
+    Daemon,
+}
+
+impl Actor {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Actor::Principal(principal) => principal,
+            Actor::Policy => "policy",
+            Actor::Daemon => "tfsd",
+        }
+    }
+}
+
 /// Who or what caused an event: the client, or one of the memory policy's triggers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cause {
-    /// "client", "soft_limit", "hard_limit", "system_pressure", "idle", "worker_exit".
-    pub trigger: &'static str,
+    pub trigger: Trigger,
     /// The policy's rung (1 gentle, 2 recycle, 3 hard limit); 0 for anything else.
     pub rung: u32,
     /// Why, in a sentence with the figures; empty for a client's request.
     pub reason: String,
-    /// Who acted: the principal that called, "policy" for the memory policy, "tfsd" for
-    /// the daemon itself (restores, shutdown).
-    pub actor: String,
+    pub actor: Actor,
 }
 
 impl Cause {
@@ -53,11 +119,27 @@ impl Cause {
     /// A client's or operator's own request, attributed to `actor`.
     pub fn by(actor: impl Into<String>) -> Cause {
         Cause {
-            trigger: "client",
+            trigger: Trigger::Client,
             rung: 0,
             reason: String::new(),
-            actor: actor.into(),
+            actor: Actor::Principal(actor.into()),
         }
+    }
+
+    /// Something the daemon does on its own.
+    pub fn daemon(trigger: Trigger, reason: impl Into<String>) -> Cause {
+        Cause {
+            trigger,
+            rung: 0,
+            reason: reason.into(),
+            actor: Actor::Daemon,
+        }
+    }
+
+    /// The client's own use of a session (not the policy's, nor the daemon's): what idle
+    /// time and victim order count.
+    pub fn is_client(&self) -> bool {
+        self.trigger == Trigger::Client
     }
 }
 
@@ -73,9 +155,10 @@ pub struct SessionEvent {
     pub memory_after: Option<MemoryUsage>,
     pub graph_version: u64,
     pub at: SystemTime,
-    pub trigger: &'static str,
+    /// `None` for events no one asked for in particular (a graph extended as part of a step).
+    pub trigger: Option<Trigger>,
     pub rung: u32,
-    pub actor: String,
+    pub actor: Option<Actor>,
 }
 
 impl SessionEvent {
@@ -90,17 +173,17 @@ impl SessionEvent {
             memory_after: None,
             graph_version,
             at: SystemTime::now(),
-            trigger: "",
+            trigger: None,
             rung: 0,
-            actor: String::new(),
+            actor: None,
         }
     }
 
     /// Records the cause; its reason goes first in the event's reason.
     pub fn cause(mut self, cause: &Cause) -> Self {
-        self.trigger = cause.trigger;
+        self.trigger = Some(cause.trigger);
         self.rung = cause.rung;
-        self.actor = cause.actor.clone();
+        self.actor = Some(cause.actor.clone());
         if !cause.reason.is_empty() {
             self.reason = if self.reason.is_empty() {
                 cause.reason.clone()
@@ -109,6 +192,16 @@ impl SessionEvent {
             };
         }
         self
+    }
+
+    /// The trigger's name; "" when there is none.
+    pub fn trigger_name(&self) -> &'static str {
+        self.trigger.map_or("", Trigger::as_str)
+    }
+
+    /// The actor's name; "" when there is none.
+    pub fn actor_name(&self) -> &str {
+        self.actor.as_ref().map_or("", Actor::as_str)
     }
 
     pub fn reason(mut self, reason: impl Into<String>) -> Self {
@@ -142,13 +235,14 @@ impl EventBus {
             session_id = %event.session_id,
             worker_pid = event.worker_pid,
             kind = ?event.kind,
-            trigger = event.trigger,
-            actor = %event.actor,
+            trigger = event.trigger_name(),
+            actor = event.actor_name(),
             rung = event.rung,
             reason = %event.reason,
             "session event"
         );
-        self.metrics.record_event(&event);
+        self.metrics
+            .record_action(event.kind.as_str(), event.trigger.unwrap_or(Trigger::Client).as_str());
         // No subscribers is fine: events are not stored.
         let _ = self.sender.send(event);
     }

@@ -18,30 +18,74 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    Cause, DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Session, SessionCore,
-    SessionDefinition, SessionEvent, SessionSnapshot, SessionState,
+    Cause, DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Runtime, Session,
+    SessionCore, SessionDefinition, SessionEvent, SessionSnapshot, SessionState, Trigger,
 };
-use crate::error::{Error, Result, TfCode};
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::policy::{PolicyConfig, SessionPolicy};
 use crate::proto::tensorflow::TensorProto;
-use crate::proto::tfsd::worker::v1 as wire;
 use crate::tensor;
-use crate::worker::{WarmPool, WorkerError, WorkerProcess};
-use wire::{worker_request::Kind, worker_response::Result as Reply};
+use crate::worker::{StepRequest, WarmPool, WorkerProcess};
 
 pub use partial_run::PartialRunSpec;
 
 /// Workers tried before creating, restoring or recycling a session gives up.
 const WORKER_START_ATTEMPTS: u32 = 3;
 
+/// The warm pools, one per runtime. Python sessions exist only where `python` is set.
+#[derive(Debug, Clone)]
+pub struct Pools {
+    pub graph: Arc<WarmPool>,
+    pub python: Option<Arc<WarmPool>>,
+}
+
+impl Pools {
+    /// The pool `runtime`'s workers come from, or why there is none.
+    fn of(&self, runtime: Runtime) -> Result<&Arc<WarmPool>> {
+        match runtime {
+            Runtime::Graph => Ok(&self.graph),
+            Runtime::Python => self.python.as_ref().ok_or_else(|| {
+                Error::FailedPrecondition(
+                    "Python sessions are not configured on this daemon: set python.interpreter \
+                     in its config (an environment with tensorflow, keras and tfsd_worker)"
+                        .to_string(),
+                )
+            }),
+        }
+    }
+
+    /// Every pool, for shutdown.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<WarmPool>> {
+        std::iter::once(&self.graph).chain(self.python.iter())
+    }
+}
+
+/// The two resets that keep the session's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InPlaceReset {
+    /// ResetGraph: an empty graph (Python: Keras' and TensorFlow's global state cleared).
+    Graph,
+    /// PurgeVariables: every variable uninitialised (Python: the namespace emptied too).
+    Variables,
+}
+
+impl InPlaceReset {
+    fn event(self) -> EventKind {
+        match self {
+            InPlaceReset::Graph => EventKind::GraphReset,
+            InPlaceReset::Variables => EventKind::VariablesPurged,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct SessionManager {
     started_at: std::time::SystemTime,
     pub(super) sessions: RwLock<HashMap<String, Arc<Session>>>,
-    pub(super) pool: Arc<WarmPool>,
+    pub(super) pools: Pools,
     pub(super) events: EventBus,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
     pub(super) tracker: TaskTracker,
     pub(super) shutdown: CancellationToken,
     /// Defaults and maxima for sessions' memory limits.
@@ -55,7 +99,7 @@ pub struct SessionManager {
 
 impl SessionManager {
     pub fn new(
-        pool: Arc<WarmPool>,
+        pools: Pools,
         metrics: Arc<Metrics>,
         policy: PolicyConfig,
         tracker: TaskTracker,
@@ -67,7 +111,7 @@ impl SessionManager {
             oom_kills_seen: AtomicU64::new(crate::system::oom_kill_count().unwrap_or(0)),
             started_at: std::time::SystemTime::now(),
             sessions: RwLock::new(HashMap::new()),
-            pool,
+            pools,
             events: EventBus::new(metrics.clone()),
             metrics,
             tracker,
@@ -75,8 +119,8 @@ impl SessionManager {
         })
     }
 
-    pub fn pool(&self) -> &Arc<WarmPool> {
-        &self.pool
+    pub fn pools(&self) -> &Pools {
+        &self.pools
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
@@ -106,7 +150,7 @@ impl SessionManager {
         let pid = std::process::id();
         DaemonStatus {
             version: env!("CARGO_PKG_VERSION"),
-            tensorflow_version: self.pool.tensorflow_version(),
+            tensorflow_version: self.pools.graph.tensorflow_version(),
             pid,
             memory: crate::memory::process_memory(pid).unwrap_or_default(),
             started_at: self.started_at,
@@ -115,8 +159,15 @@ impl SessionManager {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .len(),
-            warm_workers: self.pool.ready_count(),
-            warm_pool_size: self.pool.target(),
+            warm_workers: self.pools.graph.ready_count(),
+            warm_pool_size: self.pools.graph.target(),
+            warm_python_workers: self.pools.python.as_ref().map_or(0, |p| p.ready_count()),
+            warm_python_pool_size: self.pools.python.as_ref().map_or(0, |p| p.target()),
+            python_runtime: self
+                .pools
+                .python
+                .as_ref()
+                .map_or_else(String::new, |p| p.runtime_description()),
             system: crate::system::memory(),
             draining: self.shutdown.is_cancelled(),
         }
@@ -149,19 +200,8 @@ impl SessionManager {
             .map_err(|error| Error::Protocol(format!("session operation panicked: {error}")))?
     }
 
-    pub async fn create(
-        self: &Arc<Self>,
-        graph_def: Bytes,
-        config: Bytes,
-        labels: BTreeMap<String, String>,
-        policy: SessionPolicy,
-    ) -> Result<SessionSnapshot> {
-        self.create_owned(String::new(), false, graph_def, config, labels, policy)
-            .await
-    }
-
-    /// `create` for an authenticated principal, who then owns the session: clients see and
-    /// act on their own sessions only.
+    /// Creates a graph session for `owner`, who then owns it: clients see and act on their
+    /// own sessions only ("" when authentication is off).
     pub async fn create_owned(
         self: &Arc<Self>,
         owner: String,
@@ -171,33 +211,60 @@ impl SessionManager {
         labels: BTreeMap<String, String>,
         policy: SessionPolicy,
     ) -> Result<SessionSnapshot> {
+        let definition = SessionDefinition {
+            id: format!("s-{}", uuid::Uuid::new_v4().simple()),
+            runtime: Runtime::Graph,
+            owner,
+            durable_variables,
+            labels,
+            policy: self.policy.effective(policy),
+            graph_def: graph_def.to_vec(),
+            config,
+        };
+        self.create_session(definition).await
+    }
+
+    /// Creates a Python session for `owner`: a fresh worker that has already imported the
+    /// configured modules (TensorFlow and Keras by default). Its state lives in the worker's
+    /// memory only: it is carried by a preserving recycle, never written to the store.
+    pub async fn create_python_owned(
+        self: &Arc<Self>,
+        owner: String,
+        labels: BTreeMap<String, String>,
+        policy: SessionPolicy,
+    ) -> Result<SessionSnapshot> {
+        self.pools.of(Runtime::Python)?;
+        let definition = SessionDefinition {
+            id: format!("s-{}", uuid::Uuid::new_v4().simple()),
+            runtime: Runtime::Python,
+            owner,
+            durable_variables: false,
+            labels,
+            policy: self.policy.effective(policy),
+            graph_def: Vec::new(),
+            config: Bytes::new(),
+        };
+        self.create_session(definition).await
+    }
+
+    async fn create_session(self: &Arc<Self>, definition: SessionDefinition) -> Result<SessionSnapshot> {
         let manager = self.clone();
-        let policy = self.policy.effective(policy);
         self.detached(async move {
-            let worker = manager.start_worker(&graph_def, &config).await?;
-            let id = format!("s-{}", uuid::Uuid::new_v4().simple());
-            let stored_config = config.clone();
-            let session = Arc::new(Session::new(
-                SessionDefinition {
-                    id: id.clone(),
-                    owner,
-                    durable_variables,
-                    labels,
-                    policy,
-                    graph_def: graph_def.to_vec(),
-                    config,
-                },
-                worker.clone(),
-            ));
+            let worker = manager
+                .start_worker(definition.runtime, &definition.graph_def, &definition.config)
+                .await?;
+            let session = Arc::new(Session::new(definition));
+            let mut core = session.core.write().await;
+            manager.replace_worker(&session, &mut core, Some(worker.clone()));
             manager
                 .sessions
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone(), session.clone());
-            manager.watch_worker(&session, &worker);
-            manager.persist(|store| {
-                store.put(&manager.record_of(&session, &graph_def, &stored_config))
+                .insert(session.id.clone(), session.clone());
+            manager.persist_session(&session, |store| {
+                store.put(&manager.record_of(&session, &core.graph_def, &core.config))
             });
+            drop(core);
             manager
                 .events
                 .publish(session.event(EventKind::Created, worker.pid(), 0));
@@ -206,9 +273,28 @@ impl SessionManager {
         .await
     }
 
-    /// A worker from the pool with the graph loaded; the worker is stopped if loading fails.
+    /// Puts `fresh` in the session's worker slot and answers the worker it replaces (which
+    /// the caller stops). The one way a session's worker changes: create, recycle, restore
+    /// after a crash, close and the start-up restore all come through here. Taking `core`
+    /// exclusively is the proof that no run is using the old worker and that the recovery
+    /// watcher (which takes it too, and checks the slot) cannot act on the session meanwhile.
+    pub(super) fn replace_worker(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        _exclusive: &mut SessionCore,
+        fresh: Option<Arc<WorkerProcess>>,
+    ) -> Option<Arc<WorkerProcess>> {
+        if let Some(fresh) = &fresh {
+            self.watch_worker(session, fresh);
+        }
+        session.worker.replace(fresh)
+    }
+
+    /// A worker of `runtime` from its pool with the graph loaded (graph sessions); the
+    /// worker is stopped if loading fails.
     pub(super) async fn start_worker(
         &self,
+        runtime: Runtime,
         graph_def: &[u8],
         config: &Bytes,
     ) -> Result<Arc<WorkerProcess>> {
@@ -217,7 +303,7 @@ impl SessionManager {
         // is the client's answer and is not retried.
         let mut attempt = 1;
         loop {
-            match self.start_worker_once(graph_def, config).await {
+            match self.start_worker_once(runtime, graph_def, config).await {
                 Err(error @ (Error::WorkerDied { .. } | Error::WorkerStart(_)))
                     if attempt < WORKER_START_ATTEMPTS =>
                 {
@@ -231,19 +317,20 @@ impl SessionManager {
 
     async fn start_worker_once(
         &self,
+        runtime: Runtime,
         graph_def: &[u8],
         config: &Bytes,
     ) -> Result<Arc<WorkerProcess>> {
         let worker = self
-            .pool
+            .pools
+            .of(runtime)?
             .take()
             .await
             .map_err(|error| Error::WorkerStart(error.to_string()))?;
-        let load = Kind::Load(wire::Load {
-            graph_def: graph_def.to_vec(),
-            config: config.to_vec(),
-        });
-        match expect_done(&worker, worker.call(load).await).map_err(rejected_graph) {
+        if runtime == Runtime::Python {
+            return Ok(worker);
+        }
+        match worker.load(graph_def, config).await.map_err(rejected_graph) {
             Ok(()) => Ok(worker),
             Err(error) => {
                 worker.stop().await;
@@ -259,6 +346,7 @@ impl SessionManager {
         current_version: u64,
     ) -> Result<u64> {
         let session = self.get(id)?;
+        session.expect_runtime(Runtime::Graph, "ExtendGraph")?;
         let manager = self.clone();
         self.detached(async move {
             let mut core = session.core.write().await;
@@ -270,10 +358,7 @@ impl SessionManager {
                     requested: current_version,
                 });
             }
-            let extend = Kind::Extend(wire::Extend {
-                graph_def: graph_def.to_vec(),
-            });
-            expect_done(&worker, worker.call(extend).await).map_err(rejected_graph)?;
+            worker.extend(&graph_def).await.map_err(rejected_graph)?;
             core.graph_def.extend_from_slice(&graph_def);
             manager.persist(|store| store.set_graph(session.id(), &core.graph_def, actual + 1));
             let version = actual + 1;
@@ -288,62 +373,36 @@ impl SessionManager {
 
     pub async fn run(&self, id: &str, spec: RunSpec) -> Result<Vec<TensorProto>> {
         let session = self.get(id)?;
+        session.expect_runtime(Runtime::Graph, "Run")?;
         for (name, tensor) in &spec.feeds {
             tensor::validate(tensor)
                 .map_err(|error| Error::InvalidArgument(format!("feed {name:?}: {error}")))?;
         }
         let core = session.core.read().await;
         let worker = usable_worker(&session, &core)?;
-        let run = Kind::Run(wire::Run {
-            feeds: spec.feeds.into_iter().collect(),
+        let step = StepRequest {
+            feeds: spec.feeds,
             fetches: spec.fetches,
             targets: spec.targets,
-            timeout_ms: spec
-                .timeout
-                .map_or(0, |timeout| timeout.as_millis().max(1) as u64),
-        });
+            timeout: spec.timeout,
+        };
         let started = Instant::now();
         // Counted down even if the caller goes away mid-run.
         let in_flight = InFlight::enter(&session, spec.max_runs_in_flight)?;
-        let reply = worker.call(run).await;
+        let result = worker.run(step).await;
         drop(in_flight);
         drop(core);
         session.touch(|stats| stats.run_count += 1);
-        let ok = matches!(reply, Ok(Reply::Run(_)));
-        self.metrics.record_run(started.elapsed(), ok);
-        match reply {
-            Ok(Reply::Run(result)) => Ok(result.outputs),
-            Err(WorkerError::Died { pid, .. }) if session.kill_cause(pid).is_some() => {
-                let cause = session.kill_cause(pid).unwrap_or_else(Cause::client);
-                Err(Error::ResourceExhausted(format!(
-                    "the step was stopped by tfsd's memory policy: {}; the session is being \
-                     restored in a fresh worker (variables are lost)",
-                    cause.reason
-                )))
-            }
-            other => Err(unexpected(&worker, other)),
-        }
+        self.metrics.record_run(started.elapsed(), result.is_ok());
+        result.map_err(|error| session.explain_kill(error))
     }
 
-    /// ResetGraph: an empty graph and a new TensorFlow session in the same worker.
-    pub async fn reset_graph(self: &Arc<Self>, id: &str) -> Result<ResetOutcome> {
-        self.in_place_reset(id, EventKind::GraphReset, Cause::client())
-            .await
-    }
-
-    /// PurgeVariables: the same graph in a new TensorFlow session, so every variable is
-    /// uninitialised. Each worker hosts exactly one session, so no other session is touched.
-    pub async fn purge_variables(self: &Arc<Self>, id: &str) -> Result<ResetOutcome> {
-        self.in_place_reset(id, EventKind::VariablesPurged, Cause::client())
-            .await
-    }
-
-    /// ResetGraph (`kind` GraphReset) or PurgeVariables, attributed to `cause` (the calling
-    /// principal, or the memory policy).
-    pub async fn in_place_reset(
+    /// ResetGraph or PurgeVariables, attributed to `cause` (the calling principal, or the
+    /// memory policy).
+    pub async fn reset_in_place(
         self: &Arc<Self>,
         id: &str,
-        kind: EventKind,
+        reset: InPlaceReset,
         cause: Cause,
     ) -> Result<ResetOutcome> {
         let session = self.get(id)?;
@@ -353,29 +412,28 @@ impl SessionManager {
             let mut core = session.core.write().await;
             let worker = usable_worker(&session, &core)?;
             let before = worker.memory();
-            let request = match kind {
-                EventKind::GraphReset => Kind::ResetGraph(wire::ResetGraph {}),
-                _ => Kind::PurgeVariables(wire::PurgeVariables {}),
-            };
-            expect_done(&worker, worker.call(request).await)?;
-            if kind == EventKind::GraphReset {
+            match reset {
+                InPlaceReset::Graph => worker.reset_graph().await?,
+                InPlaceReset::Variables => worker.purge_variables().await?,
+            }
+            if reset == InPlaceReset::Graph {
                 core.graph_def.clear();
-                manager.persist(|store| store.set_graph(session.id(), &[], 0));
+                manager.persist_session(&session, |store| store.set_graph(session.id(), &[], 0));
             }
             // The checkpointed values no longer apply.
-            manager.persist(|store| store.drop_checkpoint(session.id()));
+            manager.persist_session(&session, |store| store.drop_checkpoint(session.id()));
             let after = worker.memory();
-            session.touch_because(&cause, |stats| match kind {
-                EventKind::GraphReset => {
+            session.touch_because(&cause, |stats| match reset {
+                InPlaceReset::Graph => {
                     stats.graph_reset_count += 1;
                     stats.graph_version = 0;
                 }
-                _ => stats.purge_count += 1,
+                InPlaceReset::Variables => stats.purge_count += 1,
             });
             let snapshot = session.snapshot();
             manager.events.publish(
                 session
-                    .event(kind, worker.pid(), snapshot.graph_version)
+                    .event(reset.event(), worker.pid(), snapshot.graph_version)
                     .memory(before, after)
                     .cause(&cause),
             );
@@ -392,18 +450,16 @@ impl SessionManager {
         .await
     }
 
-    /// RecycleSession: the session moves to a fresh worker with its graph re-imported (and
-    /// its variables copied over when asked); the old worker is killed and reaped.
-    pub async fn recycle(
-        self: &Arc<Self>,
-        id: &str,
-        preserve_variables: bool,
-    ) -> Result<ResetOutcome> {
-        self.recycle_because(id, preserve_variables, Cause::client())
+    /// PurgeVariables at the client's request (the MasterService's `Reset`).
+    pub async fn purge_variables(self: &Arc<Self>, id: &str) -> Result<ResetOutcome> {
+        self.reset_in_place(id, InPlaceReset::Variables, Cause::client())
             .await
     }
 
-    pub async fn recycle_because(
+    /// RecycleSession: the session moves to a fresh worker with its graph re-imported (and
+    /// its state carried over when asked: a graph's variables, a Python session's
+    /// namespace); the old worker is killed and reaped.
+    pub async fn recycle(
         self: &Arc<Self>,
         id: &str,
         preserve_variables: bool,
@@ -417,18 +473,10 @@ impl SessionManager {
             if core.closed {
                 return Err(Error::SessionNotFound(session.id().to_string()));
             }
-            let old = core.worker.clone();
+            let old = session.worker.get();
             let before = old.as_ref().map(|w| w.memory()).unwrap_or_default();
-            let variables = match (&old, preserve_variables) {
-                (Some(old), true) => {
-                    match old
-                        .call(Kind::ExportVariables(wire::ExportVariables {}))
-                        .await
-                    {
-                        Ok(Reply::Variables(variables)) => variables.variables,
-                        other => return Err(unexpected(old, other)),
-                    }
-                }
+            let carried = match (&old, preserve_variables) {
+                (Some(old), true) => Some(old.export_state().await?),
                 (None, true) => {
                     return Err(Error::InvalidArgument(format!(
                         "session {} has no live worker to preserve variables from; recycle \
@@ -436,40 +484,46 @@ impl SessionManager {
                         session.id()
                     )));
                 }
-                (_, false) => Vec::new(),
+                (_, false) => None,
             };
-            let variables_preserved = variables.len() as u32;
-            if session.durable_variables && !variables.is_empty() {
-                manager.persist_blocking(|store| store.write_checkpoint(session.id(), &variables));
+            let variables_preserved = carried.as_ref().map_or(0, |state| state.object_count());
+            if let Some(state) = &carried
+                && session.durable_variables
+                && !state.is_empty()
+            {
+                manager.write_checkpoint(&session, state);
             }
-            let fresh = manager.start_worker(&core.graph_def, &core.config).await?;
-            if !variables.is_empty() {
-                let import = Kind::ImportVariables(wire::ImportVariables { variables });
-                if let Err(error) = expect_done(&fresh, fresh.call(import).await) {
-                    fresh.stop().await;
-                    return Err(error);
-                }
+            let fresh = manager
+                .start_worker(session.runtime, &core.graph_def, &core.config)
+                .await?;
+            if let Some(state) = carried.filter(|state| !state.is_empty())
+                && let Err(error) = fresh.import_state(state).await
+            {
+                fresh.stop().await;
+                return Err(error);
             }
-            core.worker = Some(fresh.clone());
-            manager.watch_worker(&session, &fresh);
+            let old = manager.replace_worker(&session, &mut core, Some(fresh.clone()));
             if let Some(old) = &old {
                 old.stop().await;
             }
             let after = fresh.memory();
             session.touch_because(&cause, |stats| {
                 stats.state = SessionState::Ready;
-                stats.worker_pid = fresh.pid();
-                stats.worker = Arc::downgrade(&fresh);
                 stats.recycle_count += 1;
             });
+            drop(core);
             let snapshot = session.snapshot();
             let old_pid = old.as_ref().map_or(0, |w| w.pid());
+            let carried_what = match session.runtime {
+                Runtime::Graph => "variables",
+                Runtime::Python => "state entries",
+            };
             manager.events.publish(
                 session
                     .event(EventKind::Recycled, fresh.pid(), snapshot.graph_version)
                     .reason(format!(
-                        "moved from worker pid {old_pid} to {}; {variables_preserved} variables \
-                     preserved",
+                        "moved from worker pid {old_pid} to {}; {variables_preserved} \
+                         {carried_what} preserved",
                         fresh.pid()
                     ))
                     .memory(before, after)
@@ -488,6 +542,7 @@ impl SessionManager {
         .await
     }
 
+    /// CloseSession at the client's request (the MasterService's CloseSession).
     pub async fn close(self: &Arc<Self>, id: &str) -> Result<()> {
         let cause = Cause {
             reason: "closed by the client".to_string(),
@@ -510,23 +565,21 @@ impl SessionManager {
             .map_err(|error| Error::Protocol(format!("close panicked: {error}")))
     }
 
-    async fn close_session(&self, session: Arc<Session>, cause: Cause) {
+    async fn close_session(self: &Arc<Self>, session: Arc<Session>, cause: Cause) {
         let mut core = session.core.write().await;
         core.closed = true;
         // A daemon shutting down keeps its sessions for the next start; a close is final.
-        if cause.trigger != "shutdown" {
-            self.persist(|store| store.remove(session.id()));
+        if cause.trigger != Trigger::Shutdown {
+            self.persist_session(&session, |store| store.remove(session.id()));
         }
-        let worker = core.worker.take();
+        let worker = self.replace_worker(&session, &mut core, None);
         let pid = worker.as_ref().map_or(0, |w| w.pid());
         if let Some(worker) = worker {
             worker.stop().await;
         }
+        drop(core);
         let graph_version = session.stats().graph_version;
-        session.touch(|stats| {
-            stats.state = SessionState::Closed;
-            stats.worker_pid = 0;
-        });
+        session.touch(|stats| stats.state = SessionState::Closed);
         self.events.publish(
             session
                 .event(EventKind::Closed, pid, graph_version)
@@ -536,7 +589,7 @@ impl SessionManager {
 
     /// Closes every session and reaps every worker, waiting at most `grace` for in-flight
     /// operations to finish before their workers are killed anyway.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
         // Variables of durable sessions go to disk before their workers go.
         if tokio::time::timeout(grace, self.checkpoint_all())
             .await
@@ -552,32 +605,56 @@ impl SessionManager {
             .map(|(_, session)| session)
             .collect();
         for session in sessions {
-            let cause = Cause {
-                trigger: "shutdown",
-                rung: 0,
-                reason: "the daemon is shutting down".to_string(),
-                actor: "tfsd".to_string(),
-            };
+            let cause = Cause::daemon(Trigger::Shutdown, "the daemon is shutting down");
             let closed = self.close_session(session.clone(), cause);
             if tokio::time::timeout(grace, closed).await.is_err() {
                 // A step outlived the grace period: kill the worker under it.
-                let worker = session.core.try_read().ok().and_then(|c| c.worker.clone());
-                if let Some(worker) = worker {
+                if let Some(worker) = session.worker.get() {
                     worker.stop().await;
                 }
             }
         }
-        self.pool.drain().await;
+        for pool in self.pools.all() {
+            pool.drain().await;
+        }
+    }
+}
+
+impl Session {
+    /// Refuses an operation meant for another runtime, by name.
+    pub(super) fn expect_runtime(&self, runtime: Runtime, operation: &str) -> Result<()> {
+        if self.runtime == runtime {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "session {} is a {} session: {operation} applies to {} sessions",
+            self.id, self.runtime, runtime
+        )))
+    }
+
+    /// A request that failed because the memory policy killed the worker under it says so.
+    pub(super) fn explain_kill(&self, error: Error) -> Error {
+        match error {
+            Error::WorkerDied { pid, how } => match self.kill_cause(pid) {
+                Some(cause) => Error::ResourceExhausted(format!(
+                    "the step was stopped by tfsd's memory policy: {}; the session is being \
+                     restored in a fresh worker (variables are lost)",
+                    cause.reason
+                )),
+                None => Error::WorkerDied { pid, how },
+            },
+            other => other,
+        }
     }
 }
 
 /// One run in flight on a session, counted down on drop.
-struct InFlight<'a>(&'a Session);
+pub(super) struct InFlight<'a>(&'a Session);
 
 impl<'a> InFlight<'a> {
     /// Counts one more run in flight on the session and marks it used, or refuses the run
     /// when the session already has `max` in flight (limits.max_concurrent_runs_per_session).
-    fn enter(session: &'a Session, max: Option<u32>) -> Result<InFlight<'a>> {
+    pub(super) fn enter(session: &'a Session, max: Option<u32>) -> Result<InFlight<'a>> {
         let mut stats = session.stats();
         if let Some(max) = max
             && stats.runs_in_flight >= max
@@ -602,21 +679,16 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The session's worker, or why it cannot take requests.
-fn usable_worker(session: &Session, core: &SessionCore) -> Result<Arc<WorkerProcess>> {
+/// The session's worker, or why it cannot take requests. Called with `core` held, so the
+/// worker stays the session's until the caller lets go.
+pub(super) fn usable_worker(session: &Session, core: &SessionCore) -> Result<Arc<WorkerProcess>> {
     if core.closed {
         return Err(Error::SessionNotFound(session.id().to_string()));
     }
-    core.worker
-        .clone()
+    session
+        .worker
+        .get()
         .ok_or_else(|| Error::SessionBroken(session.id().to_string()))
-}
-
-pub(super) fn expect_done(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Result<()> {
-    match reply {
-        Ok(Reply::Done(_)) => Ok(()),
-        other => Err(unexpected(worker, other)),
-    }
 }
 
 /// A GraphDef or ConfigProto TensorFlow refused is the client's invalid argument, whatever
@@ -625,34 +697,5 @@ fn rejected_graph(error: Error) -> Error {
     match error {
         Error::Tensorflow { message, .. } => Error::InvalidArgument(message),
         other => other,
-    }
-}
-
-/// Turns any answer but the expected one into the domain error.
-pub(super) fn unexpected(worker: &WorkerProcess, reply: Result<Reply, WorkerError>) -> Error {
-    match reply {
-        Ok(Reply::Error(error)) => Error::Tensorflow {
-            code: TfCode(error.code),
-            message: error.message,
-        },
-        Ok(other) => Error::Protocol(format!(
-            "worker pid {} sent an unexpected answer: {}",
-            worker.pid(),
-            reply_name(&other)
-        )),
-        Err(WorkerError::Died { pid, how }) => Error::WorkerDied { pid, how },
-        Err(error @ WorkerError::Start { .. }) => Error::WorkerStart(error.to_string()),
-        Err(WorkerError::Protocol(message)) => Error::Protocol(message),
-    }
-}
-
-fn reply_name(reply: &Reply) -> &'static str {
-    match reply {
-        Reply::Error(_) => "error",
-        Reply::Done(_) => "done",
-        Reply::Run(_) => "run result",
-        Reply::Variables(_) => "variables",
-        Reply::Ready(_) => "ready",
-        Reply::PartialRunHandle(_) => "partial run handle",
     }
 }

@@ -1,17 +1,22 @@
 //! Sessions: what a client created, independent of the worker process that hosts it now.
 //!
-//! A `Session` owns its definition (graph, config, labels) and a handle to its current
-//! worker. The worker can change (recycle, restore after a crash); the id, the graph and the
-//! counters do not. `SessionManager` holds every session and performs the operations.
+//! A `Session` owns its definition (runtime, graph, config, labels) and one slot holding its
+//! current worker. The worker can change (recycle, restore after a crash); the id, the graph
+//! and the counters do not. `SessionManager` holds every session and performs the
+//! operations; it talks to workers only through their typed operations (`worker::`), never
+//! in the wire protocol.
 //!
-//! Locking: `Session::core` is a tokio `RwLock`. Runs take it shared, so they run
+//! Locking: `Session::core` is a tokio `RwLock`. Runs and calls take it shared, so they run
 //! concurrently; anything that changes the worker's graph, variables or process takes it
-//! exclusively, so a reset never interleaves with a step. The counters in `Session::stats`
-//! sit behind a plain mutex so that GetSession/ListSessions never wait behind a long step.
+//! exclusively, so a reset never interleaves with a step. The worker slot and the counters
+//! sit behind plain mutexes so that GetSession/ListSessions (and the memory policy's kill)
+//! never wait behind a long step; only `SessionManager::replace_worker`, called with the
+//! core lock held exclusively, changes the slot.
 
 mod durability;
 mod events;
 mod manager;
+mod python;
 mod recovery;
 mod supervision;
 
@@ -21,13 +26,15 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use events::{Cause, EVENT_BUFFER, EventBus, EventKind, SessionEvent};
-pub use manager::{PartialRunSpec, SessionManager};
+pub use events::{Actor, Cause, EVENT_BUFFER, EventBus, EventKind, SessionEvent, Trigger};
+pub use manager::{InPlaceReset, PartialRunSpec, Pools, SessionManager};
+pub use python::CallEvent;
 pub use supervision::ActionOutcome;
 
 use crate::memory::MemoryUsage;
 use crate::policy::SessionPolicy;
 use crate::proto::tensorflow::TensorProto;
+pub use crate::worker::Runtime;
 use crate::worker::WorkerProcess;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +51,7 @@ pub enum SessionState {
 #[derive(Debug, Clone)]
 pub struct SessionSnapshot {
     pub id: String,
+    pub runtime: Runtime,
     pub owner: String,
     pub durable_variables: bool,
     pub labels: BTreeMap<String, String>,
@@ -52,6 +60,7 @@ pub struct SessionSnapshot {
     pub memory: MemoryUsage,
     pub graph_version: u64,
     pub run_count: u64,
+    pub call_count: u64,
     pub runs_in_flight: u32,
     pub graph_reset_count: u64,
     pub purge_count: u64,
@@ -74,6 +83,7 @@ pub struct ResetOutcome {
     pub duration: Duration,
     pub worker_pid_before: u32,
     pub worker_pid_after: u32,
+    /// Variables (graph) or namespace entries (Python) carried to the fresh worker.
     pub variables_preserved: u32,
 }
 
@@ -88,6 +98,10 @@ pub struct DaemonStatus {
     pub session_count: usize,
     pub warm_workers: usize,
     pub warm_pool_size: usize,
+    /// Python sessions' pool (zeros when they are not configured).
+    pub warm_python_workers: usize,
+    pub warm_python_pool_size: usize,
+    pub python_runtime: String,
     pub system: crate::system::SystemMemory,
     pub draining: bool,
 }
@@ -104,11 +118,10 @@ pub struct RunSpec {
     pub max_runs_in_flight: Option<u32>,
 }
 
-/// The session's definition and current worker; see the module doc for the locking rule.
+/// The session's definition; see the module doc for the locking rule. Holding it
+/// exclusively is what allows replacing the worker.
 #[derive(Debug)]
 struct SessionCore {
-    /// `None` only while broken (restoring failed) or after close.
-    worker: Option<Arc<WorkerProcess>>,
     /// Every GraphDef the session received since its last graph reset, concatenated.
     /// Concatenated serialized protobufs parse as their merge, so this is one GraphDef
     /// holding every node: what a fresh worker imports on recycle or restore.
@@ -117,12 +130,43 @@ struct SessionCore {
     closed: bool,
 }
 
+/// The one place a session's current worker is kept. `None` only while broken (restoring
+/// failed) or after close.
+#[derive(Debug, Default)]
+struct WorkerSlot(Mutex<Option<Arc<WorkerProcess>>>);
+
+impl WorkerSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<WorkerProcess>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self) -> Option<Arc<WorkerProcess>> {
+        self.lock().clone()
+    }
+
+    /// The current worker's pid; 0 when there is none.
+    fn pid(&self) -> u32 {
+        self.lock().as_ref().map_or(0, |worker| worker.pid())
+    }
+
+    /// Whether `worker` is the current worker.
+    fn holds(&self, worker: &Arc<WorkerProcess>) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, worker))
+    }
+
+    fn replace(&self, fresh: Option<Arc<WorkerProcess>>) -> Option<Arc<WorkerProcess>> {
+        std::mem::replace(&mut *self.lock(), fresh)
+    }
+}
+
 #[derive(Debug)]
 struct SessionStats {
     state: SessionState,
-    worker_pid: u32,
     graph_version: u64,
     run_count: u64,
+    call_count: u64,
     runs_in_flight: u32,
     graph_reset_count: u64,
     purge_count: u64,
@@ -134,8 +178,6 @@ struct SessionStats {
     last_private_bytes: u64,
     unhealthy: bool,
     automatic_action_count: u64,
-    /// The current worker, for killing it under a running step without the session lock.
-    worker: std::sync::Weak<WorkerProcess>,
     /// Set just before the memory policy kills the worker with this pid: why, so that the
     /// failed runs and the exit event say so.
     pending_kill: Option<(u32, Cause)>,
@@ -144,6 +186,7 @@ struct SessionStats {
 #[derive(Debug)]
 pub struct Session {
     id: String,
+    runtime: Runtime,
     /// The principal that created it ("" when authentication is off).
     owner: String,
     /// Variables are checkpointed to the store and restored (see `store`).
@@ -153,12 +196,14 @@ pub struct Session {
     policy: SessionPolicy,
     created_at: SystemTime,
     core: tokio::sync::RwLock<SessionCore>,
+    worker: WorkerSlot,
     stats: Mutex<SessionStats>,
 }
 
 /// What a session is made of, apart from its worker.
 struct SessionDefinition {
     id: String,
+    runtime: Runtime,
     owner: String,
     durable_variables: bool,
     labels: BTreeMap<String, String>,
@@ -168,9 +213,11 @@ struct SessionDefinition {
 }
 
 impl Session {
-    fn new(definition: SessionDefinition, worker: Arc<WorkerProcess>) -> Session {
+    /// A session without a worker yet: `SessionManager::replace_worker` gives it one.
+    fn new(definition: SessionDefinition) -> Session {
         let SessionDefinition {
             id,
+            runtime,
             owner,
             durable_variables,
             labels,
@@ -181,16 +228,18 @@ impl Session {
         let now = SystemTime::now();
         Session {
             id,
+            runtime,
             owner,
             durable_variables,
             labels,
             policy,
             created_at: now,
+            worker: WorkerSlot::default(),
             stats: Mutex::new(SessionStats {
                 state: SessionState::Ready,
-                worker_pid: worker.pid(),
                 graph_version: 0,
                 run_count: 0,
+                call_count: 0,
                 runs_in_flight: 0,
                 graph_reset_count: 0,
                 purge_count: 0,
@@ -201,11 +250,9 @@ impl Session {
                 last_private_bytes: 0,
                 unhealthy: false,
                 automatic_action_count: 0,
-                worker: Arc::downgrade(&worker),
                 pending_kill: None,
             }),
             core: tokio::sync::RwLock::new(SessionCore {
-                worker: Some(worker),
                 graph_def,
                 config,
                 closed: false,
@@ -236,7 +283,7 @@ impl Session {
 
     /// `touch` for the client's own operations, `touch_policy` for anything else.
     fn touch_because(&self, cause: &Cause, update: impl FnOnce(&mut SessionStats)) {
-        if cause.trigger == "client" {
+        if cause.is_client() {
             self.touch(update);
         } else {
             self.touch_policy(update);
@@ -260,26 +307,29 @@ impl Session {
     }
 
     pub fn snapshot(&self) -> SessionSnapshot {
-        let mut stats = self.stats();
-        let memory = if stats.worker_pid == 0 {
+        let worker_pid = self.worker.pid();
+        let memory = if worker_pid == 0 {
             MemoryUsage::default()
         } else {
-            crate::memory::process_memory(stats.worker_pid).unwrap_or_default()
+            crate::memory::process_memory(worker_pid).unwrap_or_default()
         };
+        let mut stats = self.stats();
         stats.peak_private_bytes = stats.peak_private_bytes.max(memory.private_bytes);
         if memory.private_bytes > 0 {
             stats.last_private_bytes = memory.private_bytes;
         }
         SessionSnapshot {
             id: self.id.clone(),
+            runtime: self.runtime,
             owner: self.owner.clone(),
             durable_variables: self.durable_variables,
             labels: self.labels.clone(),
             state: stats.state,
-            worker_pid: stats.worker_pid,
+            worker_pid,
             memory,
             graph_version: stats.graph_version,
             run_count: stats.run_count,
+            call_count: stats.call_count,
             runs_in_flight: stats.runs_in_flight,
             graph_reset_count: stats.graph_reset_count,
             purge_count: stats.purge_count,

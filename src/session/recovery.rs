@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
-use super::{Cause, EventKind, Session, SessionManager, SessionState};
+use super::{Cause, EventKind, Runtime, Session, SessionManager, SessionState, Trigger};
 use crate::worker::WorkerProcess;
 
 impl SessionManager {
     /// Restores the session in a fresh worker if this worker dies without being asked to.
+    /// Called by `replace_worker` for every worker a session gets.
     pub(super) fn watch_worker(
         self: &Arc<Self>,
         session: &Arc<Session>,
@@ -37,12 +38,22 @@ impl SessionManager {
         });
     }
 
+    /// Brings the session back in a fresh worker after `dead` died on its own. Does nothing
+    /// when `dead` is no longer the session's worker by the time the session's lock is had
+    /// (a recycle or a close replaced it meanwhile): the session is already elsewhere, and
+    /// restoring it again would lose that worker's state and report a restore that was not.
     pub(super) async fn restore_after_crash(
         self: Arc<Self>,
         session: Arc<Session>,
         dead: Arc<WorkerProcess>,
     ) {
         let how = dead.exited().await;
+        // Runs on the dead worker have failed by now, so this lock is not held for long by
+        // them; a recycle in progress finishes first, and then the slot says who won.
+        let mut core = session.core.write().await;
+        if core.closed || !session.worker.holds(&dead) {
+            return;
+        }
         let (graph_version, pending_kill, last_private) = {
             let stats = session.stats();
             let pending = stats
@@ -54,12 +65,10 @@ impl SessionManager {
         };
         let cause = match pending_kill {
             Some(cause) => cause,
-            None => Cause {
-                trigger: "worker_exit",
-                rung: 0,
-                reason: self.describe_unexpected_exit(&how, last_private),
-                actor: "tfsd".to_string(),
-            },
+            None => Cause::daemon(
+                Trigger::WorkerExit,
+                self.describe_unexpected_exit(&how, last_private),
+            ),
         };
         self.events.publish(
             session
@@ -68,48 +77,40 @@ impl SessionManager {
                 .cause(&cause),
         );
         session.touch(|stats| stats.state = SessionState::Restoring);
-        let mut core = session.core.write().await;
-        let is_current = core
-            .worker
-            .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(current, &dead));
-        if core.closed || !is_current {
-            return;
-        }
-        match self.start_worker(&core.graph_def, &core.config).await {
+        match self
+            .start_worker(session.runtime, &core.graph_def, &core.config)
+            .await
+        {
             Ok(worker) => {
                 // A durable session gets its last checkpoint back.
                 let restored = self.restore_checkpoint(&session, &worker).await;
-                core.worker = Some(worker.clone());
-                self.watch_worker(&session, &worker);
+                self.replace_worker(&session, &mut core, Some(worker.clone()));
+                drop(core);
                 session.touch(|stats| {
                     stats.state = SessionState::Ready;
-                    stats.worker_pid = worker.pid();
-                    stats.worker = Arc::downgrade(&worker);
                     stats.worker_restart_count += 1;
                     stats.pending_kill = None;
                 });
-                let variables = match restored {
-                    0 => "variables were lost".to_string(),
-                    count => format!("{count} variables restored from the last checkpoint"),
+                let what = match (session.runtime, restored) {
+                    (Runtime::Python, _) => {
+                        "a fresh Python process; the session's state was lost".to_string()
+                    }
+                    (Runtime::Graph, 0) => "graph restored in a fresh worker; variables were lost".to_string(),
+                    (Runtime::Graph, count) => format!(
+                        "graph restored in a fresh worker; {count} variables restored from the \
+                         last checkpoint"
+                    ),
                 };
                 self.events.publish(
                     session
                         .event(EventKind::Restored, worker.pid(), graph_version)
-                        .reason(format!(
-                            "graph restored in a fresh worker after worker pid {} {how}; \
-                             {variables}",
-                            dead.pid()
-                        ))
+                        .reason(format!("{what} (worker pid {} {how})", dead.pid()))
                         .cause(&cause),
                 );
             }
             Err(error) => {
-                core.worker = None;
-                session.touch(|stats| {
-                    stats.state = SessionState::Broken;
-                    stats.worker_pid = 0;
-                });
+                self.replace_worker(&session, &mut core, None);
+                session.touch(|stats| stats.state = SessionState::Broken);
                 tracing::error!(session_id = %session.id(), %error, "could not restore session");
             }
         }

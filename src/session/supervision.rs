@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use super::{Cause, EventKind, SessionManager, SessionState};
+use super::{Actor, Cause, EventKind, InPlaceReset, SessionManager, SessionState, Trigger};
 use crate::error::Result;
 use crate::memory::MemoryUsage;
 use crate::policy::{Action, ActionKind, GentleAction, Observation, SessionSample, SystemSample};
@@ -64,7 +64,7 @@ impl SessionManager {
     ) -> String {
         let seen = self.oom_kills_seen.load(Ordering::SeqCst);
         let now = crate::system::oom_kill_count().unwrap_or(seen);
-        if how.cause() == "SIGKILL" && now > seen {
+        if how.was_killed() && now > seen {
             self.oom_kills_seen.store(now, Ordering::SeqCst);
             return format!(
                 "killed by the kernel's OOM killer (last measured private memory {})",
@@ -78,10 +78,10 @@ impl SessionManager {
     pub async fn apply(self: &Arc<Self>, action: &Action) -> Result<ActionOutcome> {
         let session = self.get(&action.session_id)?;
         let cause = Cause {
-            trigger: action.trigger.as_str(),
+            trigger: Trigger::Policy(action.trigger),
             rung: action.rung,
             reason: action.reason.clone(),
-            actor: "policy".to_string(),
+            actor: Actor::Policy,
         };
         let graph_version = session.stats().graph_version;
         if action.dry_run {
@@ -96,22 +96,22 @@ impl SessionManager {
         session.touch_policy(|stats| stats.automatic_action_count += 1);
         let memory_after = match action.kind {
             ActionKind::Gentle(GentleAction::PurgeVariables) => Some(
-                self.in_place_reset(&action.session_id, EventKind::VariablesPurged, cause)
+                self.reset_in_place(&action.session_id, InPlaceReset::Variables, cause)
                     .await?
                     .memory_after,
             ),
             ActionKind::Gentle(GentleAction::ResetGraph) => Some(
-                self.in_place_reset(&action.session_id, EventKind::GraphReset, cause)
+                self.reset_in_place(&action.session_id, InPlaceReset::Graph, cause)
                     .await?
                     .memory_after,
             ),
             ActionKind::Recycle { preserve_variables } => Some(
-                self.recycle_because(&action.session_id, preserve_variables, cause)
+                self.recycle(&action.session_id, preserve_variables, cause)
                     .await?
                     .memory_after,
             ),
             ActionKind::KillAndRestore => {
-                let worker = session.stats().worker.upgrade();
+                let worker = session.worker.get();
                 let Some(worker) = worker.filter(|w| w.pid() == action.worker_pid) else {
                     // The worker changed since the sample: nothing to kill any more.
                     return Ok(ActionOutcome { memory_after: None });

@@ -11,8 +11,13 @@
 //! the supervisor (`PR_SET_PDEATHSIG`, and the worker exits when its socket closes); dropping
 //! the last handle to a worker kills it.
 
+mod operations;
 mod pool;
 mod process;
 
+pub use operations::{
+    CallOutcome, CallOutput, CallTarget, CarriedState, OutputStream, RemoteException, Runtime,
+    StepRequest,
+};
 pub use pool::WarmPool;
 pub use process::{ExitDescription, WorkerError, WorkerProcess, WorkerSpec};

@@ -25,14 +25,14 @@ pub struct WarmPool {
     target: usize,
     ready: Mutex<VecDeque<Arc<WorkerProcess>>>,
     wake_refill: Notify,
-    /// Signalled whenever a worker joins the pool (tests and start-up wait on it).
-    filled: Notify,
     /// Whether workers can be started: `None` before the first attempt, `Some(false)` after
     /// `FAILURES_BEFORE_UNSTARTABLE` failures in a row, `Some(true)` after a success.
     startable: watch::Sender<Option<bool>>,
     consecutive_failures: std::sync::atomic::AtomicU32,
-    /// TensorFlow's version as the last started worker reported it.
+    /// TensorFlow's version and the runtime's description as the last started worker
+    /// reported them.
     tensorflow_version: Mutex<String>,
+    runtime_description: Mutex<String>,
     /// Every worker this pool started, pooled or handed out, for a last-resort kill.
     started: Mutex<Vec<Weak<WorkerProcess>>>,
 }
@@ -50,18 +50,14 @@ impl WarmPool {
             target,
             ready: Mutex::new(VecDeque::new()),
             wake_refill: Notify::new(),
-            filled: Notify::new(),
             startable: watch::channel(None).0,
             consecutive_failures: std::sync::atomic::AtomicU32::new(0),
             tensorflow_version: Mutex::new(String::new()),
+            runtime_description: Mutex::new(String::new()),
             started: Mutex::new(Vec::new()),
         });
         tracker.spawn(pool.clone().refill_loop(shutdown));
         pool
-    }
-
-    pub fn spec(&self) -> &WorkerSpec {
-        &self.spec
     }
 
     /// The configured number of ready workers.
@@ -72,6 +68,14 @@ impl WarmPool {
     /// TensorFlow's version as workers report it; empty before the first worker started.
     pub fn tensorflow_version(&self) -> String {
         self.tensorflow_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What the workers say they run; empty before the first worker started.
+    pub fn runtime_description(&self) -> String {
+        self.runtime_description
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -107,6 +111,10 @@ impl WarmPool {
                 .tensorflow_version
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = worker.tensorflow_version().to_string();
+            *self
+                .runtime_description
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = worker.runtime_description().to_string();
         }
         use std::sync::atomic::Ordering;
         if started.is_ok() {
@@ -177,7 +185,6 @@ impl WarmPool {
                             }
                         });
                         self.lock().push_back(worker);
-                        self.filled.notify_waiters();
                         continue;
                     }
                     Err(error) => {
@@ -195,16 +202,5 @@ impl WarmPool {
             }
         }
         self.drain().await;
-    }
-
-    /// Waits until the pool holds `target` ready workers.
-    pub async fn wait_until_full(&self) {
-        loop {
-            let filled = self.filled.notified();
-            if self.ready_count() >= self.target {
-                return;
-            }
-            filled.await;
-        }
     }
 }

@@ -17,13 +17,14 @@ use tokio::io::AsyncBufReadExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::process::{Child, Command};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::memory::{self, MemoryUsage};
 use crate::metrics::Metrics;
+use super::Runtime;
 use crate::proto::tfsd::worker::v1::{
-    WorkerRequest, WorkerResponse, worker_request, worker_response,
+    CallOutput, WorkerRequest, WorkerResponse, worker_request, worker_response,
 };
 
 /// The fd number the worker finds its end of the socketpair on.
@@ -34,7 +35,11 @@ const MAX_FRAME_BYTES: usize = 2 << 30;
 /// How to start a worker.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
+    pub runtime: Runtime,
+    /// The program: `tfsd-worker`, or the Python interpreter.
     pub binary: PathBuf,
+    /// Its arguments (`-m tfsd_worker` for Python).
+    pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub library_dir: Option<PathBuf>,
     pub start_timeout: Duration,
@@ -46,8 +51,16 @@ pub struct WorkerSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitDescription {
     text: String,
-    /// Short and label-friendly: the signal's name or `exit_code_N`.
-    cause: String,
+    how: ExitKind,
+}
+
+/// How a process ended, as the supervisor branches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    Signal(i32),
+    Code(i32),
+    /// It could not be waited for.
+    Unknown,
 }
 
 impl ExitDescription {
@@ -61,13 +74,13 @@ impl ExitDescription {
             };
             ExitDescription {
                 text: format!("killed by signal {signal} ({name}{core})"),
-                cause: name.to_string(),
+                how: ExitKind::Signal(signal),
             }
         } else {
             let code = status.code().unwrap_or_default();
             ExitDescription {
                 text: format!("exited with code {code}"),
-                cause: format!("exit_code_{code}"),
+                how: ExitKind::Code(code),
             }
         }
     }
@@ -75,12 +88,26 @@ impl ExitDescription {
     fn other(text: String) -> ExitDescription {
         ExitDescription {
             text,
-            cause: "unknown".to_string(),
+            how: ExitKind::Unknown,
         }
     }
 
-    pub fn cause(&self) -> &str {
-        &self.cause
+    pub fn kind(&self) -> ExitKind {
+        self.how
+    }
+
+    /// Killed with SIGKILL: by tfsd, an operator, or the kernel's OOM killer.
+    pub fn was_killed(&self) -> bool {
+        self.how == ExitKind::Signal(libc::SIGKILL)
+    }
+
+    /// Short and label-friendly, for metrics: the signal's name or `exit_code_N`.
+    pub fn cause(&self) -> String {
+        match self.how {
+            ExitKind::Signal(signal) => signal_name(signal).to_string(),
+            ExitKind::Code(code) => format!("exit_code_{code}"),
+            ExitKind::Unknown => "unknown".to_string(),
+        }
     }
 }
 
@@ -114,17 +141,27 @@ pub enum WorkerError {
     Protocol(String),
 }
 
-type Reply = Result<worker_response::Result, WorkerError>;
+pub(super) type Reply = Result<worker_response::Result, WorkerError>;
+
+/// A request waiting for its answer, and where the output frames of a Python call go until
+/// the final answer comes.
+struct Waiter {
+    reply: oneshot::Sender<Reply>,
+    output: Option<mpsc::Sender<CallOutput>>,
+}
 
 /// Requests waiting for their response. `None` once the worker has exited: a request made
 /// after that fails at once instead of waiting for an answer that cannot come.
-type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>;
+type Pending = Mutex<Option<HashMap<u64, Waiter>>>;
 
 /// A running worker. Cheap to share (`Arc`); the process is killed when the last handle
 /// goes, and always reaped by its exit watcher.
 pub struct WorkerProcess {
     pid: u32,
+    runtime: Runtime,
     tensorflow_version: String,
+    /// The runtime's own description of itself (Python, TensorFlow and Keras versions).
+    runtime_description: String,
     /// Frames are written whole under this lock; see `send_frame`.
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     pending: Arc<Pending>,
@@ -160,6 +197,7 @@ impl WorkerProcess {
 
         let mut command = Command::new(&spec.binary);
         command
+            .args(&spec.args)
             .envs(&spec.env)
             .env("TFSD_WORKER_FD", WORKER_FD.to_string())
             .env("TFSD_SUPERVISOR_PID", std::process::id().to_string())
@@ -285,10 +323,12 @@ impl WorkerProcess {
 
         let kill = Arc::new(Mutex::new(Some(kill_tx)));
         tokio::spawn(read_responses(reader, pending.clone(), pid, kill.clone()));
-        tracing::debug!(worker_pid = pid, tensorflow = %ready.tensorflow_version, "worker ready");
+        tracing::debug!(worker_pid = pid, runtime = %spec.runtime, tensorflow = %ready.tensorflow_version, "worker ready");
         Ok(Arc::new(WorkerProcess {
             pid,
+            runtime: spec.runtime,
             tensorflow_version: ready.tensorflow_version,
+            runtime_description: ready.runtime,
             writer: Arc::new(tokio::sync::Mutex::new(write_half)),
             pending,
             next_id: AtomicU64::new(1),
@@ -305,6 +345,15 @@ impl WorkerProcess {
 
     pub fn tensorflow_version(&self) -> &str {
         &self.tensorflow_version
+    }
+
+    pub fn runtime(&self) -> Runtime {
+        self.runtime
+    }
+
+    /// What the worker said it runs (for a Python worker: Python, TensorFlow, Keras versions).
+    pub fn runtime_description(&self) -> &str {
+        &self.runtime_description
     }
 
     /// Tags this worker's log lines (TensorFlow's stderr) with the session it serves.
@@ -347,17 +396,32 @@ impl WorkerProcess {
 
     /// Sends one request and waits for its response. A TensorFlow error is a normal response
     /// (`worker_response::Result::Error`); `Err` means the worker or the protocol failed.
-    pub async fn call(&self, kind: worker_request::Kind) -> Reply {
+    /// Only the typed operations (`operations.rs`) call this.
+    pub(super) async fn call(&self, kind: worker_request::Kind) -> Reply {
+        self.call_streaming(kind, None, None).await
+    }
+
+    /// `call`, with the output frames a Python call sends before its answer forwarded to
+    /// `output`, and the request's id sent on `started` once it is registered.
+    pub(super) async fn call_streaming(
+        &self,
+        kind: worker_request::Kind,
+        output: Option<mpsc::Sender<CallOutput>>,
+        started: Option<oneshot::Sender<u64>>,
+    ) -> Reply {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             match pending.as_mut() {
                 Some(map) => {
-                    map.insert(id, tx);
+                    map.insert(id, Waiter { reply: tx, output });
                 }
                 None => return Err(self.died()),
             }
+        }
+        if let Some(started) = started {
+            let _ = started.send(id);
         }
         let request = WorkerRequest {
             id,
@@ -501,11 +565,11 @@ async fn watch_exit(
     if accounting.expected.load(Ordering::SeqCst) {
         accounting.metrics.record_worker_exit("stopped");
     } else {
-        accounting.metrics.record_worker_exit(description.cause());
+        accounting.metrics.record_worker_exit(&description.cause());
     }
     let waiting = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
-    for (_, reply) in waiting.into_iter().flatten() {
-        let _ = reply.send(Err(WorkerError::Died {
+    for (_, waiter) in waiting.into_iter().flatten() {
+        let _ = waiter.reply.send(Err(WorkerError::Died {
             pid,
             how: description.clone(),
         }));
@@ -541,6 +605,20 @@ async fn read_responses(
                 continue;
             }
         };
+        if let Some(worker_response::Result::Output(output)) = response.result {
+            // Not the answer yet: a piece of a Python call's output. Sent without holding
+            // the lock; a full channel holds this worker's answers back (bounded memory).
+            let sink = pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .and_then(|map| map.get(&response.id))
+                .and_then(|waiter| waiter.output.clone());
+            if let Some(sink) = sink {
+                let _ = sink.send(output).await;
+            }
+            continue;
+        }
         let waiter = pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -550,7 +628,7 @@ async fn read_responses(
             let reply = response
                 .result
                 .ok_or_else(|| WorkerError::Protocol("a response without a result".into()));
-            let _ = waiter.send(reply);
+            let _ = waiter.reply.send(reply);
         }
     }
 }

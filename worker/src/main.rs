@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use prost::Message;
-use tfsd::proto::tfsd::worker::v1 as wire;
+use tfsd_protocol::tfsd::worker::v1 as wire;
 use wire::{worker_request::Kind, worker_response::Result as Reply};
 
 use crate::failure::Failure;
@@ -53,11 +53,13 @@ fn main() -> anyhow::Result<()> {
         handlers: AtomicUsize::new(1),
         waiting: AtomicUsize::new(0),
     });
+    let tensorflow_version = tensorflow::version().unwrap_or_default();
     let ready = wire::WorkerResponse {
         id: 0,
         result: Some(Reply::Ready(wire::Ready {
             pid: std::process::id(),
-            tensorflow_version: tensorflow::version().unwrap_or_default(),
+            runtime: format!("tfsd-worker {}, tensorflow {tensorflow_version}", env!("CARGO_PKG_VERSION")),
+            tensorflow_version,
         })),
     };
     worker.send(&ready)?;
@@ -245,5 +247,16 @@ fn handle(runtime: &Runtime, kind: Option<Kind>) -> Result<Reply, Failure> {
         Kind::PartialRun(run) => runtime
             .partial_run(run)
             .map(|outputs| Reply::Run(wire::RunResult { outputs })),
+        // The Python runtime's operations: a graph session runs no Python code, and carries
+        // its state as variables (ExportVariables / ImportVariables).
+        Kind::Call(_) | Kind::Cancel(_) | Kind::ExportState(_) | Kind::ImportState(_) => {
+            Err(Failure::new(
+                UNIMPLEMENTED,
+                "a graph worker runs no Python code: this operation applies to Python sessions",
+            ))
+        }
     }
 }
+
+/// TensorFlow's (and gRPC's) status code for an operation a runtime does not implement.
+const UNIMPLEMENTED: i32 = 12;

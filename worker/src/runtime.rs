@@ -4,7 +4,7 @@
 //! exclusively. A worker hosts exactly one tfsd session, so "purge this session's variables"
 //! is "open a new TensorFlow session on the same graph": a DirectSession owns its devices and
 //! their resource managers, and nothing else in the process is touched. `TF_Reset` is never
-//! used (it closes every session in the process, FACTS §3).
+//! used: besides resetting the containers, it closes every DirectSession in the process.
 
 mod c_tensors;
 mod partial_run;
@@ -17,11 +17,11 @@ use prost::Message;
 use tensorflow::{
     Graph, ImportGraphDefOptions, Operation, Session, SessionOptions, SessionRunArgs,
 };
-use tfsd::proto::tensorflow::TensorProto;
-use tfsd::proto::tfsd::worker::v1 as wire;
-use tfsd::tensor::{self, DType};
+use tfsd_protocol::tensorflow::TensorProto;
+use tfsd_protocol::tfsd::worker::v1 as wire;
+use tfsd_protocol::tensor::{self, DType};
 
-use self::c_tensors::{OwnedTensors, data_type_of, new_tensor};
+use self::c_tensors::{OwnedTensors, data_type_of, new_tensor, session_run};
 use crate::failure::Failure;
 
 /// Prefix of the nodes the worker adds to read and assign variables during a recycle.
@@ -347,7 +347,7 @@ impl Runtime {
             }
             .encode_to_vec()
         });
-        raw::session_run(
+        session_run(
             &state.session,
             options.as_deref(),
             &inputs,
@@ -414,7 +414,7 @@ impl Runtime {
                 })
                 .collect::<Result<Vec<_>, Failure>>()?;
             let no_feeds = OwnedTensors(Vec::new());
-            let values = raw::session_run(&state.session, None, &[], &no_feeds, &outputs, &[])?;
+            let values = session_run(&state.session, None, &[], &no_feeds, &outputs, &[])?;
             for (variable, _) in reads {
                 variable.dtype()?;
             }
@@ -520,7 +520,7 @@ impl Runtime {
             .iter()
             .map(|target| raw::raw_operation(&state.graph, target).map(|op| op as *const _))
             .collect::<Result<Vec<_>, Failure>>()?;
-        raw::session_run(&state.session, None, &inputs, &tensors, &[], &targets)?;
+        session_run(&state.session, None, &inputs, &tensors, &[], &targets)?;
         Ok(())
     }
 }
@@ -572,7 +572,7 @@ fn type_name(code: i32) -> String {
     } else {
         (code, "")
     };
-    match tfsd::proto::tensorflow::DataType::try_from(base) {
+    match tfsd_protocol::tensorflow::DataType::try_from(base) {
         Ok(data_type) => format!("{}{suffix}", data_type.as_str_name()),
         Err(_) => format!("with code {code}"),
     }

@@ -7,12 +7,10 @@
 
 use std::time::Instant;
 
-use super::{InFlight, SessionManager, unexpected, usable_worker};
+use super::{InFlight, Runtime, SessionManager, usable_worker};
 use crate::error::{Error, Result};
 use crate::proto::tensorflow::TensorProto;
-use crate::proto::tfsd::worker::v1 as wire;
 use crate::tensor;
-use wire::{worker_request::Kind, worker_response::Result as Reply};
 
 /// What a partial run needs up front: every feed and fetch it will use, and its targets.
 #[derive(Debug, Clone, Default)]
@@ -26,17 +24,13 @@ impl SessionManager {
     /// Sets a partial run up; answers its handle ("WORKER_PID/TENSORFLOW_HANDLE").
     pub async fn partial_run_setup(&self, id: &str, spec: PartialRunSpec) -> Result<String> {
         let session = self.get(id)?;
+        session.expect_runtime(Runtime::Graph, "a partial run")?;
         let core = session.core.read().await;
         let worker = usable_worker(&session, &core)?;
-        let setup = Kind::PartialRunSetup(wire::PartialRunSetup {
-            feeds: spec.feeds,
-            fetches: spec.fetches,
-            targets: spec.targets,
-        });
-        match worker.call(setup).await {
-            Ok(Reply::PartialRunHandle(reply)) => Ok(format!("{}/{}", worker.pid(), reply.handle)),
-            other => Err(unexpected(&worker, other)),
-        }
+        let handle = worker
+            .partial_run_setup(spec.feeds, spec.fetches, spec.targets)
+            .await?;
+        Ok(format!("{}/{handle}", worker.pid()))
     }
 
     /// Feeds some inputs of a partial run and fetches some of its outputs. Each call is a
@@ -54,6 +48,7 @@ impl SessionManager {
                 .map_err(|error| Error::InvalidArgument(format!("feed {name:?}: {error}")))?;
         }
         let session = self.get(id)?;
+        session.expect_runtime(Runtime::Graph, "a partial run")?;
         let core = session.core.read().await;
         let worker = usable_worker(&session, &core)?;
         let (pid, tensorflow_handle) = handle
@@ -68,22 +63,15 @@ impl SessionManager {
                  since left (recycled or restored); set the partial run up again"
             )));
         }
-        let run = Kind::PartialRun(wire::PartialRun {
-            handle: tensorflow_handle.to_string(),
-            feeds: feeds.into_iter().collect(),
-            fetches,
-        });
         let started = Instant::now();
         let in_flight = InFlight::enter(&session, max_runs_in_flight)?;
-        let reply = worker.call(run).await;
+        let result = worker
+            .partial_run(tensorflow_handle.to_string(), feeds, fetches)
+            .await;
         drop(in_flight);
         drop(core);
         session.touch(|stats| stats.run_count += 1);
-        self.metrics
-            .record_run(started.elapsed(), matches!(reply, Ok(Reply::Run(_))));
-        match reply {
-            Ok(Reply::Run(result)) => Ok(result.outputs),
-            other => Err(unexpected(&worker, other)),
-        }
+        self.metrics.record_run(started.elapsed(), result.is_ok());
+        result
     }
 }

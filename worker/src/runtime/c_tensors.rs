@@ -5,16 +5,19 @@
 //! not copied at all: its bytes stay in TensorFlow's buffer until the response has been
 //! written. A fetch that shares its buffer (a `VariableV2`'s value, or an `Identity` of it,
 //! which a concurrent step may assign in place) is copied at once.
+//!
+//! `session_run` is the `TF_SessionRun` step over these tensors. This module builds on
+//! `raw.rs` (type codes, the raw session, statuses), never the other way round.
 
 use std::ffi::c_int;
 
 use bytes::Bytes;
-use tensorflow::{DataType, TensorType}; // TensorType: ByteString::pack and unpack
+use tensorflow::{DataType, Session, TensorType}; // TensorType: ByteString::pack and unpack
 use tensorflow_sys as tf;
-use tfsd::proto::tensorflow::TensorProto;
-use tfsd::tensor::{self, DType, DenseData, DenseTensor};
+use tfsd_protocol::tensorflow::TensorProto;
+use tfsd_protocol::tensor::{self, DType, DenseData, DenseTensor};
 
-use super::raw;
+use super::raw::{self, RawStatus, raw_session};
 use crate::byte_string::ByteString;
 use crate::failure::Failure;
 
@@ -119,6 +122,52 @@ pub fn new_tensor(dense: &DenseTensor) -> Result<*mut tf::TF_Tensor, Failure> {
             }
         }
     }
+}
+
+/// One step through `TF_SessionRun`: `inputs[i]` is fed `values[i]` (which stay ours),
+/// `outputs` are fetched into tensors handed to the caller, `targets` run.
+/// `run_options` is a serialized RunOptions.
+pub fn session_run(
+    session: &Session,
+    run_options: Option<&[u8]>,
+    inputs: &[tf::TF_Output],
+    values: &OwnedTensors,
+    outputs: &[tf::TF_Output],
+    targets: &[*const tf::TF_Operation],
+) -> Result<OwnedTensors, Failure> {
+    assert_eq!(inputs.len(), values.0.len(), "one value per input");
+    let options = run_options.map(|bytes| tf::TF_Buffer {
+        data: bytes.as_ptr() as *const std::ffi::c_void,
+        length: bytes.len(),
+        data_deallocator: None,
+    });
+    let options_ptr = options
+        .as_ref()
+        .map_or(std::ptr::null(), |buffer| buffer as *const tf::TF_Buffer);
+    let mut results = OwnedTensors::slots(outputs.len());
+    let status = RawStatus::new();
+    // SAFETY: the session and the operations are alive (the caller holds the runtime's
+    // lock); every array outlives the call and has the length passed; TensorFlow reads the
+    // inputs (they stay ours) and stores one new tensor per output in `results`, which we
+    // then own; the options buffer is only read.
+    unsafe {
+        tf::TF_SessionRun(
+            raw_session(session),
+            options_ptr,
+            inputs.as_ptr(),
+            values.0.as_ptr(),
+            inputs.len() as c_int,
+            outputs.as_ptr(),
+            results.0.as_mut_ptr(),
+            outputs.len() as c_int,
+            targets.as_ptr(),
+            targets.len() as c_int,
+            std::ptr::null_mut(),
+            status.0,
+        );
+    }
+    status.check()?;
+    Ok(results)
 }
 
 /// A tensor TensorFlow returned, owned: its bytes, readable from any thread, deleted with it.

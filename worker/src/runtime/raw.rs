@@ -15,6 +15,9 @@
 //!   structs, relying on their layout in exactly the version `Cargo.lock` pins (0.21.0),
 //!   checked at compile time below and at run time in [`raw_operation`]. Upgrading the crate
 //!   means re-checking both.
+//!
+//! A leaf: the tensors the worker owns and the steps run with them (`c_tensors.rs`) build on
+//! this module, which knows nothing of them.
 
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::mem::size_of;
@@ -22,7 +25,6 @@ use std::mem::size_of;
 use tensorflow::{Graph, Operation, Session};
 use tensorflow_sys as tf;
 
-use super::c_tensors::OwnedTensors;
 use crate::failure::Failure;
 
 // tensorflow 0.21: `Session { inner: *mut TF_Session }`, `Graph { gimpl: Arc<GraphImpl> }`,
@@ -77,52 +79,6 @@ pub fn attr_type(graph: &Graph, operation: &Operation, name: &str) -> Result<i32
     unsafe { operation_get_attr_type(oper, name.as_ptr(), &mut value, status.0) };
     status.check()?;
     Ok(value)
-}
-
-/// One step through `TF_SessionRun`: `inputs[i]` is fed `values[i]` (which stay ours),
-/// `outputs` are fetched into tensors handed to the caller, `targets` run.
-/// `run_options` is a serialized RunOptions.
-pub fn session_run(
-    session: &Session,
-    run_options: Option<&[u8]>,
-    inputs: &[tf::TF_Output],
-    values: &OwnedTensors,
-    outputs: &[tf::TF_Output],
-    targets: &[*const tf::TF_Operation],
-) -> Result<OwnedTensors, Failure> {
-    assert_eq!(inputs.len(), values.0.len(), "one value per input");
-    let options = run_options.map(|bytes| tf::TF_Buffer {
-        data: bytes.as_ptr() as *const std::ffi::c_void,
-        length: bytes.len(),
-        data_deallocator: None,
-    });
-    let options_ptr = options
-        .as_ref()
-        .map_or(std::ptr::null(), |buffer| buffer as *const tf::TF_Buffer);
-    let mut results = OwnedTensors::slots(outputs.len());
-    let status = RawStatus::new();
-    // SAFETY: the session and the operations are alive (the caller holds the runtime's
-    // lock); every array outlives the call and has the length passed; TensorFlow reads the
-    // inputs (they stay ours) and stores one new tensor per output in `results`, which we
-    // then own; the options buffer is only read.
-    unsafe {
-        tf::TF_SessionRun(
-            raw_session(session),
-            options_ptr,
-            inputs.as_ptr(),
-            values.0.as_ptr(),
-            inputs.len() as c_int,
-            outputs.as_ptr(),
-            results.0.as_mut_ptr(),
-            outputs.len() as c_int,
-            targets.as_ptr(),
-            targets.len() as c_int,
-            std::ptr::null_mut(),
-            status.0,
-        );
-    }
-    status.check()?;
-    Ok(results)
 }
 
 pub fn raw_session(session: &Session) -> *mut tf::TF_Session {

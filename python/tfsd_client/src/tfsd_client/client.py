@@ -1,12 +1,24 @@
-"""A typed client for tfsd.v1: sessions, resets, events, and MasterService sessions."""
+"""A typed client for tfsd.v1: sessions, resets, events, MasterService sessions, and Python
+sessions (`Tfsd.run_isolated`, `Tfsd.python_session`).
+
+Nothing here imports TensorFlow or Keras: the stubs are built from `control_pb2` (the tfsd.v1
+messages without tensors), and `tfsd_pb2`, which imports TensorFlow's tensor_pb2, is imported
+only by `_stubs()`, for callers that need the tensor-carrying messages.
+"""
 
 from __future__ import annotations
 
+import codecs
 import datetime as _dt
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+import pickle
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
 
 import grpc
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from tensorflow.core.protobuf import config_pb2
@@ -26,11 +38,54 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def _control():
+    """The tfsd.v1 messages that carry no tensor (control.proto); needs only protobuf."""
+    from tfsd_client._gen.tfsd.v1 import control_pb2
+
+    return control_pb2
+
+
 def _stubs():
-    # Imported on first use: the generated module needs TensorFlow's tensor_pb2.
+    """The full generated tfsd.v1 modules, for the tensor-carrying messages (RunRequest,
+    RunResponse). Importing them imports TensorFlow (tensor_pb2): the client itself never
+    calls this."""
     from tfsd_client._gen.tfsd.v1 import tfsd_pb2, tfsd_pb2_grpc
 
     return tfsd_pb2, tfsd_pb2_grpc
+
+
+_SERVICE = "/tfsd.v1.SessionService/"
+
+# tfsd.v1.SessionService's methods (tfsd.proto), but Run, whose messages carry tensors:
+# method -> (request, response, response is a stream). Messages are control.proto's.
+_METHODS = {
+    "CreateSession": ("CreateSessionRequest", "CreateSessionResponse", False),
+    "ExtendGraph": ("ExtendGraphRequest", "ExtendGraphResponse", False),
+    "ResetGraph": ("ResetGraphRequest", "ResetResponse", False),
+    "PurgeVariables": ("PurgeVariablesRequest", "ResetResponse", False),
+    "RecycleSession": ("RecycleSessionRequest", "ResetResponse", False),
+    "CloseSession": ("CloseSessionRequest", "CloseSessionResponse", False),
+    "GetSession": ("GetSessionRequest", "SessionInfo", False),
+    "ListSessions": ("ListSessionsRequest", "ListSessionsResponse", False),
+    "WatchEvents": ("WatchEventsRequest", "SessionEvent", True),
+    "GetDaemonStatus": ("GetDaemonStatusRequest", "DaemonStatus", False),
+    "Call": ("CallRequest", "CallEvent", True),
+}
+
+
+class _SessionStub:
+    """SessionService's tensor-free methods as grpcio multi-callables (what the generated
+    `SessionServiceStub` would hold, without importing tfsd_pb2 and so TensorFlow)."""
+
+    def __init__(self, channel: grpc.Channel, pb2) -> None:
+        for method, (request, response, streaming) in _METHODS.items():
+            make = channel.unary_stream if streaming else channel.unary_unary
+            callable_ = make(
+                _SERVICE + method,
+                request_serializer=getattr(pb2, request).SerializeToString,
+                response_deserializer=getattr(pb2, response).FromString,
+            )
+            setattr(self, method, callable_)
 
 
 class TfsdError(Exception):
@@ -41,11 +96,80 @@ class TfsdError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):
+        return (type(self), (self.code, self.message))
+
+
+class RemoteError(Exception):
+    """The code a Python session ran raised: `type_name` is its exception's qualified type
+    (e.g. `builtins.ValueError`), `message` its str, `traceback` the traceback as the worker
+    formatted it. Errors of tfsd itself (timeouts, memory limits, a dead worker) are
+    `TfsdError`s instead."""
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(type_name, message, traceback)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.message}" if self.message else self.type_name
+        if self.traceback:
+            text += "\n\nRemote traceback:\n" + self.traceback.rstrip("\n")
+        return text
+
 
 @dataclass(frozen=True)
 class Memory:
     rss_bytes: int
     private_bytes: int
+
+
+_GENTLE_ACTIONS = ("purge_variables", "reset_graph")
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """What the daemon's memory policy does about one session (tfsd.v1 MemoryPolicy).
+
+    Limits are bytes of private memory (RssAnon); 0 takes the daemon's default. Above
+    `soft_limit_bytes`, between calls: the gentle action, then a recycle if that was not
+    enough. Above `hard_limit_bytes`: a recycle at once, and a running call fails with
+    TfsdError RESOURCE_EXHAUSTED. `gentle_action` is "purge_variables", "reset_graph" or None
+    for the daemon's default; `preserve_variables` carries state over when the policy
+    recycles. Every limit is capped by the operator's maxima: `SessionInfo.memory_policy`
+    has the effective values. `python_session(memory_policy=...)` also takes a dict with
+    these keys."""
+
+    soft_limit_bytes: int = 0
+    hard_limit_bytes: int = 0
+    gentle_action: str | None = None
+    preserve_variables: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gentle_action is not None and self.gentle_action not in _GENTLE_ACTIONS:
+            raise ValueError(
+                f"gentle_action must be one of {_GENTLE_ACTIONS} or None, "
+                f"not {self.gentle_action!r}"
+            )
+        for name in ("soft_limit_bytes", "hard_limit_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+
+    @classmethod
+    def of(cls, policy: MemoryPolicy | Mapping[str, Any]) -> MemoryPolicy:
+        """`policy` itself, or a MemoryPolicy from a dict of its fields (unknown keys are a
+        TypeError)."""
+        if isinstance(policy, MemoryPolicy):
+            return policy
+        if isinstance(policy, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(policy) - known)
+            if unknown:
+                raise TypeError(f"unknown memory_policy keys {unknown}; known: {sorted(known)}")
+            return cls(**policy)
+        raise TypeError(f"memory_policy must be a MemoryPolicy or a dict, not {type(policy)}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +188,12 @@ class SessionInfo:
     worker_restart_count: int
     created_at: _dt.datetime
     last_used_at: _dt.datetime
+    runtime: str = "graph"
+    """"graph" (a TensorFlow graph in a tfsd-worker) or "python" (a Python session)."""
+    call_count: int = 0
+    """Python sessions: calls made."""
+    memory_policy: MemoryPolicy | None = None
+    """The effective memory policy (limits 0 = none)."""
 
     @property
     def is_master_session(self) -> bool:
@@ -113,13 +243,20 @@ class DaemonStatus:
     warm_pool_size: int
     draining: bool
     extra: dict = field(default_factory=dict)
+    warm_python_workers: int = 0
+    """Python sessions' warm pool: ready interpreters, and the configured size (0 when the
+    daemon has no Python sessions configured)."""
+    warm_python_pool_size: int = 0
+    python_runtime: str = ""
+    """What a Python worker reported (Python, TensorFlow and Keras versions); empty until one
+    has started."""
 
 
-SessionRef = Union[str, SessionInfo]
+SessionRef = Union[str, SessionInfo, "PythonSession"]
 
 
 def _id(session: SessionRef) -> str:
-    return session.session_id if isinstance(session, SessionInfo) else session
+    return session if isinstance(session, str) else session.session_id
 
 
 def _enum_name(enum, value: int, prefix: str) -> str:
@@ -151,14 +288,14 @@ class Tfsd:
     ):
         self.address = address
         self.timeout = timeout
-        self._pb2, pb2_grpc = _stubs()
+        self._pb2 = _control()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         if root_certificates is None:
             self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         else:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
-        self._stub = pb2_grpc.SessionServiceStub(self._channel)
+        self._stub = _SessionStub(self._channel, self._pb2)
 
     def close(self) -> None:
         self._channel.close()
@@ -180,6 +317,7 @@ class Tfsd:
     # --- Conversions -----------------------------------------------------------------------
 
     def _session(self, info) -> SessionInfo:
+        runtime = _enum_name(self._pb2.Runtime, info.runtime, "RUNTIME_")
         return SessionInfo(
             session_id=info.session_id,
             labels=dict(info.labels),
@@ -195,6 +333,30 @@ class Tfsd:
             worker_restart_count=info.worker_restart_count,
             created_at=_time(info.created_at),
             last_used_at=_time(info.last_used_at),
+            runtime="graph" if runtime == "unspecified" else runtime,
+            call_count=info.call_count,
+            memory_policy=self._memory_policy(info.memory_policy)
+            if info.HasField("memory_policy")
+            else None,
+        )
+
+    def _memory_policy(self, policy) -> MemoryPolicy:
+        action = _enum_name(self._pb2.GentleAction, policy.gentle_action, "GENTLE_ACTION_")
+        return MemoryPolicy(
+            soft_limit_bytes=policy.soft_limit_bytes,
+            hard_limit_bytes=policy.hard_limit_bytes,
+            gentle_action=action if action in _GENTLE_ACTIONS else None,
+            preserve_variables=policy.preserve_variables,
+        )
+
+    def _memory_policy_message(self, policy: MemoryPolicy | Mapping[str, Any]):
+        policy = MemoryPolicy.of(policy)
+        action = "GENTLE_ACTION_" + (policy.gentle_action or "unspecified").upper()
+        return self._pb2.MemoryPolicy(
+            soft_limit_bytes=policy.soft_limit_bytes,
+            hard_limit_bytes=policy.hard_limit_bytes,
+            gentle_action=self._pb2.GentleAction.Value(action),
+            preserve_variables=policy.preserve_variables,
         )
 
     def _reset(self, response) -> ResetResult:
@@ -295,6 +457,9 @@ class Tfsd:
             warm_workers=status.warm_workers,
             warm_pool_size=status.warm_pool_size,
             draining=status.draining,
+            warm_python_workers=status.warm_python_workers,
+            warm_python_pool_size=status.warm_python_pool_size,
+            python_runtime=status.python_runtime,
         )
 
     def watch(self, session: SessionRef | None = None, *, timeout: float | None = None) -> Events:
@@ -310,6 +475,231 @@ class Tfsd:
         except grpc.RpcError as error:
             raise TfsdError(error.code(), error.details() or "") from None
         return Events(self, stream)
+
+    # --- Python sessions -------------------------------------------------------------------
+
+    def python_session(
+        self,
+        labels: Mapping[str, str] | None = None,
+        memory_policy: MemoryPolicy | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> PythonSession:
+        """A new Python session: one of the daemon's warm Python interpreters (TensorFlow and
+        Keras already imported), kept until `close()` (or the end of a `with` block).
+
+        `labels` are free-form labels for operators; `memory_policy` a `MemoryPolicy` or a
+        dict of its fields (`{"soft_limit_bytes": ..., "hard_limit_bytes": ...}`); `timeout`
+        the default limit for each `call`, in seconds (None: no limit; see
+        `PythonSession.timeout`). Fails with TfsdError (FAILED_PRECONDITION, UNAVAILABLE...)
+        when the daemon has no Python sessions configured or cannot start one."""
+        request = self._pb2.CreateSessionRequest(
+            labels=dict(labels or {}), runtime=self._pb2.RUNTIME_PYTHON
+        )
+        if memory_policy is not None:
+            request.memory_policy.CopyFrom(self._memory_policy_message(memory_policy))
+        info = self._session(self._call("CreateSession", request).session)
+        return PythonSession(self, info.session_id, timeout=timeout)
+
+    def run_isolated(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """`fn(*args, **kwargs)`, run in a fresh Python session that is closed afterwards
+        (also when the call fails or is interrupted), so nothing it leaves behind - memory,
+        graphs, threads - outlives it. Returns what `fn` returned; raises `RemoteError` if it
+        raised, `TfsdError` if tfsd failed. Its stdout and stderr are copied to this process's
+        `sys.stdout` and `sys.stderr` as it writes them.
+
+        Every argument goes to `fn`; for labels, a memory policy or a timeout, use
+        `python_session(...)` and `call`. `fn`, its arguments and its result travel by
+        cloudpickle (see `PythonSession.call`)."""
+        session = self.python_session()
+        try:
+            result = session.call(fn, *args, **kwargs)
+        except BaseException:
+            session._close_quietly()
+            raise
+        session.close()
+        return result
+
+    def _run_call(self, request, timeout: float | None):
+        """Runs one Call: copies Output events to sys.stdout/sys.stderr as they arrive and
+        returns the CallResult, or raises RemoteError / TfsdError."""
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+            request.timeout_ms = max(1, round(timeout * 1000))
+            # The daemon enforces timeout_ms and answers DEADLINE_EXCEEDED itself; the gRPC
+            # deadline, later, only guards against a daemon that does not answer at all.
+            deadline = timeout + self.timeout
+        else:
+            deadline = None
+        output = _Output(self._pb2)
+        result = exception = None
+        stream = self._stub.Call(request, timeout=deadline, metadata=self._metadata)
+        try:
+            for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "output":
+                    output.write(event.output)
+                elif kind == "result":
+                    result = event.result
+                elif kind == "exception":
+                    exception = event.exception
+        except grpc.RpcError as error:
+            raise TfsdError(error.code(), error.details() or "") from None
+        except BaseException:
+            # KeyboardInterrupt (or an error writing the output): stop the call in the daemon.
+            stream.cancel()
+            raise
+        finally:
+            output.flush()
+        if exception is not None:
+            raise RemoteError(exception.type_name, exception.message, exception.traceback)
+        if result is None:
+            raise TfsdError(grpc.StatusCode.INTERNAL, "the Call stream ended without a result")
+        return result
+
+
+class _Output:
+    """Copies a call's Output events to this process's sys.stdout / sys.stderr (looked up at
+    each write, so redirections and pytest's capture apply), decoding UTF-8 incrementally so
+    that a character split across two events comes out whole."""
+
+    def __init__(self, pb2) -> None:
+        self._streams = {pb2.STREAM_STDOUT: "stdout", pb2.STREAM_STDERR: "stderr"}
+        self._decoders = {
+            name: codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for name in self._streams.values()
+        }
+
+    def write(self, output) -> None:
+        name = self._streams.get(output.stream, "stdout")
+        text = self._decoders[name].decode(output.data)
+        if text:
+            target = getattr(sys, name)
+            target.write(text)
+            target.flush()
+
+    def flush(self) -> None:
+        for name, decoder in self._decoders.items():
+            text = decoder.decode(b"", final=True)
+            if text:
+                getattr(sys, name).write(text)
+            getattr(sys, name).flush()
+
+
+class PythonSession:
+    """A Python session (`Tfsd.python_session`): a Python interpreter of the daemon's, with
+    TensorFlow and Keras already imported, that runs this client's functions. State kept in the
+    interpreter (e.g. `tfsd_worker.state`, module globals, Keras models) lasts from one `call`
+    to the next until a reset or `close()`."""
+
+    def __init__(self, tfsd: Tfsd, session_id: str, *, timeout: float | None = None) -> None:
+        self._tfsd = tfsd
+        self.session_id = session_id
+        self.timeout = timeout
+        """The limit for each `call` and `run_script`, in seconds (None: none). When it runs
+        out the daemon interrupts the code (and replaces the interpreter if it does not stop;
+        the session stays usable) and the call raises TfsdError DEADLINE_EXCEEDED. The daemon
+        caps it at its limits.max_run_timeout. May be changed between calls."""
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<PythonSession {self.session_id} ({state}) at {self._tfsd.address}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"Python session {self.session_id} is closed")
+
+    def call(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """`fn(*args, **kwargs)` in this session's interpreter; returns its result, or raises
+        `RemoteError` if it raised and `TfsdError` if tfsd failed (DEADLINE_EXCEEDED after
+        `timeout`, RESOURCE_EXHAUSTED when the hard memory limit stopped it, UNAVAILABLE when
+        the interpreter died). Its stdout and stderr are copied to this process's as they are
+        written.
+
+        `fn`, `args` and `kwargs` travel as `cloudpickle.dumps((fn, args, kwargs))`: functions
+        defined in `__main__` or a notebook travel by value, importable ones by reference (the
+        daemon's interpreter must be able to import them; for a module of your own, use
+        `cloudpickle.register_pickle_by_value(module)`). The result comes back by pickle, so
+        it must be something this process can unpickle: return plain Python or numpy values,
+        not TensorFlow tensors or Keras objects, for a client without TensorFlow."""
+        self._check_open()
+        import cloudpickle  # on first use: not needed for control calls
+
+        request = self._tfsd._pb2.CallRequest(
+            session_id=self.session_id, pickled=cloudpickle.dumps((fn, args, kwargs))
+        )
+        result = self._tfsd._run_call(request, self.timeout)
+        return pickle.loads(result.pickled) if result.pickled else None
+
+    def run_script(
+        self, source: str | bytes, *, path: str = "<script>", argv: tuple[str, ...] | list[str] = ()
+    ) -> int:
+        """Runs `source` as `__main__` in this session's interpreter, as `python path argv...`
+        would; returns its exit status (its SystemExit code, 0 when it ran to the end). Output,
+        errors and `timeout` as for `call`."""
+        self._check_open()
+        pb2 = self._tfsd._pb2
+        if isinstance(source, str):
+            source = source.encode()
+        script = pb2.Script(path=path, source=source, argv=list(argv))
+        request = pb2.CallRequest(session_id=self.session_id, script=script)
+        return self._tfsd._run_call(request, self.timeout).exit_code
+
+    def info(self) -> SessionInfo:
+        """The session as the daemon sees it: worker pid, memory, call count, ..."""
+        return self._tfsd.session(self.session_id)
+
+    def reset_graph(self) -> ResetResult:
+        """Same interpreter; TensorFlow's and Keras's global state cleared
+        (`keras.backend.clear_session()`, `tf.compat.v1.reset_default_graph()`) and garbage
+        collected. `tfsd_worker.state` is kept, and so is what it holds. The result has the
+        worker's memory before and after."""
+        return self._tfsd.reset_graph(self.session_id)
+
+    def purge_variables(self) -> ResetResult:
+        """Same interpreter; `tfsd_worker.state` emptied, then what `reset_graph` does."""
+        return self._tfsd.purge(self.session_id)
+
+    def recycle(self, *, preserve_variables: bool = False) -> ResetResult:
+        """A fresh interpreter for this session (the old process exits, every byte of it goes
+        back to the system). With `preserve_variables`, `tfsd_worker.state` is carried over
+        (Keras models in Keras' saving format, the rest by cloudpickle; something that
+        cannot travel fails the recycle with FAILED_PRECONDITION naming it), and
+        `variables_preserved` counts its names."""
+        return self._tfsd.recycle(self.session_id, preserve_variables=preserve_variables)
+
+    def close(self) -> None:
+        """Closes the session and its interpreter. Idempotent; a session the daemon no longer
+        has (NOT_FOUND) counts as closed."""
+        if self._closed:
+            return
+        try:
+            self._tfsd.close_session(self.session_id)
+        except TfsdError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        self._closed = True
+
+    def _close_quietly(self) -> None:
+        # While another exception propagates: close, but never replace that exception.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> PythonSession:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_quietly()
 
 
 class Events:

@@ -1,6 +1,6 @@
-"""Regenerates tests/corpus/tensor/: TensorProtos as TensorFlow 2.21 writes them (valid-*),
-malformed ones (invalid-*), and bytes that are not a TensorProto (garbage-*).
-Run with the project venv: .venv/bin/python tests/corpus/make_tensor_corpus.py"""
+"""Regenerates protocol/tests/corpus/tensor/: TensorProtos as TensorFlow 2.21 writes them
+(valid-*), malformed ones (invalid-*), and bytes that are not a TensorProto (garbage-*).
+Run with the project venv: .venv/bin/python protocol/tests/corpus/make_tensor_corpus.py"""
 
 import pathlib
 

@@ -1,7 +1,7 @@
 //! Property tests ("fuzzing" within the stable toolchain) for the tensor codec: arbitrary
 //! TensorProtos, and arbitrary bytes parsed as one, never panic or over-allocate; whatever
 //! `validate` accepts, `decode` accepts with exactly shape × dtype bytes, and encoding that
-//! gives back the same tensor. The seeds in `tests/corpus/tensor/` (TensorProtos as
+//! gives back the same tensor. The seeds in `protocol/tests/corpus/tensor/` (TensorProtos as
 //! TensorFlow writes them, and malformed ones) run first; proptest keeps any failure it
 //! finds in `proptest-regressions/` next to this file, and CI re-runs them.
 //! `PROPTEST_CASES` bounds the pass (256 cases per property by default).

@@ -1,0 +1,191 @@
+//! Python sessions' calls: run the user's code in the session's Python worker, stream its
+//! output, and stop it when its deadline passes or its caller goes away.
+//!
+//! Stopping a call is certain: the worker is first asked to interrupt it (a KeyboardInterrupt
+//! in the code), and if the code has not stopped within `CANCEL_GRACE` (it is inside a long
+//! TensorFlow kernel, or it catches the interrupt), the worker is killed and the session is
+//! restored in a fresh Python process, with the event saying why.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::manager::{InFlight, usable_worker};
+use super::{Cause, Runtime, Session, SessionManager, Trigger};
+use crate::error::{Error, Result};
+use crate::worker::{CallOutcome, CallOutput, CallTarget, OutputStream};
+
+/// How long interrupted code has to stop before its worker is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+/// Output pieces buffered between the worker and a slow caller; past this the worker's
+/// writes wait (its output is never dropped while the caller listens).
+const OUTPUT_BUFFER: usize = 64;
+/// Longest piece of output copied into one log line.
+const LOG_LINE_BYTES: usize = 4096;
+
+/// What a caller of `SessionManager::call` receives: output as the code writes it, then
+/// exactly one `Finished`.
+#[derive(Debug)]
+pub enum CallEvent {
+    Output(CallOutput),
+    Finished(Result<CallOutcome>),
+}
+
+/// Why a call is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Deadline(Duration),
+    CallerGone,
+}
+
+impl SessionManager {
+    /// Starts a call in a Python session and answers the stream of its events. The call runs
+    /// as a task of its own: a caller that goes away (its receiver dropped) stops the call
+    /// instead of leaving it running unseen.
+    pub fn call(
+        self: &Arc<Self>,
+        id: &str,
+        target: CallTarget,
+        timeout: Option<Duration>,
+        max_runs_in_flight: Option<u32>,
+    ) -> Result<mpsc::Receiver<CallEvent>> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let session = self.get(id)?;
+        session.expect_runtime(Runtime::Python, "Call")?;
+        let (events, receiver) = mpsc::channel(OUTPUT_BUFFER);
+        let manager = self.clone();
+        self.tracker.spawn(async move {
+            let started = Instant::now();
+            let result = manager
+                .drive_call(&session, target, timeout, max_runs_in_flight, &events)
+                .await;
+            session.touch(|stats| stats.call_count += 1);
+            manager.metrics.record_run(started.elapsed(), result.is_ok());
+            let _ = events.send(CallEvent::Finished(result)).await;
+        });
+        Ok(receiver)
+    }
+
+    async fn drive_call(
+        &self,
+        session: &Arc<Session>,
+        target: CallTarget,
+        timeout: Option<Duration>,
+        max_runs_in_flight: Option<u32>,
+        events: &mpsc::Sender<CallEvent>,
+    ) -> Result<CallOutcome> {
+        let core = session.core.read().await;
+        let worker = usable_worker(session, &core)?;
+        let _in_flight = InFlight::enter(session, max_runs_in_flight)?;
+        let (output, mut outputs) = mpsc::channel(OUTPUT_BUFFER);
+        let (started, call_id) = oneshot::channel();
+        let call = worker.call_python(target, output, started);
+        tokio::pin!(call);
+        let mut call_id = Some(call_id);
+        let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+        let mut stop: Option<Stop> = None;
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let mut outputs_open = true;
+        let result = loop {
+            tokio::select! {
+                result = &mut call => break result,
+                piece = outputs.recv(), if outputs_open => match piece {
+                    Some(piece) => {
+                        log_output(session.id(), &piece);
+                        if stop.is_none() && events.send(CallEvent::Output(piece)).await.is_err() {
+                            stop = Some(Stop::CallerGone);
+                        }
+                    }
+                    None => outputs_open = false,
+                },
+                _ = sleep_until(deadline), if stop.is_none() && deadline.is_some() => {
+                    stop = timeout.map(Stop::Deadline);
+                }
+                _ = events.closed(), if stop.is_none() => stop = Some(Stop::CallerGone),
+                _ = sleep_until(kill_at), if kill_at.is_some() => {
+                    kill_at = None;
+                    let reason = match stop {
+                        Some(Stop::Deadline(timeout)) => format!(
+                            "a call ran past its timeout of {timeout:?} and did not stop within \
+                             {CANCEL_GRACE:?} of being interrupted"
+                        ),
+                        _ => format!(
+                            "the caller went away and the call did not stop within \
+                             {CANCEL_GRACE:?} of being interrupted"
+                        ),
+                    };
+                    session.touch_policy(|stats| {
+                        stats.pending_kill =
+                            Some((worker.pid(), Cause::daemon(Trigger::CallStopped, reason)));
+                    });
+                    worker.kill_as_failure();
+                }
+            }
+            // A stop was just decided: interrupt the code, and give it a grace period.
+            if stop.is_some()
+                && kill_at.is_none()
+                && let Some(call_id) = call_id.take()
+            {
+                let worker = worker.clone();
+                // Not awaited here: the worker's answer to the cancel may queue behind output
+                // this loop must keep draining.
+                tokio::spawn(async move {
+                    if let Ok(id) = call_id.await {
+                        let _ = worker.cancel(id).await;
+                    }
+                });
+                kill_at = Some(tokio::time::Instant::now() + CANCEL_GRACE);
+            }
+        };
+        drop(core);
+        // Output the worker sent before its answer.
+        while let Ok(piece) = outputs.try_recv() {
+            log_output(session.id(), &piece);
+            if stop.is_none() {
+                let _ = events.send(CallEvent::Output(piece)).await;
+            }
+        }
+        match (stop, result) {
+            (None, result) => result.map_err(|error| session.explain_kill(error)),
+            (Some(Stop::Deadline(timeout)), Ok(_)) => Err(Error::DeadlineExceeded(format!(
+                "the call ran past its timeout of {timeout:?} and was interrupted; the session \
+                 and its state are kept"
+            ))),
+            (Some(Stop::Deadline(timeout)), Err(Error::WorkerDied { .. })) => {
+                Err(Error::DeadlineExceeded(format!(
+                    "the call ran past its timeout of {timeout:?} and did not stop when \
+                     interrupted, so its worker was replaced: the session goes on in a fresh \
+                     Python process, without its state"
+                )))
+            }
+            (Some(_), result) => result,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The code's output goes to the daemon's log too, tagged with its session.
+fn log_output(session_id: &str, piece: &CallOutput) {
+    let stream = match piece.stream {
+        OutputStream::Stdout => "stdout",
+        OutputStream::Stderr => "stderr",
+    };
+    let shown = &piece.data[..piece.data.len().min(LOG_LINE_BYTES)];
+    let text = String::from_utf8_lossy(shown);
+    tracing::info!(
+        target: "tfsd::session_output",
+        %session_id,
+        stream,
+        "{}",
+        text.trim_end()
+    );
+}
