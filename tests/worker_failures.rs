@@ -131,3 +131,111 @@ async fn a_restore_tries_another_worker_when_one_fails_to_start() {
         .await
         .expect("the session works");
 }
+
+/// A worker killed while its session is being recycled, over and over at different moments
+/// of the recycle: each round ends with the session alive and ready in exactly one worker,
+/// restored exactly once when the recycle lost its old worker before it was done with it, and
+/// never restored when the recycle had already moved on (found by review: the recovery
+/// watcher of the old worker raced the recycle and could mark a recycled session RESTORING,
+/// or restore it a second time).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_during_a_recycle_is_restored_once_or_not_at_all() {
+    const ROUNDS: u64 = 8;
+    let daemon = Daemon::start_with_env(&[], &[("TFSD_POOL_SIZE", "2".as_ref())]);
+    let mut client = daemon.client().await;
+    let id = create(&mut client, model_graph()).await.session_id;
+    let mut events = client
+        .watch_events(api::WatchEventsRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut failed_recycles = 0;
+    for round in 0..ROUNDS {
+        run(&mut client, &id, &[], &[], &["w_init", "v_init"])
+            .await
+            .expect("init");
+        let before = client
+            .get_session(api::GetSessionRequest {
+                session_id: id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        let mut recycler = client.clone();
+        let recycle_id = id.clone();
+        let recycle = tokio::spawn(async move {
+            recycler
+                .recycle_session(api::RecycleSessionRequest {
+                    session_id: recycle_id,
+                    preserve_variables: true,
+                })
+                .await
+        });
+        // A deliberate, varying delay: the kill lands before, during or after the export.
+        tokio::time::sleep(std::time::Duration::from_millis(round * 3)).await;
+        signal(before.worker_pid, libc::SIGKILL);
+        let recycled = tokio::time::timeout(DEADLINE, recycle)
+            .await
+            .expect("recycle answered")
+            .expect("task");
+        match recycled {
+            Ok(response) => {
+                let response = response.into_inner();
+                assert_eq!(response.worker_pid_before, before.worker_pid);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                failed_recycles += 1;
+                next_event(&mut events, api::EventKind::Restored).await;
+            }
+        }
+        // Whatever happened, the session is ready in a live worker and runs.
+        let info = client
+            .get_session(api::GetSessionRequest {
+                session_id: id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(info.state, api::SessionState::Ready as i32, "round {round}");
+        assert_ne!(info.worker_pid, before.worker_pid, "round {round}");
+        assert!(process_alive(info.worker_pid), "round {round}");
+        run(&mut client, &id, &[], &[], &["w_init"])
+            .await
+            .unwrap_or_else(|status| panic!("round {round}: {status:?}"));
+    }
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(info.worker_restart_count, failed_recycles);
+    // No restore beyond those of the failed recycles: closing the session puts a CLOSED event
+    // after anything the watchers could still have published.
+    client
+        .close_session(api::CloseSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("close");
+    let mut restores_after = 0;
+    loop {
+        let event = tokio::time::timeout(DEADLINE, events.message())
+            .await
+            .expect("events")
+            .expect("stream")
+            .expect("open");
+        if event.kind == api::EventKind::Closed as i32 {
+            break;
+        }
+        if event.kind == api::EventKind::Restored as i32 {
+            restores_after += 1;
+        }
+    }
+    assert_eq!(restores_after, 0, "a restore nobody needed");
+    eprintln!("{ROUNDS} rounds: {failed_recycles} recycles lost their worker and were restored");
+}

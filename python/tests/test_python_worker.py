@@ -101,13 +101,15 @@ class Worker:
     # -- frames --------------------------------------------------------------------------
 
     def _read(self) -> None:
-        def exactly(n: int) -> bytes | None:
-            data = b""
-            while len(data) < n:
-                chunk = self.sock.recv(n - len(data))
-                if not chunk:
+        def exactly(n: int) -> bytearray | None:
+            data = bytearray(n)
+            view = memoryview(data)
+            got = 0
+            while got < n:
+                read = self.sock.recv_into(view[got:], n - got)
+                if read == 0:
                     return None
-                data += chunk
+                got += read
             return data
 
         try:
@@ -234,13 +236,20 @@ def worker():
 
 @pytest.fixture(autouse=True)
 def clean_state(request):
-    """Tests leave the shared worker's namespace empty."""
+    """Tests leave the shared worker's namespace empty (cleared by a call: a purge would also
+    reset Keras and collect garbage, half a second each time)."""
     yield
     if "worker" in request.fixturenames:
         shared = request.getfixturevalue("worker")
         if shared.returncode is None:
-            response = shared.request(purge_variables=pb.PurgeVariables())
-            assert response.WhichOneof("result") == "done", response
+            assert shared.value(clear_state) == 0
+
+
+def clear_state():
+    import tfsd_worker
+
+    tfsd_worker.state.clear()
+    return len(tfsd_worker.state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +288,12 @@ def print_until_cancelled():
     # Mostly in the worker's output code when the interrupt comes.
     while True:
         print("tick")
+
+
+def write_bytes_until_cancelled():
+    while True:
+        sys.stdout.buffer.write(b"tick\n")
+        sys.stdout.buffer.flush()
 
 
 class Counter:
@@ -487,7 +502,13 @@ def test_script_exit_codes_and_exceptions(worker):
 
 
 @pytest.mark.parametrize(
-    "function", [spin_until_cancelled, sleep_until_cancelled, print_until_cancelled]
+    "function",
+    [
+        spin_until_cancelled,
+        sleep_until_cancelled,
+        print_until_cancelled,
+        write_bytes_until_cancelled,
+    ],
 )
 def test_cancel_interrupts_the_running_call(worker, function):
     call_id = worker.send(call=pb.Call(pickled=cloudpickle.dumps((function, (), {}))))
@@ -512,7 +533,7 @@ def test_cancel_interrupts_the_running_call(worker, function):
     assert exception.type_name == "builtins.KeyboardInterrupt", call_return
     assert f"in {function.__name__}" in exception.traceback
     assert "tfsd_worker" not in exception.traceback, exception.traceback
-    if function is print_until_cancelled:
+    if function in (print_until_cancelled, write_bytes_until_cancelled):
         # Every line once, whole; the interrupt may split the last one from its newline.
         text = b"".join(output).decode()
         assert text.replace("tick\n", "") in ("", "tick"), text[-200:]
@@ -637,36 +658,42 @@ def test_worker_exits_when_the_socket_closes_even_during_a_call():
     assert started.wait(DEADLINE_S) == 0, started.log()
 
 
-STUB_IMPORT_ORDERS = {
-    "stubs_first": "from tfsd_worker._wire import pb\nimport tensorflow as tf\n",
-    "tensorflow_first": "import tensorflow as tf\nfrom tfsd_worker._wire import pb\n",
-}
+# The stubs' TensorProto lives in a private descriptor pool: TensorFlow's own tensor.proto and
+# the worker's subset of it coexist in one process, and neither is the other.
+STUBS_BESIDE_TENSORFLOW = textwrap.dedent(
+    """
+    import tensorflow as tf
+    from google.protobuf import descriptor_pool
+    from tensorflow.core.framework import tensor_pb2
+
+    from tfsd_worker._gen.tensorflow.core.framework import tensor_pb2 as subset
+    from tfsd_worker._wire import pb
+
+    default = descriptor_pool.Default().FindFileByName("tensorflow/core/framework/tensor.proto")
+    assert default is tensor_pb2.DESCRIPTOR, "TensorFlow's file is not the default pool's"
+    assert subset.DESCRIPTOR is not tensor_pb2.DESCRIPTOR
+    proto = tf.make_tensor_proto([1.0, 2.0])
+    feed = subset.TensorProto.FromString(proto.SerializeToString())
+    request = pb.WorkerRequest(id=1, run=pb.Run(feeds={"x": feed}))
+    again = pb.WorkerRequest.FromString(request.SerializeToString())
+    back = tensor_pb2.TensorProto.FromString(again.run.feeds["x"].SerializeToString())
+    assert list(tf.make_ndarray(back)) == [1.0, 2.0]
+    print("ok")
+    """
+)
 
 
-@pytest.mark.parametrize("order", STUB_IMPORT_ORDERS)
-def test_stubs_and_tensorflow_share_a_process(order):
-    """The stubs' TensorProto lives in a private pool: TensorFlow's own tensor.proto and the
-    worker's subset of it coexist in either import order, and neither is the other."""
-    code = STUB_IMPORT_ORDERS[order] + textwrap.dedent(
-        """
-        import sys
-        from google.protobuf import descriptor_pool
-        from tensorflow.core.framework import tensor_pb2
-        from tfsd_worker._gen.tensorflow.core.framework import tensor_pb2 as subset
-        default = descriptor_pool.Default().FindFileByName("tensorflow/core/framework/tensor.proto")
-        assert default is tensor_pb2.DESCRIPTOR, "TensorFlow's file is not the default pool's"
-        assert subset.DESCRIPTOR is not tensor_pb2.DESCRIPTOR
-        proto = tf.make_tensor_proto([1.0, 2.0])
-        feed = subset.TensorProto.FromString(proto.SerializeToString())
-        request = pb.WorkerRequest(id=1, run=pb.Run(feeds={"x": feed}))
-        again = pb.WorkerRequest.FromString(request.SerializeToString())
-        back = tensor_pb2.TensorProto.FromString(again.run.feeds["x"].SerializeToString())
-        assert list(tf.make_ndarray(back)) == [1.0, 2.0]
-        print("ok")
-        """
-    )
+def test_stubs_then_tensorflow_in_one_process(worker):
+    """The worker itself imports its stubs first, then preloads TensorFlow."""
+    script = pb.Script(path="stubs.py", source=STUBS_BESIDE_TENSORFLOW.encode())
+    outputs, returned = worker.call_frames(pb.Call(script=script))
+    assert returned.WhichOneof("outcome") == "exit_code", returned
+    assert (returned.exit_code, outputs) == (0, [(STDOUT, b"ok\n")])
+
+
+def test_tensorflow_then_stubs_in_one_process():
     result = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", STUBS_BESIDE_TENSORFLOW],
         capture_output=True,
         text=True,
         timeout=DEADLINE_S,

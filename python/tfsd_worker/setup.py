@@ -10,6 +10,11 @@ TensorFlow's files) are compiled from `../../proto` (or `$TFSD_PROTO_ROOT`) into
 * they are added to a private descriptor pool (`tfsd_worker._gen.POOL`), not to protobuf's
   default one: TensorFlow registers its own, different, `tensorflow/core/framework/tensor.proto`
   there, and two different files of one name in one pool conflict.
+
+The generated code checks at import that the protobuf runtime is at least the version of the
+protoc that generated it, and of the same major version. pyproject.toml pins grpcio-tools for
+the build and declares the matching protobuf range for the runtime; `check_gencode` fails the
+build if another grpcio-tools (e.g. with --no-build-isolation) would break that promise.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ PROTOS = (
 )
 PACKAGE = "tfsd_worker._gen"
 
+# The runtime protobuf range pyproject.toml declares (`protobuf>=6.33.5,<7`): the generated code
+# must accept every version in it, i.e. be gencode 6.x no newer than 6.33.5.
+RUNTIME_PROTOBUF_MIN = (6, 33, 5)
+
 POOL_MODULE = '''"""Generated protobuf stubs of tfsd's worker protocol (see setup.py); do not edit.
 
 Every generated module adds its file to POOL, a descriptor pool of its own: protobuf's default
@@ -51,6 +60,21 @@ def proto_root() -> Path:
     if not (root / WORKER_PROTO).is_file():
         raise SystemExit(f"tfsd-worker: {root / WORKER_PROTO} not found; set TFSD_PROTO_ROOT")
     return root
+
+
+def check_gencode(text: str) -> None:
+    found = re.search(r"^# Protobuf Python Version: (\d+)\.(\d+)\.(\d+)", text, re.M)
+    if found is None:
+        return  # an old protoc that writes no version and no runtime check
+    gencode = tuple(int(part) for part in found.groups())
+    if gencode[0] != RUNTIME_PROTOBUF_MIN[0] or gencode > RUNTIME_PROTOBUF_MIN:
+        version = ".".join(map(str, gencode))
+        raise SystemExit(
+            f"tfsd-worker: grpcio-tools generated code for protobuf {version}, which would "
+            f"refuse the runtime protobuf>={'.'.join(map(str, RUNTIME_PROTOBUF_MIN))},"
+            f"<{RUNTIME_PROTOBUF_MIN[0] + 1} this package declares; build with the grpcio-tools "
+            "pyproject.toml names (plain `pip install`, without --no-build-isolation)"
+        )
 
 
 def rewrite(text: str) -> str:
@@ -116,7 +140,9 @@ def generate(out: Path) -> None:
             package = package / part
             (package / "__init__.py").touch()
         module = out / proto.replace(".proto", "_pb2.py")
-        module.write_text(rewrite(module.read_text()))
+        text = module.read_text()
+        check_gencode(text)
+        module.write_text(rewrite(text))
 
 
 class BuildWithStubs(build_py):

@@ -62,6 +62,8 @@ pub async fn run(
         timeout_ms: request
             .timeout
             .map_or(0, |timeout| timeout.as_millis().max(1) as u64),
+        // A `tfsd run` killed mid-script leaves no session behind.
+        close_session_after: true,
     };
     // Ctrl-C ends the script: the session is closed, which stops its process.
     let outcome = tokio::select! {

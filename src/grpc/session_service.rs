@@ -280,6 +280,7 @@ impl api::session_service_server::SessionService for SessionService {
             target,
             timeout,
             self.limits.max_concurrent_runs_per_session,
+            request.close_session_after,
         )?;
         let started = std::time::Instant::now();
         let (sender, receiver) = tokio::sync::mpsc::channel(16);

@@ -636,6 +636,13 @@ impl Session {
     pub(super) fn explain_kill(&self, error: Error) -> Error {
         match error {
             Error::WorkerDied { pid, how } => match self.kill_cause(pid) {
+                Some(cause) if self.runtime == Runtime::Python => {
+                    Error::ResourceExhausted(format!(
+                        "the call was stopped by tfsd's memory policy: {}; the session is being \
+                         restored in a fresh Python process (its state is lost)",
+                        cause.reason
+                    ))
+                }
                 Some(cause) => Error::ResourceExhausted(format!(
                     "the step was stopped by tfsd's memory policy: {}; the session is being \
                      restored in a fresh worker (variables are lost)",

@@ -43,12 +43,14 @@ impl SessionManager {
     /// Starts a call in a Python session and answers the stream of its events. The call runs
     /// as a task of its own: a caller that goes away (its receiver dropped) stops the call
     /// instead of leaving it running unseen.
+    /// With `close_after`, the session is closed when the call ends, however it ends.
     pub fn call(
         self: &Arc<Self>,
         id: &str,
         target: CallTarget,
         timeout: Option<Duration>,
         max_runs_in_flight: Option<u32>,
+        close_after: bool,
     ) -> Result<mpsc::Receiver<CallEvent>> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
@@ -64,6 +66,14 @@ impl SessionManager {
                 .await;
             session.touch(|stats| stats.call_count += 1);
             manager.metrics.record_run(started.elapsed(), result.is_ok());
+            if close_after {
+                let cause = Cause {
+                    reason: "its one call ended".to_string(),
+                    ..Cause::client()
+                };
+                // Already gone (closed meanwhile) is fine.
+                let _ = manager.close_because(session.id(), cause).await;
+            }
             let _ = events.send(CallEvent::Finished(result)).await;
         });
         Ok(receiver)

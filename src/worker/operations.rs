@@ -38,9 +38,13 @@ impl Runtime {
     }
 }
 
+/// As in a sentence: "a graph session", "a Python session".
 impl std::fmt::Display for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(match self {
+            Runtime::Graph => "graph",
+            Runtime::Python => "Python",
+        })
     }
 }
 

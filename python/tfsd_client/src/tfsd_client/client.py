@@ -509,10 +509,14 @@ class Tfsd:
 
         Every argument goes to `fn`; for labels, a memory policy or a timeout, use
         `python_session(...)` and `call`. `fn`, its arguments and its result travel by
-        cloudpickle (see `PythonSession.call`)."""
+        cloudpickle (see `PythonSession.call`).
+
+        The call asks the daemon to close the session when it ends however it ends
+        (`close_session_after`), so nothing is left behind even if this process dies; the
+        client closes it too before returning, so it is gone when this returns."""
         session = self.python_session()
         try:
-            result = session.call(fn, *args, **kwargs)
+            result = session._call(fn, args, kwargs, close_session_after=True)
         except BaseException:
             session._close_quietly()
             raise
@@ -627,11 +631,16 @@ class PythonSession:
         `cloudpickle.register_pickle_by_value(module)`). The result comes back by pickle, so
         it must be something this process can unpickle: return plain Python or numpy values,
         not TensorFlow tensors or Keras objects, for a client without TensorFlow."""
+        return self._call(fn, args, kwargs)
+
+    def _call(self, fn, args, kwargs, *, close_session_after: bool = False):
         self._check_open()
         import cloudpickle  # on first use: not needed for control calls
 
         request = self._tfsd._pb2.CallRequest(
-            session_id=self.session_id, pickled=cloudpickle.dumps((fn, args, kwargs))
+            session_id=self.session_id,
+            pickled=cloudpickle.dumps((fn, args, kwargs)),
+            close_session_after=close_session_after,
         )
         result = self._tfsd._run_call(request, self.timeout)
         return pickle.loads(result.pickled) if result.pickled else None

@@ -100,14 +100,20 @@ def module_version(name: str, module: Any) -> str | None:
         return None
 
 
+#: (stage, seconds) of the start, logged with TFSD_PYTHON_WORKER_TIMING=1.
+startup_timings: list[tuple[str, float]] = []
+
+
 def preload() -> tuple[str, str]:
-    """Imports TFSD_PYTHON_PRELOAD; answers (tensorflow version or "", the runtime line).
+    """Imports TFSD_PYTHON_PRELOAD; answers (TensorFlow's version if that loaded TensorFlow,
+    else "", and the runtime line).
 
     A module that fails to import ends the process with status 1 before Ready.
     """
     described = ["python " + ".".join(str(part) for part in sys.version_info[:3])]
     tensorflow_version = ""
     for name in preload_modules():
+        started = time.monotonic()
         try:
             module = importlib.import_module(name)
         except BaseException as error:  # noqa: BLE001 - SystemExit from a module counts too
@@ -115,12 +121,16 @@ def preload() -> tuple[str, str]:
             traceback.print_exception(error, file=sys.__stderr__)
             sys.__stderr__.flush()
             exit_now(1)
+        startup_timings.append((f"import {name}", time.monotonic() - started))
         version = module_version(name, module)
         described.append(f"{name} {version}" if version else name)
-        if name == "tensorflow":
-            tensorflow_version = version or ""
+    # Loaded by the preload, directly or not (keras imports it).
+    if "tensorflow" in sys.modules:
+        tensorflow_version = getattr(sys.modules["tensorflow"], "__version__", "") or ""
     if "tensorflow" in sys.modules and os.environ.get("TFSD_PYTHON_WARMUP", "1") != "0":
+        started = time.monotonic()
         warm_up(sys.modules["tensorflow"])
+        startup_timings.append(("warm-up", time.monotonic() - started))
     return tensorflow_version, ", ".join(described)
 
 
@@ -231,8 +241,9 @@ class Worker:
         self.cancelled: set[int] = set()
         self.interrupt_requested = False
         # Set and read only on the main thread (the SIGINT handler runs there too): whether
-        # the user's code runs.
+        # the user's code runs, and whether an interrupt waits for a write to end.
         self.interruptible = False
+        self.interrupt_deferred = False
         self.stdout = sys.stdout
         self.stderr = sys.stderr
 
@@ -242,7 +253,7 @@ class Worker:
         try:
             self.connection.send(response)
         except FrameTooLarge as error:
-            self.connection.send(
+            self.send(
                 pb.WorkerResponse(
                     id=response.id, error=pb.Error(code=FAILED_PRECONDITION, message=str(error))
                 )
@@ -284,6 +295,8 @@ class Worker:
                 # No id to answer with: logged and skipped; the next frame is read as usual.
                 log(f"ignored a frame of {len(frame)} bytes that is not a WorkerRequest: {error}")
                 continue
+            finally:
+                del frame
             self.ready.wait()
             self.dispatch(request)
 
@@ -338,14 +351,29 @@ class Worker:
             return
         if in_output_path(frame):
             # The call is writing output: an exception raised here could cut a frame short or
-            # make the stream's buffer send its data twice. Tried again shortly, by when the
-            # write is done and the main thread is back in the user's code.
+            # make the stream's buffer send its data twice. Raised when the write is done
+            # (after_write); tried again shortly in case no write ends (bytes written to
+            # sys.stdout.buffer).
+            self.interrupt_deferred = True
             timer = threading.Timer(0.01, self._interrupt_again, (self.running,))
             timer.daemon = True
             timer.start()
             return
         self.interrupt_requested = False
+        self.interrupt_deferred = False
         raise KeyboardInterrupt
+
+    def after_write(self) -> None:
+        """Raises an interrupt deferred while the call wrote to sys.stdout or sys.stderr."""
+        if (
+            self.interrupt_deferred
+            and self.interruptible
+            and self.interrupt_requested
+            and threading.get_ident() == self.main_thread
+        ):
+            self.interrupt_requested = False
+            self.interrupt_deferred = False
+            raise KeyboardInterrupt
 
     def serve(self) -> None:
         while True:
@@ -402,6 +430,7 @@ class Worker:
                 )
             self.running = call_id
             self.interrupt_requested = False
+            self.interrupt_deferred = False
         try:
             return self._call(call_id, request.call)
         finally:
@@ -419,8 +448,8 @@ class Worker:
                 pb.WorkerResponse(id=call_id, output=pb.CallOutput(stream=stream, data=data))
             )
 
-        stdout = CallStream(send_output, STDOUT, self.stdout)
-        stderr = CallStream(send_output, STDERR, self.stderr)
+        stdout = CallStream(send_output, STDOUT, self.stdout, self.after_write)
+        stderr = CallStream(send_output, STDERR, self.stderr, self.after_write)
         sys.stdout, sys.stderr = stdout, stderr
         # The user's code may have replaced the handler in an earlier call.
         signal.signal(signal.SIGINT, self.on_sigint)
@@ -442,16 +471,21 @@ class Worker:
                     loaded = cloudpickle.loads(pickled)
                 except BaseException as error:  # noqa: BLE001 - the user's objects' doing
                     return remote_exception(error, "unpickling the call's function and arguments")
-                try:
-                    function, args, kwargs = loaded
-                    args, kwargs = tuple(args), dict(kwargs)
-                except (TypeError, ValueError):
+                if not (isinstance(loaded, tuple) and len(loaded) == 3):
                     raise WorkerError(
                         INVALID_ARGUMENT,
                         "a pickled call is cloudpickle.dumps((function, args, kwargs)), "
-                        f"not a {type(loaded).__name__}",
-                    ) from None
+                        f"not a {_state.describe(loaded)}",
+                    )
+                function, args, kwargs = loaded
                 del loaded
+                try:
+                    args, kwargs = tuple(args), dict(kwargs)
+                except (TypeError, ValueError) as error:
+                    raise WorkerError(
+                        INVALID_ARGUMENT,
+                        f"a pickled call's arguments are a sequence and a mapping: {error}",
+                    ) from None
                 if not callable(function):
                     raise WorkerError(
                         INVALID_ARGUMENT,
@@ -589,5 +623,6 @@ def main() -> None:
     )
     worker.ready.set()
     if os.environ.get("TFSD_PYTHON_WORKER_TIMING"):
-        log(f"ready in {time.monotonic() - started:.3f} s ({runtime})")
+        stages = ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in startup_timings)
+        log(f"ready {time.monotonic() - started:.3f} s after start ({stages}; {runtime})")
     worker.serve()

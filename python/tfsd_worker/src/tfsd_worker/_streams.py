@@ -51,6 +51,23 @@ class _FrameSink(io.RawIOBase):
             self._ended = True
 
 
+class _Buffer(io.BufferedWriter):
+    """`sys.stdout.buffer` during a call: calls `after_write` once bytes are accounted for."""
+
+    def __init__(self, raw: _FrameSink, after_write: Callable[[], None]) -> None:
+        super().__init__(raw, buffer_size=8192)
+        self._after_write = after_write
+
+    def write(self, data) -> int:
+        written = super().write(data)
+        self._after_write()
+        return written
+
+    def flush(self) -> None:
+        super().flush()
+        self._after_write()
+
+
 class CallStream(io.TextIOWrapper):
     """A text stream whose lines (and flushed partial lines) leave as `output` frames.
 
@@ -58,10 +75,19 @@ class CallStream(io.TextIOWrapper):
     once, as is anything flushed; `.buffer` takes bytes.
     """
 
-    def __init__(self, send: Callable[[int, bytes], None], stream: int, fallback) -> None:
+    def __init__(
+        self,
+        send: Callable[[int, bytes], None],
+        stream: int,
+        fallback,
+        after_write: Callable[[], None] = lambda: None,
+    ) -> None:
         self._sink = _FrameSink(send, stream, fallback)
+        # Called after every write and flush, once the data is accounted for: where an
+        # interrupt that arrived during the write is raised (see Worker.on_sigint).
+        self._after_write = after_write
         super().__init__(
-            io.BufferedWriter(self._sink, buffer_size=8192),
+            _Buffer(self._sink, after_write),
             encoding="utf-8",
             errors="backslashreplace",
             line_buffering=True,
@@ -72,6 +98,19 @@ class CallStream(io.TextIOWrapper):
     @property
     def name(self) -> str:  # type: ignore[override]
         return self.stream_name
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        self._after_write()
+        return written
+
+    def writelines(self, lines) -> None:
+        super().writelines(lines)
+        self._after_write()
+
+    def flush(self) -> None:
+        super().flush()
+        self._after_write()
 
     def isatty(self) -> bool:
         return False
@@ -85,7 +124,8 @@ class CallStream(io.TextIOWrapper):
     def end(self) -> None:
         """Sends what is buffered; later writes go to the fallback. The stream stays open."""
         try:
-            self.flush()
+            super().flush()
+            io.BufferedWriter.flush(self.buffer)
         except (OSError, ValueError):
             pass
         self._sink.end()

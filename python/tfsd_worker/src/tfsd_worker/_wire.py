@@ -27,7 +27,7 @@ class Connection:
         self.sock = sock
         self._write_lock = threading.Lock()
 
-    def read_frame(self) -> bytes | None:
+    def read_frame(self) -> bytearray | None:
         """The next frame's payload; None at end of stream (the supervisor closed its end)."""
         header = self._read_exactly(_LENGTH.size)
         if header is None:
@@ -38,13 +38,13 @@ class Connection:
                 f"the supervisor sent a frame of {length} bytes (most: {MAX_FRAME_BYTES})"
             )
         if length == 0:
-            return b""
+            return bytearray()
         payload = self._read_exactly(length)
         if payload is None:
             return None
         return payload
 
-    def _read_exactly(self, n: int) -> bytes | None:
+    def _read_exactly(self, n: int) -> bytearray | None:
         buffer = bytearray(n)
         view = memoryview(buffer)
         got = 0
@@ -56,7 +56,8 @@ class Connection:
             if read == 0:
                 return None
             got += read
-        return bytes(buffer)
+        # Not copied into bytes: a frame may be a large exported state.
+        return buffer
 
     def send(self, response: pb.WorkerResponse) -> None:
         """Sends one response as one frame; frames from several threads never interleave."""
