@@ -11,6 +11,12 @@ Threads:
     the process (os._exit) whatever the main thread is doing.
 Writes come from both (and from user threads printing during a call); Connection.send keeps
 frames whole.
+
+Frames that are not requests: one that does not decode as a WorkerRequest has no id to answer
+with, so it is logged (stderr) and skipped; one longer than MAX_FRAME_BYTES cannot be skipped
+without reading it, so the worker logs it and exits with status 1. End of stream: exit 0 at once.
+Errors of the worker itself (not the user's code) are answered `error{code, message}` with
+TensorFlow's status codes; a request the Python runtime does not implement is UNIMPLEMENTED.
 """
 
 from __future__ import annotations
