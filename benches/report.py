@@ -3,9 +3,15 @@
     .venv/bin/python benches/report.py --results target/bench --command "scripts/bench"
 
 Inputs (in --results): step_latency.json, reset_cost.json, reset_memory.json,
-policy_reaction.json, scale.json (the Rust benches), peers.json (benches/peers.py) and
-machine.json (scripts/bench). A missing file leaves its section saying so. benches/analysis.md,
-when present, is appended as the hand-written reading of the run.
+policy_reaction.json, scale.json (the Rust benches), peers.json (benches/peers.py),
+python_trials.json (benches/python_trials.py) and machine.json (scripts/bench). A missing file
+leaves its section saying so. benches/analysis.md, when present, is appended as the
+hand-written reading of the run.
+
+    .venv/bin/python benches/report.py --results target/bench --only python_trials --output FILE
+
+renders only that part's section (with the machine it ran on) into FILE, leaving BENCHMARKS.md
+alone: for a run of one part when the other parts' results are not at hand.
 
 Every ratio in the report compares figures measured in the same run on the same machine.
 """
@@ -478,12 +484,268 @@ def scale_section(out: list[str], plots: Path, scale: dict | None, targets: list
                     biggest["supervisor_rss_bytes"] < 50 * MIB if biggest["sessions"] >= 64 else None))
 
 
+def ms_text(value_ms: float) -> str:
+    """Milliseconds for figures that range from microseconds to seconds."""
+    if math.isnan(value_ms):
+        return "—"
+    if value_ms < 1:
+        return f"{value_ms * 1e3:,.0f} µs"
+    if value_ms < 10:
+        return f"{value_ms:.1f} ms"
+    if value_ms < 10_000:
+        return f"{value_ms:,.0f} ms"
+    return f"{value_ms / 1e3:,.1f} s"
+
+
+def mib_range(values: list[float]) -> str:
+    if not values:
+        return "—"
+    lo, hi, mid = min(values), max(values), sorted(values)[len(values) // 2]
+    return f"{mid:.0f} MiB ({lo:.0f}–{hi:.0f})" if hi - lo >= 0.5 else f"{mid:.0f} MiB"
+
+
+def python_trials_section(out: list[str], trials: dict | None) -> None:
+    out.append("## 7. Keras 3 trials: a fresh, pre-imported process per trial\n")
+    if not trials:
+        out.append("Not measured in this run.\n")
+        return
+    n = trials["trials"]
+    warm, drained, spawn, inproc = (trials.get(k) for k in ("tfsd_warm", "tfsd_drained", "spawn", "in_process"))
+    pool = trials["pool_size"]
+    out.append(
+        f"The same trial in every system: {trials['model']}, {trials['epochs']} epochs, returning "
+        "the loss. Its first statement records `time.time()`; **time to first line** is that minus "
+        "the caller's `time.time()` just before the call (one clock, one machine), so it is what a "
+        "caller waits before its code runs in a clean process. **Wall** is call to result. "
+        f"{n} trials per system after an untimed warm-up; the daemon's Python pool holds {pool} "
+        "workers (`[python] pool_size`).\n")
+    rows = []
+
+    def start_end(f: dict) -> str:
+        return (f"{mib_range(f['worker_private_start_mib'])} → "
+                f"{mib_range(f['worker_private_end_mib'])}")
+
+    if warm:
+        rows.append(["tfsd `run_isolated`, pool keeps up", "a warm worker from the pool (pool full before each call)",
+                     ms_text(warm["time_to_first_line"]["p50_ms"]), ms_text(warm["time_to_first_line"]["p90_ms"]),
+                     ms_text(warm["wall"]["p50_ms"]), ms_text(warm["trial_body"]["p50_ms"]),
+                     f"{warm['client_rss_growth_mib']:+.2f} MiB", start_end(warm)])
+    if drained:
+        rows.append(["tfsd `run_isolated`, pool drained", "back to back, no pause: the pool empties",
+                     ms_text(drained["time_to_first_line"]["p50_ms"]), ms_text(drained["time_to_first_line"]["p90_ms"]),
+                     ms_text(drained["wall"]["p50_ms"]), ms_text(drained["trial_body"]["p50_ms"]),
+                     f"{drained['client_rss_growth_mib']:+.2f} MiB", start_end(drained)])
+    if spawn:
+        rows.append(["`multiprocessing` spawn", "a new process that imports tensorflow and keras, then the trial",
+                     ms_text(spawn["time_to_first_line"]["p50_ms"]), ms_text(spawn["time_to_first_line"]["p90_ms"]),
+                     ms_text(spawn["wall"]["p50_ms"]), ms_text(spawn["trial_body"]["p50_ms"]),
+                     f"{spawn['client_rss_growth_mib']:+.2f} MiB", start_end(spawn)])
+    if inproc:
+        rows.append(["in-process + `clear_session()`", "the caller's own process; `clear_session()` and "
+                     "`gc.collect()` after each trial (in the wall)",
+                     ms_text(inproc["time_to_first_line"]["p50_ms"]), ms_text(inproc["time_to_first_line"]["p90_ms"]),
+                     ms_text(inproc["wall"]["p50_ms"]), ms_text(inproc["trial_body"]["p50_ms"]),
+                     f"{inproc['rss_growth_mib']:+.2f} MiB",
+                     f"{inproc['private_after_warmup_mib']:.0f} → {inproc['private_after_each_mib'][-1]:.0f} MiB over the run"])
+    out.append(table(["system", "a trial runs in", "time to first line p50", "p90", "wall p50",
+                      "trial's own run p50", f"client RSS over {n} trials", "trial process private: first line → end"],
+                     rows, "llrrrrrl"))
+    ratios = trials.get("ratios", {})
+    phases = trials.get("phases", {})
+
+    def phase_load(name: str) -> str:
+        p = phases.get(name)
+        return f"{p['load_before']:.1f} → {p['load_after']:.1f}" if p else "—"
+
+    out.append(
+        f"\nClient RSS: the benchmark process's VmRSS (it imports neither TensorFlow nor Keras; the "
+        "in-process case runs in a subprocess of its own, whose RSS is its client's). For the two "
+        "cases that take turns in one process (pool keeps up, spawn), each case's growth is the sum "
+        "of the RSS changes across its own calls. Trial process private memory: RssAnon read by "
+        "the trial itself at its first line and at its end (median, min–max). \"Trial's own run\": "
+        "first line to return, inside the trial (a fresh process pays Keras' and TensorFlow's "
+        "first-call costs: tracing, optimizer setup). The spawned process's time to first line is "
+        f"the interpreter's start plus `import tensorflow, keras`. Load average: rounds of tfsd and "
+        f"spawn {phase_load('rounds')}; drained {phase_load('drained')}; in-process "
+        f"{phase_load('in_process')}.\n")
+
+    if warm and spawn and warm["trial_body"]["p50_ms"] > 1.2 * spawn["trial_body"]["p50_ms"]:
+        out.append(
+            f"The trial's own run is longer in tfsd's worker ({ms_text(warm['trial_body']['p50_ms'])} "
+            f"p50) than in the spawned process ({ms_text(spawn['trial_body']['p50_ms'])}): the pool "
+            "starts the taken worker's replacement at once, so on this 2-core machine the trial "
+            "shares the CPUs with a new interpreter importing TensorFlow; the spawned process runs "
+            "alone (the benchmark waits for a full pool before every trial of either kind).\n")
+
+    targets: list[tuple[str, str, bool | None]] = []
+    if warm:
+        p50 = warm["time_to_first_line"]["p50_ms"]
+        targets.append(("a trial starts in a fresh pre-imported process in ≤ 50 ms p50 (pool keeps up)",
+                        ms_text(p50), p50 <= 50))
+    if warm and spawn:
+        r = ratios.get("spawn_over_tfsd_first_line_p50",
+                       spawn["time_to_first_line"]["p50_ms"] / warm["time_to_first_line"]["p50_ms"])
+        targets.append(("≥ 40× less overhead (time to first line) than a spawned process",
+                        f"{r:,.0f}× ({ms_text(spawn['time_to_first_line']['p50_ms'])} vs "
+                        f"{ms_text(warm['time_to_first_line']['p50_ms'])})", r >= 40))
+    if warm:
+        growths = [("pool keeps up", warm["client_rss_growth_mib"])]
+        if drained:
+            growths.append(("drained", drained["client_rss_growth_mib"]))
+        worst = max(abs(g) for _, g in growths)
+        text = ", ".join(f"{name} {g:+.2f} MiB" for name, g in growths)
+        targets.append((f"client memory flat: RSS growth ≤ 1 MiB over 20 trials ({n} here)",
+                        text, (worst <= 1) if n >= 20 else None))
+    out.append(table(["target", "measured", ""],
+                     [[t, m, "not measured (fewer than 20 trials)" if ok is None else
+                       ("**met**" if ok else "**missed**")] for t, m, ok in targets], "llc"))
+    out.append("")
+
+    # The leak.
+    out.append("### The leak: `clear_session()` in one process vs a process per trial\n")
+    rows = []
+    if inproc:
+        for measure, start, each, per in (
+                ("RSS", inproc["rss_after_warmup_mib"], inproc["rss_after_each_mib"], inproc["leak_rss_mib_per_trial"]),
+                ("private (RssAnon)", inproc["private_after_warmup_mib"], inproc["private_after_each_mib"],
+                 inproc["leak_private_mib_per_trial"])):
+            rows.append(["in-process, `clear_session()` + `gc.collect()` after each trial", measure,
+                         f"{start:.1f} MiB", f"{each[-1]:.1f} MiB", f"{each[-1] - start:+.1f} MiB", f"{per:+.2f} MiB"])
+    kept = trials.get("kept_session")
+    if kept:
+        private = kept["private_mib"]
+        steps = len(private) - 1
+        rows.append([f"tfsd `python_session`: {steps} trials in one kept worker, no reset between",
+                     "private (the daemon's `info()`)", f"{private[0]:.1f} MiB (fresh)",
+                     f"{private[-1]:.1f} MiB (after {steps})", f"{private[-1] - private[0]:+.1f} MiB",
+                     f"{slope_of(private[1:] if steps >= 2 else private):+.2f} MiB"
+                     + (" (after the first trial)" if steps >= 2 else "")])
+    for key, label in (("tfsd_warm", "tfsd `run_isolated`, pool keeps up: the client"),
+                       ("tfsd_drained", "tfsd `run_isolated`, back to back: the client")):
+        f = trials.get(key)
+        if f:
+            rss = f["client_rss_mib"]
+            rows.append([label, "RSS", f"{f['client_rss_before_first_mib']:.1f} MiB", f"{rss[-1]:.1f} MiB",
+                         f"{f['client_rss_growth_mib']:+.2f} MiB", f"{slope_of(rss):+.3f} MiB"])
+    out.append(table(["process", "memory", "start (after the warm-up)", f"after {n} trials", "growth",
+                      "per trial (linear fit)"], rows, "llrrrr"))
+    if inproc and warm:
+        starts = warm["worker_private_start_mib"]
+        out.append(
+            f"\nIn-process, every trial leaves memory behind that `clear_session()` and `gc.collect()` "
+            f"do not return: {inproc['leak_rss_mib_per_trial']:+.2f} MiB RSS per trial "
+            f"({inproc['rss_growth_mib']:+.1f} MiB over {n} trials after a warm-up trial; private "
+            f"{inproc['leak_private_mib_per_trial']:+.2f} MiB per trial), and the process keeps "
+            f"its {inproc['rss_after_warmup_mib']:.0f} MiB RSS (TensorFlow and Keras loaded, one trial "
+            f"run) for as long as it lives. With `run_isolated` each trial starts in a fresh worker at "
+            f"{mib_range(starts)} private whatever ran before it, its process and every byte are "
+            f"gone when the call returns, and the client, which never imports TensorFlow, stays at "
+            f"{warm['client_rss_mib'][-1]:.0f} MiB. In-process, the cleanup itself costs "
+            f"{ms_text(inproc['cleanup']['p50_ms'])} p50 per trial; importing TensorFlow and Keras "
+            f"took {inproc['import_s']:.1f} s once.\n")
+
+    # How the pool keeps up.
+    if drained:
+        starts = trials.get("worker_start_s") or {}
+        samples = drained["time_to_first_line"]["samples_ms"]
+        served = sum(1 for v in samples if v < 1000)
+        waited = sorted(v for v in samples if v >= 1000)
+        wait_text = (f"the {len(waited)} that found it empty waited {ms_text(percentile_of(waited, 50))} "
+                     f"p50 ({ms_text(waited[0])}–{ms_text(waited[-1])}) for their first line"
+                     if waited else "none found it empty")
+        start_text = (f"{starts['p50']:.1f} s p50 (max {starts['max']:.1f} s, {starts['n']} workers, "
+                      "from each worker's own log line)" if starts else "not recorded")
+        spawns = drained.get("spawns")
+        out.append("### How the pool keeps up with back-to-back trials\n")
+        text = (f"The Python pool holds {pool} ready workers. A worker's start — a new interpreter "
+                "that imports tensorflow and keras and runs one eager op — took ")
+        if starts:
+            text += (f"{starts['p50']:.1f} s p50 (max {starts['max']:.1f} s, {starts['n']} workers, "
+                     "from each worker's own log line) on this machine during the run. The pool "
+                     "refills one worker at a time, starting the next as soon as one is taken, so "
+                     "its steady refill rate is about one worker per start time "
+                     f"(~{1 / starts['p50']:.2f} workers/s here). ")
+        else:
+            text += "an unrecorded time (no worker logged it). The pool refills one worker at a time. "
+        text += (
+            "When a trial arrives and the pool is empty, the caller's session starts a worker of "
+            "its own (beside the refill) and waits for it: a cold start, the import included. "
+            f"With {n} trials back to back (each runs ~{ms_text(drained['trial_body']['p50_ms'])} "
+            f"in its worker), {served} of {n} were served from a ready worker (first line < 1 s), and "
+            f"{wait_text}. Over the phase ({drained['phase_s']:.0f} s) the daemon started "
+            f"{spawns if spawns is not None else '?'} workers "
+            f"({drained.get('spawn_rate_per_s', float('nan')):.2f}/s, metric "
+            f"`tfsd_worker_spawns_total`), {drained['workers_ready']} became ready during it (the "
+            f"{n} the trials took, less the pool's own change; {drained['ready_rate_per_s']:.2f} "
+            "workers/s), and "
+            f"callers completed {drained['trials_per_s']:.2f} trials/s; the pool was empty "
+            f"{drained['empty_fraction'] * 100:.0f}% of the time (its status sampled every 100 ms). "
+            f"So the pool absorbs a burst of {pool} trials at warm-pool speed and then sustains about "
+            "one trial per worker start; trials that come no faster than that always find a warm "
+            "worker, and a larger `[python] pool_size` (~200 MiB private per ready worker) absorbs "
+            "bigger bursts.")
+        if warm and warm.get("refill_waits_s"):
+            waits = [w * 1e3 for w in warm["refill_waits_s"]]
+            text += (" Between the pool-keeps-up trials the benchmark waited "
+                     f"{ms_text(percentile_of(waits, 50))} p50 (max {ms_text(max(waits))}) for the "
+                     "pool to be full again (a refill overlaps the trial that caused it).")
+        out.append(text + "\n")
+
+
+def slope_of(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    num = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    return num / sum((i - mean_x) ** 2 for i in range(n))
+
+
+def percentile_of(samples: list[float], p: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    rank = int(-(-p / 100.0 * len(ordered) // 1))
+    return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+def write_only(args, machine: dict, trials: dict | None) -> None:
+    """One part's section with the machine and load it ran on, in a file of its own."""
+    if args.output == REPO_ROOT / "BENCHMARKS.md":
+        raise SystemExit("--only writes a section of its own: give --output another file")
+    out = ["# tfsd benchmarks: one part\n",
+           "Generated by `benches/report.py --only python_trials`; the section as it would appear "
+           "in BENCHMARKS.md, rendered alone.\n"]
+    if trials and trials.get("quick"):
+        out.append("> **Smoke run (BENCH_QUICK=1):** few repeats; the figures below only show that "
+                   "the harness works.\n")
+    out.append("## How this was measured\n")
+    out.append(f"- command: `{args.command}`")
+    for key, label in (("date", "date"), ("commit", "commit"), ("cpu", "CPU"), ("cores", "cores"),
+                       ("memory", "memory"), ("kernel", "kernel"), ("load", "load average at start")):
+        if key in machine:
+            out.append(f"- {label}: {machine[key]}")
+    if trials:
+        out.append(f"- load average: {trials['load_before']:.2f} at the start of this part, "
+                   f"{trials['load_after']:.2f} at its end; run time {trials.get('duration_s', 0) / 60:.0f} min")
+        if trials.get("python_runtime"):
+            out.append(f"- tfsd's Python workers: {trials['python_runtime']}")
+    out.append("- every TensorFlow process runs with `TF_ENABLE_ONEDNN_OPTS=0` (tfsd's worker default)")
+    out.append("- the machine is shared with other engineers' builds and tests: compare the ratios "
+               "(measured in the same run), not absolute times\n")
+    python_trials_section(out, trials)
+    args.output.write_text("\n".join(out).rstrip() + "\n")
+    print(f"report: wrote {args.output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--plots", type=Path, default=REPO_ROOT / "benches" / "plots")
     parser.add_argument("--command", default="scripts/bench")
+    parser.add_argument("--only", choices=["python_trials"],
+                        help="render only this part's section into --output")
     args = parser.parse_args()
     args.plots.mkdir(parents=True, exist_ok=True)
 
@@ -494,7 +756,13 @@ def main() -> None:
     mem = load(args.results, "reset_memory")
     policy = load(args.results, "policy_reaction")
     scale = load(args.results, "scale")
-    quick = any(part and part.get("quick") for part in (rust_steps, py, resets, mem, policy, scale))
+    trials = load(args.results, "python_trials")
+    quick = any(part and part.get("quick")
+                for part in (rust_steps, py, resets, mem, policy, scale, trials))
+
+    if args.only:
+        write_only(args, machine, trials)
+        return
 
     body: list[str] = []
     targets: list[tuple[str, str, bool | None]] = []
@@ -504,6 +772,7 @@ def main() -> None:
     memory_section(body, args.plots, mem, targets)
     policy_section(body, policy)
     scale_section(body, args.plots, scale, targets)
+    python_trials_section(body, trials)
 
     out: list[str] = ["# tfsd benchmarks\n"]
     out.append("tfsd side by side with what users would pick instead — TensorFlow in-process and "
@@ -523,6 +792,8 @@ def main() -> None:
     if py and py.get("versions"):
         v = py["versions"]
         out.append(f"- Python {v['python']}, grpcio {v['grpcio']}")
+    if trials and trials.get("python_runtime"):
+        out.append(f"- tfsd's Python workers (§7): {trials['python_runtime']}")
     out.append("- every TensorFlow process (tfsd's workers, the in-process floors, TF's server, the Python "
                "client) runs with `TF_ENABLE_ONEDNN_OPTS=0`, tfsd's worker default, so all run the same "
                "kernels and the differences are transport and process costs (except in §4, which "

@@ -40,8 +40,9 @@ pub const DEFAULT_POOL_SIZE: usize = 1;
 /// How long a new worker may take to load TensorFlow and say it is ready.
 pub const DEFAULT_WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Environment every worker gets unless the config overrides it. oneDNN's CPU allocator pools
-/// freed memory, so an in-process purge or graph reset would not give memory back
-/// (FACTS §3); TensorFlow's info logs are noise in the daemon's log; TensorFlow's pool
+/// freed memory, so an in-process purge or graph reset would not give memory back (a session
+/// holding a 200 MiB variable, closed in-process, left RSS 200 MiB higher and `malloc_trim`
+/// did not help; with `TF_ENABLE_ONEDNN_OPTS=0` RSS went back to the baseline); TensorFlow's info logs are noise in the daemon's log; TensorFlow's pool
 /// threads spinning while idle take CPU from every other session (worker/src/runtime.rs).
 pub const DEFAULT_WORKER_ENV: [(&str, &str); 3] = [
     ("TF_ENABLE_ONEDNN_OPTS", "0"),

@@ -3,8 +3,6 @@
 
 use std::fmt;
 
-use crate::worker::ExitDescription;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("no session with id {0:?}")]
@@ -23,7 +21,11 @@ pub enum Error {
         "the session's worker (pid {pid}) died while handling the request: {how}; the session \
          is being restored in a fresh worker (variables are lost unless preserved)"
     )]
-    WorkerDied { pid: u32, how: ExitDescription },
+    WorkerDied {
+        pid: u32,
+        /// How it ended, in words ("killed by signal 9 (SIGKILL)").
+        how: String,
+    },
     #[error("could not start a worker process: {0}")]
     WorkerStart(String),
     #[error("session {0} could not be restored after its worker died; RecycleSession retries")]

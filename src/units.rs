@@ -64,7 +64,10 @@ mod tests {
             Duration::from_millis(250)
         );
         let error = parse_duration("policy.interval", "soon").expect_err("not a duration");
-        assert!(format!("{error:#}").contains("policy.interval"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("policy.interval"),
+            "{error:#}"
+        );
         let error = parse_duration("policy.interval", "0s").expect_err("zero");
         assert!(format!("{error:#}").contains("more than zero"), "{error:#}");
     }

@@ -287,10 +287,42 @@ fn usage_errors_are_exit_code_2() {
 fn check_config_accepts_the_shipped_file_and_names_a_bad_key() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tfsd.toml");
     let checked = tfsd(&["check-config", "--config", shipped]);
-    assert!(checked.assert_success().stdout.contains("is valid"));
-    let checked = tfsd(&["--json", "check-config", "--config", shipped]).json();
-    assert_eq!(checked["valid"], true);
-    assert_eq!(checked["server"]["listen"], "127.0.0.1:50051");
+    let human = checked.assert_success().stdout.clone();
+    assert!(human.contains("is valid"), "{human}");
+    let checked = tfsd(&["--json", "check-config", "--config", shipped]);
+    let json = checked.assert_success().json();
+    assert_eq!(json["valid"], true);
+    assert_eq!(json["server"]["listen"], "127.0.0.1:50051");
+    // Every table of the file is reported, in both forms, not only the first few.
+    for (section, key) in [
+        ("server", "listen"),
+        ("metrics", "listen"),
+        ("master", "listen"),
+        ("workers", "pool_size"),
+        ("python", "interpreter"),
+        ("policy", "interval"),
+        ("auth", "allow_unauthenticated"),
+        ("tls", "cert"),
+        ("limits", "max_message_size"),
+        ("state", "dir"),
+        ("log", "filter"),
+    ] {
+        let table = json[section]
+            .as_object()
+            .unwrap_or_else(|| panic!("no {section} in {json}"));
+        assert!(table.contains_key(key), "{section}.{key} in {json}");
+        assert!(
+            human.contains(&format!("\n{section}.")),
+            "{section} in {human}"
+        );
+    }
+    let interpreter = json["python"]["interpreter"]
+        .as_str()
+        .expect("python is on");
+    assert!(interpreter.ends_with(".venv/bin/python"), "{interpreter}");
+    assert_eq!(json["policy"]["gentle_action"], "purge_variables");
+    assert_eq!(json["policy"]["idle"]["action"], "recycle");
+    assert_eq!(json["state"]["dir"], Value::Null);
 
     let bad = std::env::temp_dir().join(format!("tfsd-cli-test-{}.toml", std::process::id()));
     std::fs::write(&bad, "[workers]\npool_sise = 2\n").expect("write the bad config");

@@ -75,18 +75,18 @@ async fn call(client: &mut Client, request: api::CallRequest) -> Result<Finished
     tokio::time::timeout(DEADLINE, async {
         while let Some(event) = events.message().await? {
             match event.event {
-                Some(api::call_event::Event::Output(output)) => {
-                    if output.stream == api::Stream::Stdout as i32 {
-                        finished
-                            .stdout
-                            .push_str(&String::from_utf8_lossy(&output.data));
-                    }
+                Some(api::call_event::Event::Output(output))
+                    if output.stream == api::Stream::Stdout as i32 =>
+                {
+                    finished
+                        .stdout
+                        .push_str(&String::from_utf8_lossy(&output.data));
                 }
                 Some(api::call_event::Event::Result(result)) => finished.result = Some(result),
                 Some(api::call_event::Event::Exception(exception)) => {
                     finished.exception = Some(exception)
                 }
-                None => {}
+                Some(api::call_event::Event::Output(_)) | None => {}
             }
         }
         Ok(finished)
@@ -132,7 +132,11 @@ async fn tfsd_run_passes_argv_output_and_the_exit_code_through() {
     let output = tfsd(&[exits.to_str().expect("path"), "3", "--flag", "x y"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(3), "stdout {stdout} stderr {stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "stdout {stdout} stderr {stderr}"
+    );
     assert!(stdout.contains("argv ['3', '--flag', 'x y']"), "{stdout}");
     assert!(stdout.contains("sum 4.0"), "{stdout}");
     assert!(stderr.contains("on stderr"), "{stderr}");
@@ -143,7 +147,10 @@ async fn tfsd_run_passes_argv_output_and_the_exit_code_through() {
         .expect("the script printed its pid");
     assert_ne!(pid, std::process::id());
     // The script's process and session are gone once `tfsd run` returns.
-    assert!(wait_for_exit(pid, DEADLINE), "the script's worker still runs");
+    assert!(
+        wait_for_exit(pid, DEADLINE),
+        "the script's worker still runs"
+    );
     let mut client = daemon.client().await;
     let sessions = client
         .list_sessions(api::ListSessionsRequest {})
@@ -244,7 +251,10 @@ async fn a_python_session_keeps_state_resets_and_stops_hung_calls() {
     assert_eq!(purged.worker_pid_after, recycled.worker_pid_after);
     let finished = call(&mut client, script(&id, get, 0)).await.expect("get");
     let exception = finished.exception.expect("no state after a purge");
-    assert_eq!(exception.type_name, "builtins.AttributeError", "{exception:?}");
+    assert_eq!(
+        exception.type_name, "builtins.AttributeError",
+        "{exception:?}"
+    );
 
     // A hung call that yields to the interrupt stops at its timeout; the session and its
     // process go on.
@@ -255,7 +265,10 @@ async fn a_python_session_keeps_state_resets_and_stops_hung_calls() {
         .expect_err("past its timeout");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(session(&mut client, &id).await.worker_pid, recycled.worker_pid_after);
+    assert_eq!(
+        session(&mut client, &id).await.worker_pid,
+        recycled.worker_pid_after
+    );
     let finished = call(&mut client, script(&id, "print('after')", 0))
         .await
         .expect("a call after the timeout");
@@ -285,7 +298,11 @@ async fn a_python_session_keeps_state_resets_and_stops_hung_calls() {
 
     // A caller that goes away mid-call with close_session_after leaves nothing behind.
     let once = create_python(&mut client, None).await;
-    let mut request = script(&once.session_id, "print('started', flush=True)\nimport time\ntime.sleep(600)\n", 0);
+    let mut request = script(
+        &once.session_id,
+        "print('started', flush=True)\nimport time\ntime.sleep(600)\n",
+        0,
+    );
     request.close_session_after = true;
     let mut stream = client.call(request).await.expect("call").into_inner();
     let first = tokio::time::timeout(DEADLINE, stream.message())
@@ -293,7 +310,10 @@ async fn a_python_session_keeps_state_resets_and_stops_hung_calls() {
         .expect("first output")
         .expect("stream")
         .expect("an event");
-    assert!(matches!(first.event, Some(api::call_event::Event::Output(_))));
+    assert!(matches!(
+        first.event,
+        Some(api::call_event::Event::Output(_))
+    ));
     drop(stream);
     assert!(
         wait_for_exit(once.worker_pid, DEADLINE),
@@ -327,9 +347,12 @@ async fn a_python_session_over_its_hard_limit_is_stopped_while_others_go_on() {
         let id = greedy.session_id.clone();
         async move { call(&mut greedy_client, script(&id, hog, 0)).await }
     });
-    let finished = call(&mut client, script(&modest.session_id, "print(sum(range(10)))", 0))
-        .await
-        .expect("the other session's call");
+    let finished = call(
+        &mut client,
+        script(&modest.session_id, "print(sum(range(10)))", 0),
+    )
+    .await
+    .expect("the other session's call");
     assert_eq!(finished.stdout.trim(), "45");
     let status = greedy_call
         .await

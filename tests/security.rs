@@ -557,3 +557,44 @@ async fn an_answer_over_max_message_size_is_refused_by_name() {
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The operator CLI authenticates with `--token-file` (or `TFSD_TOKEN_FILE`); without it a
+/// daemon that requires tokens answers UNAUTHENTICATED, exit 1 (found by the deploy tests:
+/// every shipped deployment needs a token, and the CLI could not send one).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_authenticates_with_a_token_file() {
+    let dir = temp_dir("cli-token");
+    let config = token_config(&dir, "");
+    let daemon = Daemon::start_with(&["--config", &config]);
+    let token_file = dir.join("ops.token");
+    std::fs::write(&token_file, format!("  {OPS}\n")).expect("token file");
+    let tfsd = |extra: &[&str], env: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tfsd"));
+        command
+            .args(["--address", &daemon.address])
+            .args(extra)
+            .env_remove("TFSD_TOKEN_FILE");
+        if let Some(path) = env {
+            command.env("TFSD_TOKEN_FILE", path);
+        }
+        command.output().expect("run tfsd")
+    };
+    let refused = tfsd(&["sessions"], None);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"),
+        "{refused:?}"
+    );
+    let path = token_file.to_str().expect("path");
+    let listed = tfsd(&["--token-file", path, "sessions"], None);
+    assert_eq!(listed.status.code(), Some(0), "{listed:?}");
+    let listed = tfsd(&["sessions"], Some(&token_file));
+    assert_eq!(listed.status.code(), Some(0), "{listed:?}");
+    let missing = tfsd(&["--token-file", "/nonexistent/token", "sessions"], None);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("cannot use the token file"),
+        "{missing:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

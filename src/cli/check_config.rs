@@ -230,7 +230,7 @@ fn human_size(bytes: u64) -> String {
     ];
     for (unit, size) in UNITS {
         if bytes >= size {
-            return if bytes % size == 0 {
+            return if bytes.is_multiple_of(size) {
                 format!("{} {unit}", bytes / size)
             } else {
                 format!("{:.1} {unit}", bytes as f64 / size as f64)
@@ -322,7 +322,10 @@ impl ConfigReport {
                 interpreter: config.python.as_ref().map(|p| display(&p.interpreter)),
                 preload: config.python.as_ref().map(|p| p.preload.clone()),
                 pool_size: config.python.as_ref().map(|p| p.pool_size),
-                start_timeout: config.python.as_ref().map(|p| toml_duration(p.start_timeout)),
+                start_timeout: config
+                    .python
+                    .as_ref()
+                    .map(|p| toml_duration(p.start_timeout)),
                 env: config.python.as_ref().map(|p| p.env.clone()),
             },
             policy: PolicyReport {
@@ -576,7 +579,10 @@ impl ConfigReport {
         });
         let limits = &self.limits;
         blocks.push(vec![
-            line("limits.max_sessions", or_text(&limits.max_sessions, "(none)")),
+            line(
+                "limits.max_sessions",
+                or_text(&limits.max_sessions, "(none)"),
+            ),
             line(
                 "limits.max_sessions_per_principal",
                 or_text(&limits.max_sessions_per_principal, "(none)"),
@@ -788,7 +794,10 @@ mod tests {
 
         let python = &json["python"];
         assert_eq!(python["interpreter"], "/nonexistent/venv/bin/python");
-        assert_eq!(python["preload"], serde_json::json!(["tensorflow", "numpy"]));
+        assert_eq!(
+            python["preload"],
+            serde_json::json!(["tensorflow", "numpy"])
+        );
         assert_eq!(python["pool_size"], 2);
         assert_eq!(python["start_timeout"], "1m 30s");
         assert_eq!(python["env"]["KERAS_BACKEND"], "tensorflow");
@@ -853,7 +862,10 @@ mod tests {
         // The interpreter and the TLS files do not exist: serve would refuse them.
         for key in ["python.interpreter", "tls.cert", "tls.key", "tls.client_ca"] {
             assert!(
-                report.warnings.iter().any(|warning| warning.starts_with(key)),
+                report
+                    .warnings
+                    .iter()
+                    .any(|warning| warning.starts_with(key)),
                 "{key}: {:?}",
                 report.warnings
             );
@@ -862,8 +874,8 @@ mod tests {
         let text = report.human(SystemTime::now());
         for line in [
             "python.preload        tensorflow, numpy\n",
-            "policy.soft_limit                1073741824 bytes (1 GiB)\n",
-            "policy.idle.action               close\n",
+            "policy.soft_limit               1073741824 bytes (1 GiB)\n",
+            "policy.idle.action              close\n",
             "auth.tokens[0]              alice (client): token (inline SHA-256, 32 bytes)\n",
             "limits.max_run_timeout                  1h\n",
             "state.checkpoint_interval  15m\n",
@@ -872,10 +884,7 @@ mod tests {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }
         assert!(
-            text.contains(&format!(
-                "ops (operator): token file {}\n",
-                at("ops.token")
-            )),
+            text.contains(&format!("ops (operator): token file {}\n", at("ops.token"))),
             "{text}"
         );
         assert!(
@@ -911,22 +920,36 @@ mod tests {
         let json = serde_json::to_value(&report).expect("json");
         let null = serde_json::Value::Null;
         for section in [
-            "server", "metrics", "master", "workers", "python", "policy", "auth", "tls",
-            "limits", "state", "log",
+            "server", "metrics", "master", "workers", "python", "policy", "auth", "tls", "limits",
+            "state", "log",
         ] {
             assert!(json[section].is_object(), "{section}: {json}");
         }
         assert_eq!(json["server"]["listen"], crate::config::DEFAULT_LISTEN);
-        assert_eq!(json["metrics"]["listen"], crate::config::DEFAULT_METRICS_LISTEN);
+        assert_eq!(
+            json["metrics"]["listen"],
+            crate::config::DEFAULT_METRICS_LISTEN
+        );
         assert_eq!(json["workers"]["start_timeout"], "1m");
         assert_eq!(json["workers"]["env"]["TF_ENABLE_ONEDNN_OPTS"], "0");
-        for key in ["interpreter", "preload", "pool_size", "start_timeout", "env"] {
+        for key in [
+            "interpreter",
+            "preload",
+            "pool_size",
+            "start_timeout",
+            "env",
+        ] {
             assert_eq!(json["python"][key], null, "python.{key}");
         }
         let policy = &json["policy"];
         assert_eq!(policy["interval"], "250ms");
         assert_eq!(policy["dry_run"], false);
-        for key in ["soft_limit", "hard_limit", "max_soft_limit", "max_hard_limit"] {
+        for key in [
+            "soft_limit",
+            "hard_limit",
+            "max_soft_limit",
+            "max_hard_limit",
+        ] {
             assert_eq!(policy[key], null, "policy.{key}");
         }
         assert_eq!(policy["gentle_action"], "purge_variables");
@@ -968,7 +991,7 @@ mod tests {
         let text = report.human(SystemTime::now());
         for line in [
             "python.interpreter  (off: Python sessions are refused)\n",
-            "policy.soft_limit                (none)\n",
+            "policy.soft_limit               (none)\n",
             "auth.tokens                 (none)\n",
             "tls.cert  (off: plaintext)\n",
             "limits.max_message_size                 2147483647 bytes (2.0 GiB)\n",

@@ -3,12 +3,50 @@
 use std::fmt;
 use std::str::FromStr;
 
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{CliError, ClientOptions};
 use crate::proto::tfsd::v1::session_service_client::SessionServiceClient;
 
-pub type Client = SessionServiceClient<Channel>;
+pub type Client = SessionServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call when a token was given (`--token-file`).
+#[derive(Debug, Clone, Default)]
+pub struct BearerToken(Option<AsciiMetadataValue>);
+
+impl BearerToken {
+    /// The token in `path` (surrounding whitespace ignored), or none without a path.
+    fn read(path: Option<&std::path::Path>) -> Result<BearerToken, CliError> {
+        let Some(path) = path else {
+            return Ok(BearerToken(None));
+        };
+        let invalid = |reason: String| CliError::TokenFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let token = std::fs::read_to_string(path).map_err(|error| invalid(error.to_string()))?;
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| invalid("the token is not printable ASCII".to_string()))?;
+        Ok(BearerToken(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// `HOST:PORT` or `http://HOST:PORT`, checked when the flag is parsed so that a typo is a
 /// usage error (exit 2) rather than a failed connection (exit 3).
@@ -57,7 +95,11 @@ impl fmt::Display for DaemonAddress {
 /// Connects eagerly, within `--timeout`, so that "nobody listens there" is reported as such
 /// (exit 3) before any command starts, instead of surfacing as the first call's error.
 pub async fn connect(options: &ClientOptions) -> Result<Client, CliError> {
-    Ok(SessionServiceClient::new(connect_channel(options).await?))
+    let token = BearerToken::read(options.token_file.as_deref())?;
+    Ok(SessionServiceClient::with_interceptor(
+        connect_channel(options).await?,
+        token,
+    ))
 }
 
 /// The connection itself, for clients of other services (grpc.health.v1).

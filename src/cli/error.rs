@@ -25,6 +25,9 @@ pub enum CliError {
     /// `watch` could not listen for Ctrl-C.
     #[error("listen for Ctrl-C: {0}")]
     Signal(#[source] std::io::Error),
+    /// `--token-file` could not be read or holds no usable token.
+    #[error("cannot use the token file {path}: {reason}")]
+    TokenFile { path: String, reason: String },
     /// `run`: the script could not be read.
     #[error("cannot read the script {path}: {error}")]
     Script {
@@ -59,6 +62,7 @@ impl CliError {
             | CliError::InvalidConfig(_)
             | CliError::Signal(_)
             | CliError::Script { .. }
+            | CliError::TokenFile { .. }
             | CliError::Output(_) => EXIT_FAILED,
         }
     }

@@ -61,7 +61,10 @@ impl Human for DaemonStatusReport {
                         "{}/{} ready; {}",
                         python.warm_workers,
                         python.warm_pool_size,
-                        python.runtime.as_deref().unwrap_or("no worker has started yet")
+                        python
+                            .runtime
+                            .as_deref()
+                            .unwrap_or("no worker has started yet")
                     ),
                 },
             ),

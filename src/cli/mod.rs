@@ -71,6 +71,9 @@ pub struct ClientOptions {
     /// Machine output: one JSON document per command (one object per line for `watch`).
     #[arg(long, global = true)]
     pub json: bool,
+    /// A file holding the bearer token to authenticate with (`[[auth.tokens]]` on the daemon).
+    #[arg(long, global = true, env = "TFSD_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// How long to wait for the connection to the daemon (e.g. 5s, 500ms); calls themselves
     /// are not cut short, since a recycle may wait for a worker to start.
     #[arg(

@@ -74,7 +74,10 @@ pub async fn run(
     if let Ok(Err(status)) = tokio::time::timeout(CLOSE_TIMEOUT, close).await
         && status.code() != tonic::Code::NotFound
     {
-        eprintln!("warning: could not close the script's session: {}", status.message());
+        eprintln!(
+            "warning: could not close the script's session: {}",
+            status.message()
+        );
     }
     outcome
 }

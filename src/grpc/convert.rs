@@ -104,13 +104,11 @@ pub fn call_outcome(outcome: CallOutcome, duration: std::time::Duration) -> api:
             exit_code,
             duration_us,
         }),
-        CallOutcome::Raised(exception) => {
-            api::call_event::Event::Exception(api::RemoteException {
-                type_name: exception.type_name,
-                message: exception.message,
-                traceback: exception.traceback,
-            })
-        }
+        CallOutcome::Raised(exception) => api::call_event::Event::Exception(api::RemoteException {
+            type_name: exception.type_name,
+            message: exception.message,
+            traceback: exception.traceback,
+        }),
     };
     api::CallEvent { event: Some(event) }
 }

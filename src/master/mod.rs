@@ -35,7 +35,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
-pub use sessions::{CLIENT_LABEL, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER};
+pub use sessions::{
+    CLIENT_LABEL, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER,
+};
 
 use crate::limits::Limits;
 use crate::proto::tensorflow::master_service_server::MasterServiceServer;

@@ -28,7 +28,7 @@ mod tests;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub use runner::run;
+pub use runner::{Supervised, run};
 
 /// What the gentle rung does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -153,7 +153,11 @@ impl SessionManager {
         let mut restored = 0;
         for record in records {
             let worker = match self
-                .start_worker(Runtime::Graph, &record.graph_def, &record.config.clone().into())
+                .start_worker(
+                    Runtime::Graph,
+                    &record.graph_def,
+                    &record.config.clone().into(),
+                )
                 .await
             {
                 Ok(worker) => worker,

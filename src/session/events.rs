@@ -241,8 +241,10 @@ impl EventBus {
             reason = %event.reason,
             "session event"
         );
-        self.metrics
-            .record_action(event.kind.as_str(), event.trigger.unwrap_or(Trigger::Client).as_str());
+        self.metrics.record_action(
+            event.kind.as_str(),
+            event.trigger.unwrap_or(Trigger::Client).as_str(),
+        );
         // No subscribers is fine: events are not stored.
         let _ = self.sender.send(event);
     }

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    Cause, DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Runtime, Session,
-    SessionCore, SessionDefinition, SessionEvent, SessionSnapshot, SessionState, Trigger,
+    Cause, DaemonStatus, EventBus, EventKind, ResetOutcome, RunSpec, Runtime, Session, SessionCore,
+    SessionDefinition, SessionEvent, SessionSnapshot, SessionState, Trigger,
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -247,11 +247,18 @@ impl SessionManager {
         self.create_session(definition).await
     }
 
-    async fn create_session(self: &Arc<Self>, definition: SessionDefinition) -> Result<SessionSnapshot> {
+    async fn create_session(
+        self: &Arc<Self>,
+        definition: SessionDefinition,
+    ) -> Result<SessionSnapshot> {
         let manager = self.clone();
         self.detached(async move {
             let worker = manager
-                .start_worker(definition.runtime, &definition.graph_def, &definition.config)
+                .start_worker(
+                    definition.runtime,
+                    &definition.graph_def,
+                    &definition.config,
+                )
                 .await?;
             let session = Arc::new(Session::new(definition));
             let mut core = session.core.write().await;

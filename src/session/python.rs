@@ -65,7 +65,9 @@ impl SessionManager {
                 .drive_call(&session, target, timeout, max_runs_in_flight, &events)
                 .await;
             session.touch(|stats| stats.call_count += 1);
-            manager.metrics.record_run(started.elapsed(), result.is_ok());
+            manager
+                .metrics
+                .record_run(started.elapsed(), result.is_ok());
             if close_after {
                 let cause = Cause {
                     reason: "its one call ended".to_string(),

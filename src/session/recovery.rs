@@ -95,7 +95,9 @@ impl SessionManager {
                     (Runtime::Python, _) => {
                         "a fresh Python process; the session's state was lost".to_string()
                     }
-                    (Runtime::Graph, 0) => "graph restored in a fresh worker; variables were lost".to_string(),
+                    (Runtime::Graph, 0) => {
+                        "graph restored in a fresh worker; variables were lost".to_string()
+                    }
                     (Runtime::Graph, count) => format!(
                         "graph restored in a fresh worker; {count} variables restored from the \
                          last checkpoint"

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use super::{Actor, Cause, EventKind, InPlaceReset, SessionManager, SessionState, Trigger};
 use crate::error::Result;
 use crate::memory::MemoryUsage;
-use crate::policy::{Action, ActionKind, GentleAction, Observation, SessionSample, SystemSample};
+use crate::policy::{
+    Action, ActionKind, GentleAction, Observation, SessionSample, Supervised, SystemSample,
+};
 use crate::worker::ExitDescription;
 
 /// What one action achieved, for the log and the runner.
@@ -141,6 +143,16 @@ impl SessionManager {
             }
         };
         Ok(ActionOutcome { memory_after })
+    }
+}
+
+impl Supervised for SessionManager {
+    fn observe(&self) -> Observation {
+        SessionManager::observe(self)
+    }
+
+    async fn apply(self: &Arc<Self>, action: &Action) -> Result<Option<MemoryUsage>> {
+        Ok(SessionManager::apply(self, action).await?.memory_after)
     }
 }
 

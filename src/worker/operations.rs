@@ -228,9 +228,7 @@ impl WorkerProcess {
                 .call(Kind::ExportVariables(wire::ExportVariables {}))
                 .await
             {
-                Ok(Reply::Variables(variables)) => {
-                    Ok(CarriedState::Variables(variables.variables))
-                }
+                Ok(Reply::Variables(variables)) => Ok(CarriedState::Variables(variables.variables)),
                 other => Err(self.unexpected(other)),
             },
             Runtime::Python => match self.call(Kind::ExportState(wire::ExportState {})).await {
@@ -300,8 +298,10 @@ impl WorkerProcess {
                     .await;
             }
         };
-        let (reply, ()) =
-            tokio::join!(self.call_streaming(call, Some(frames), Some(started)), forward);
+        let (reply, ()) = tokio::join!(
+            self.call_streaming(call, Some(frames), Some(started)),
+            forward
+        );
         match reply {
             Ok(Reply::CallReturn(wire::CallReturn {
                 outcome: Some(outcome),
@@ -347,7 +347,10 @@ impl WorkerProcess {
                 self.pid(),
                 reply_name(&other)
             )),
-            Err(WorkerError::Died { pid, how }) => Error::WorkerDied { pid, how },
+            Err(WorkerError::Died { pid, how }) => Error::WorkerDied {
+                pid,
+                how: how.to_string(),
+            },
             Err(error @ WorkerError::Start { .. }) => Error::WorkerStart(error.to_string()),
             Err(WorkerError::Protocol(message)) => Error::Protocol(message),
         }

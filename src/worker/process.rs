@@ -20,9 +20,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
+use super::Runtime;
 use crate::memory::{self, MemoryUsage};
 use crate::metrics::Metrics;
-use super::Runtime;
 use crate::proto::tfsd::worker::v1::{
     CallOutput, WorkerRequest, WorkerResponse, worker_request, worker_response,
 };

@@ -58,7 +58,10 @@ fn main() -> anyhow::Result<()> {
         id: 0,
         result: Some(Reply::Ready(wire::Ready {
             pid: std::process::id(),
-            runtime: format!("tfsd-worker {}, tensorflow {tensorflow_version}", env!("CARGO_PKG_VERSION")),
+            runtime: format!(
+                "tfsd-worker {}, tensorflow {tensorflow_version}",
+                env!("CARGO_PKG_VERSION")
+            ),
             tensorflow_version,
         })),
     };

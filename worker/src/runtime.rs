@@ -17,9 +17,9 @@ use prost::Message;
 use tensorflow::{
     Graph, ImportGraphDefOptions, Operation, Session, SessionOptions, SessionRunArgs,
 };
+use tfsd_protocol::tensor::{self, DType};
 use tfsd_protocol::tensorflow::TensorProto;
 use tfsd_protocol::tfsd::worker::v1 as wire;
-use tfsd_protocol::tensor::{self, DType};
 
 use self::c_tensors::{OwnedTensors, data_type_of, new_tensor, session_run};
 use crate::failure::Failure;

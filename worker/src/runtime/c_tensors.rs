@@ -14,8 +14,8 @@ use std::ffi::c_int;
 use bytes::Bytes;
 use tensorflow::{DataType, Session, TensorType}; // TensorType: ByteString::pack and unpack
 use tensorflow_sys as tf;
-use tfsd_protocol::tensorflow::TensorProto;
 use tfsd_protocol::tensor::{self, DType, DenseData, DenseTensor};
+use tfsd_protocol::tensorflow::TensorProto;
 
 use super::raw::{self, RawStatus, raw_session};
 use crate::byte_string::ByteString;

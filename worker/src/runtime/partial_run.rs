@@ -11,9 +11,9 @@ use std::ffi::{CStr, CString, c_int};
 
 use tensorflow::Graph;
 use tensorflow_sys as tf;
+use tfsd_protocol::tensor;
 use tfsd_protocol::tensorflow::TensorProto;
 use tfsd_protocol::tfsd::worker::v1 as wire;
-use tfsd_protocol::tensor;
 
 use super::c_tensors::{OwnedTensors, new_tensor};
 use super::raw::{RawStatus, raw_operation, raw_session};
