@@ -272,9 +272,11 @@ impl SessionManager {
                 store.put(&manager.record_of(&session, &core.graph_def, &core.config))
             });
             drop(core);
-            manager
-                .events
-                .publish(session.event(EventKind::Created, worker.pid(), 0));
+            manager.events.publish(
+                session
+                    .event(EventKind::Created, worker.pid(), 0)
+                    .cause(&session.owner_cause()),
+            );
             Ok(session.snapshot())
         })
         .await
@@ -370,9 +372,11 @@ impl SessionManager {
             manager.persist(|store| store.set_graph(session.id(), &core.graph_def, actual + 1));
             let version = actual + 1;
             session.touch(|stats| stats.graph_version = version);
-            manager
-                .events
-                .publish(session.event(EventKind::Extended, worker.pid(), version));
+            manager.events.publish(
+                session
+                    .event(EventKind::Extended, worker.pid(), version)
+                    .cause(&session.owner_cause()),
+            );
             Ok(version)
         })
         .await
@@ -628,6 +632,15 @@ impl SessionManager {
 }
 
 impl Session {
+    /// The session's own client, as the actor of what it asked for (create, extend).
+    fn owner_cause(&self) -> Cause {
+        if self.owner.is_empty() {
+            Cause::client()
+        } else {
+            Cause::by(self.owner.clone())
+        }
+    }
+
     /// Refuses an operation meant for another runtime, by name.
     pub(super) fn expect_runtime(&self, runtime: Runtime, operation: &str) -> Result<()> {
         if self.runtime == runtime {
