@@ -18,7 +18,7 @@ written to `python_trials.json` in --out):
   pool is empty, and how fast the daemon starts workers (tfsd_worker_spawns_total from the
   metrics endpoint over the phase; each worker's own start time from its log line);
 - a kept `python_session`: the worker's private memory (the daemon's `info()`: RssAnon) when
-  fresh and after each of a few trials in the same process;
+  fresh and after each of a few trials in the same process, with no refill running beside them;
 - in-process, in a subprocess (so that this process never imports TensorFlow or Keras and its
   RSS is the tfsd/spawn client's): the trial, then `clear_session()` and `gc.collect()`, and
   the process's RSS after each trial: the leak tfsd exists to fix, as MiB per trial (a linear
@@ -426,11 +426,13 @@ def main() -> None:
         # 1 and 2: the pool keeps up, in rounds with spawn (the order alternates).
         load = load_average()
         raw = {"tfsd_warm": ([], [], [], [], []), "spawn": ([], [], [], [], [])}
-        refill_waits = []
+        pool_waits = []  # (the trial before, seconds waited for a full pool)
+        previous = "spawn"  # the last warm-up
         for i in range(trials):
             order = ["tfsd_warm", "spawn"] if i % 2 == 0 else ["spawn", "tfsd_warm"]
             for name in order:
-                refill_waits.append(wait_for_pool(tfsd))
+                pool_waits.append((previous, wait_for_pool(tfsd)))
+                previous = name
                 before = proc_memory()["rss"]
                 if name == "tfsd_warm":
                     call, result, returned = tfsd_trial(tfsd, i, epochs)
@@ -444,8 +446,10 @@ def main() -> None:
                 f"spawn {(raw['spawn'][1][-1]['started'] - raw['spawn'][0][-1]) * 1e3:.0f} ms")
         for name, (calls, res, returned, before, after) in raw.items():
             results[name] = figures(calls, res, returned, before, after)
-        # Waiting for a full pool after a tfsd trial: one worker's start (the refill).
-        results["tfsd_warm"]["refill_waits_s"] = refill_waits
+        # Waiting for a full pool after a tfsd trial: what is left of the refill's worker start
+        # when the trial returns (the refill starts when the trial takes its worker).
+        results["tfsd_warm"]["refill_waits_s"] = [w for before, w in pool_waits if before == "tfsd_warm"]
+        results["pool_waits"] = [{"after": before, "s": w} for before, w in pool_waits]
         results["phases"]["rounds"] = {"load_before": load, "load_after": load_average()}
         for name in raw:
             f = results[name]
@@ -453,23 +457,32 @@ def main() -> None:
                 f"p90 {f['time_to_first_line']['p90_ms']:.1f} ms; wall p50 {f['wall']['p50_ms']:.0f} ms; "
                 f"client RSS {f['client_rss_growth_mib']:+.2f} MiB")
 
-        # A kept Python session: the daemon's view of the worker's private memory.
+        # A kept Python session: the daemon's view of the worker's private memory. The pool
+        # refills (untimed) before the first call, so these trials run with no worker starting
+        # beside them: their own run, next to the run_isolated ones, shows what the refill's
+        # import costs a trial that runs while it goes on.
         wait_for_pool(tfsd)
         with tfsd.python_session(labels={"bench": "python_trials"}) as session:
+            wait_for_pool(tfsd)
             info = session.info()
             private = [info.memory.private_bytes / MIB]
             rss = [info.memory.rss_bytes / MIB]
+            bodies = []
             for k in range(kept_trials):
-                session.call(trial, 5_000 + k, epochs)
+                result = session.call(trial, 5_000 + k, epochs)
+                bodies.append((result["finished"] - result["started"]) * 1e3)
                 info = session.info()
                 private.append(info.memory.private_bytes / MIB)
                 rss.append(info.memory.rss_bytes / MIB)
             results["kept_session"] = {
                 "worker_pid": info.worker_pid, "private_mib": private, "rss_mib": rss,
+                "trial_body_ms": bodies,
                 "note": "the daemon's SessionInfo.memory: fresh worker, then after each trial "
-                        "in the same process (no reset between)",
+                        "in the same process (no reset between); the pool full before the first "
+                        "call (no worker starting beside the trials)",
             }
-        log(f"- kept session: private {' → '.join(f'{v:.0f}' for v in private)} MiB")
+        log(f"- kept session: private {' → '.join(f'{v:.0f}' for v in private)} MiB; trial's own "
+            f"run {', '.join(f'{v:.0f}' for v in bodies)} ms with no refill running")
 
         # 1b: back to back, no pause: the pool drains.
         wait_for_pool(tfsd)

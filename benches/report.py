@@ -197,6 +197,9 @@ STEP_SYSTEMS = [
 
 def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | None, targets: list) -> None:
     out.append("## 1. Step round trip (fed [4, 4] placeholder → MatMul)\n")
+    if not rust and not py:
+        out.append("Not measured in this run.\n")
+        return
     figures = {}
     if rust:
         figures.update({k: v for k, v in rust["steps"].items()})
@@ -284,6 +287,9 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
 
 def large_section(out: list[str], rust: dict | None, py: dict | None, targets: list) -> None:
     out.append("## 2. Large tensors (64 MiB float32)\n")
+    if not rust and not py:
+        out.append("Not measured in this run.\n")
+        return
     rows = []
     entries = []
     if rust:
@@ -324,6 +330,9 @@ def large_section(out: list[str], rust: dict | None, py: dict | None, targets: l
 
 def resets_section(out: list[str], plots: Path, resets: dict | None, py: dict | None, targets: list) -> None:
     out.append("## 3. Reset costs\n")
+    if not resets and not py:
+        out.append("Not measured in this run.\n")
+        return
     restart = py["restarts"] if py else {}
     python_restart = restart.get("python_process_restart", {}).get("p50_us")
     server_restart = restart.get("tf_server_restart", {}).get("p50_us")
@@ -569,13 +578,21 @@ def python_trials_section(out: list[str], trials: dict | None) -> None:
         f"spawn {phase_load('rounds')}; drained {phase_load('drained')}; in-process "
         f"{phase_load('in_process')}.\n")
 
+    kept = trials.get("kept_session") or {}
     if warm and spawn and warm["trial_body"]["p50_ms"] > 1.2 * spawn["trial_body"]["p50_ms"]:
-        out.append(
-            f"The trial's own run is longer in tfsd's worker ({ms_text(warm['trial_body']['p50_ms'])} "
-            f"p50) than in the spawned process ({ms_text(spawn['trial_body']['p50_ms'])}): the pool "
-            "starts the taken worker's replacement at once, so on this 2-core machine the trial "
-            "shares the CPUs with a new interpreter importing TensorFlow; the spawned process runs "
-            "alone (the benchmark waits for a full pool before every trial of either kind).\n")
+        text = (f"The trial's own run is longer in tfsd's worker ({ms_text(warm['trial_body']['p50_ms'])} "
+                f"p50) than in the spawned process ({ms_text(spawn['trial_body']['p50_ms'])}): the pool "
+                "starts the taken worker's replacement at once, so on this 2-core machine the trial "
+                "shares the CPUs with a new interpreter importing TensorFlow, while the spawned "
+                "process runs alone (the benchmark waits for a full pool before every trial of "
+                "either kind).")
+        if kept.get("trial_body_ms"):
+            bodies = kept["trial_body_ms"]
+            text += (f" In a kept session whose refill had finished, the same trial ran in "
+                     f"{ms_text(bodies[0])} in the fresh worker"
+                     + (f" ({', '.join(ms_text(b) for b in bodies[1:])} for the next ones in that "
+                        "worker)" if len(bodies) > 1 else "") + ".")
+        out.append(text + "\n")
 
     targets: list[tuple[str, str, bool | None]] = []
     if warm:
@@ -611,7 +628,6 @@ def python_trials_section(out: list[str], trials: dict | None) -> None:
                  inproc["leak_private_mib_per_trial"])):
             rows.append(["in-process, `clear_session()` + `gc.collect()` after each trial", measure,
                          f"{start:.1f} MiB", f"{each[-1]:.1f} MiB", f"{each[-1] - start:+.1f} MiB", f"{per:+.2f} MiB"])
-    kept = trials.get("kept_session")
     if kept:
         private = kept["private_mib"]
         steps = len(private) - 1
@@ -668,27 +684,31 @@ def python_trials_section(out: list[str], trials: dict | None) -> None:
         else:
             text += "an unrecorded time (no worker logged it). The pool refills one worker at a time. "
         text += (
-            "When a trial arrives and the pool is empty, the caller's session starts a worker of "
-            "its own (beside the refill) and waits for it: a cold start, the import included. "
+            "A caller that finds the pool empty gets a worker started for it (beside the one the "
+            "refill is starting) and waits for that cold start, the import included; the refill's "
+            "worker is then usually ready for the next caller. "
             f"With {n} trials back to back (each runs ~{ms_text(drained['trial_body']['p50_ms'])} "
             f"in its worker), {served} of {n} were served from a ready worker (first line < 1 s), and "
-            f"{wait_text}. Over the phase ({drained['phase_s']:.0f} s) the daemon started "
-            f"{spawns if spawns is not None else '?'} workers "
-            f"({drained.get('spawn_rate_per_s', float('nan')):.2f}/s, metric "
+            f"{wait_text} (two workers starting at once on 2 cores). Over the phase "
+            f"({drained['phase_s']:.0f} s) the daemon started {spawns if spawns is not None else '?'} "
+            f"workers ({drained.get('spawn_rate_per_s', float('nan')):.2f}/s, metric "
             f"`tfsd_worker_spawns_total`), {drained['workers_ready']} became ready during it (the "
             f"{n} the trials took, less the pool's own change; {drained['ready_rate_per_s']:.2f} "
-            "workers/s), and "
-            f"callers completed {drained['trials_per_s']:.2f} trials/s; the pool was empty "
-            f"{drained['empty_fraction'] * 100:.0f}% of the time (its status sampled every 100 ms). "
-            f"So the pool absorbs a burst of {pool} trials at warm-pool speed and then sustains about "
-            "one trial per worker start; trials that come no faster than that always find a warm "
-            "worker, and a larger `[python] pool_size` (~200 MiB private per ready worker) absorbs "
-            "bigger bursts.")
+            f"workers/s), and callers completed {drained['trials_per_s']:.2f} trials/s; the pool was "
+            f"empty {drained['empty_fraction'] * 100:.0f}% of the time (its status sampled every "
+            f"100 ms). So the pool absorbs a burst of {pool} trials at warm-pool speed and then "
+            "sustains about one trial per worker start; trials that come no faster than that always "
+            "find a warm worker, and a larger `[python] pool_size` absorbs bigger bursts")
+        if warm and warm["worker_private_start_mib"]:
+            text += (f" (each ready worker holds ~{sorted(warm['worker_private_start_mib'])[len(warm['worker_private_start_mib']) // 2]:.0f} "
+                     "MiB private memory)")
+        text += "."
         if warm and warm.get("refill_waits_s"):
             waits = [w * 1e3 for w in warm["refill_waits_s"]]
-            text += (" Between the pool-keeps-up trials the benchmark waited "
-                     f"{ms_text(percentile_of(waits, 50))} p50 (max {ms_text(max(waits))}) for the "
-                     "pool to be full again (a refill overlaps the trial that caused it).")
+            text += (" In the pool-keeps-up rounds, the pool was full again "
+                     f"{ms_text(percentile_of(waits, 50))} p50 (max {ms_text(max(waits))}) after a "
+                     "tfsd trial returned: the refill starts when the trial takes its worker, so "
+                     "part of each start overlaps the trial (and slows it, as above).")
         out.append(text + "\n")
 
 
