@@ -282,15 +282,71 @@ async fn a_python_session_keeps_state_resets_and_stops_hung_calls() {
         .await
         .expect("watch")
         .into_inner();
-    let stubborn = "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass\n";
-    let status = call(&mut client, script(&id, stubborn, 1000))
+    // It also started a process of its own, which goes with it.
+    let stubborn = "import subprocess, time\n\
+                    child = subprocess.Popen(['sleep', '600'])\n\
+                    print(child.pid, flush=True)\n\
+                    while True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass\n";
+    let mut stream = client
+        .call(script(&id, stubborn, 1500))
         .await
-        .expect_err("past its timeout");
+        .expect("call")
+        .into_inner();
+    let mut child_pid = 0u32;
+    let status = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(api::CallEvent {
+                    event: Some(api::call_event::Event::Output(output)),
+                })) => {
+                    child_pid = String::from_utf8_lossy(&output.data)
+                        .trim()
+                        .parse()
+                        .unwrap_or(0);
+                }
+                Ok(other) => panic!("the stubborn call ended without an error: {other:?}"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stubborn call answered");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("replaced"), "{status:?}");
     let restored = next_event(&mut events, api::EventKind::Restored).await;
     assert_ne!(restored.worker_pid, recycled.worker_pid_after);
     assert!(!process_alive(recycled.worker_pid_after));
+    assert!(child_pid > 0, "the script printed its child's pid");
+    assert!(
+        wait_for_exit(child_pid, DEADLINE),
+        "the killed worker's own child process still runs"
+    );
+
+    // A call waiting behind another call of the session times out without reaching the
+    // worker: the running call is not disturbed.
+    let mut runner = client.clone();
+    let slow = tokio::spawn({
+        let id = id.clone();
+        async move {
+            call(
+                &mut runner,
+                script(
+                    &id,
+                    "import time, os\ntime.sleep(3)\nprint(os.getpid())\n",
+                    0,
+                ),
+            )
+            .await
+        }
+    });
+    wait_for_runs_in_flight(&mut client, &id, 1).await;
+    let status = call(&mut client, script(&id, "print('never')", 300))
+        .await
+        .expect_err("timed out while queued");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("never ran"), "{status:?}");
+    let finished = slow.await.expect("task").expect("the running call");
+    assert_eq!(finished.stdout.trim(), restored.worker_pid.to_string());
     let finished = call(&mut client, script(&id, "print('fresh')", 0))
         .await
         .expect("a call in the fresh worker");

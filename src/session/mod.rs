@@ -197,6 +197,8 @@ pub struct Session {
     created_at: SystemTime,
     core: tokio::sync::RwLock<SessionCore>,
     worker: WorkerSlot,
+    /// Python sessions: one call in the worker at a time (`python.rs`).
+    call_turn: tokio::sync::Mutex<()>,
     stats: Mutex<SessionStats>,
 }
 
@@ -235,6 +237,7 @@ impl Session {
             policy,
             created_at: now,
             worker: WorkerSlot::default(),
+            call_turn: tokio::sync::Mutex::new(()),
             stats: Mutex::new(SessionStats {
                 state: SessionState::Ready,
                 graph_version: 0,

@@ -21,6 +21,9 @@ pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 /// Output pieces buffered between the worker and a slow caller; past this the worker's
 /// writes wait (its output is never dropped while the caller listens).
 const OUTPUT_BUFFER: usize = 64;
+/// How long the output left at a call's end, and its result, may wait for a caller that
+/// does not read before they are dropped.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest piece of output copied into one log line.
 const LOG_LINE_BYTES: usize = 4096;
 
@@ -43,7 +46,8 @@ impl SessionManager {
     /// Starts a call in a Python session and answers the stream of its events. The call runs
     /// as a task of its own: a caller that goes away (its receiver dropped) stops the call
     /// instead of leaving it running unseen.
-    /// With `close_after`, the session is closed when the call ends, however it ends.
+    /// With `close_after`, the session is closed when the call ends, however it ends (if it
+    /// ran: a call refused before it started leaves the session alone).
     pub fn call(
         self: &Arc<Self>,
         id: &str,
@@ -61,14 +65,22 @@ impl SessionManager {
         let manager = self.clone();
         self.tracker.spawn(async move {
             let started = Instant::now();
+            let mut admitted = false;
             let result = manager
-                .drive_call(&session, target, timeout, max_runs_in_flight, &events)
+                .drive_call(
+                    &session,
+                    target,
+                    timeout,
+                    max_runs_in_flight,
+                    &events,
+                    &mut admitted,
+                )
                 .await;
             session.touch(|stats| stats.call_count += 1);
             manager
                 .metrics
                 .record_run(started.elapsed(), result.is_ok());
-            if close_after {
+            if close_after && admitted {
                 let cause = Cause {
                     reason: "its one call ended".to_string(),
                     ..Cause::client()
@@ -76,7 +88,9 @@ impl SessionManager {
                 // Already gone (closed meanwhile) is fine.
                 let _ = manager.close_because(session.id(), cause).await;
             }
-            let _ = events.send(CallEvent::Finished(result)).await;
+            // A caller that stopped reading does not hold the task (and the shutdown) forever.
+            let finished = events.send(CallEvent::Finished(result));
+            let _ = tokio::time::timeout(DELIVERY_TIMEOUT, finished).await;
         });
         Ok(receiver)
     }
@@ -88,35 +102,71 @@ impl SessionManager {
         timeout: Option<Duration>,
         max_runs_in_flight: Option<u32>,
         events: &mpsc::Sender<CallEvent>,
+        admitted: &mut bool,
     ) -> Result<CallOutcome> {
+        let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
         let core = session.core.read().await;
         let worker = usable_worker(session, &core)?;
         let _in_flight = InFlight::enter(session, max_runs_in_flight)?;
+        // One call at a time per session, waiting here rather than inside the worker (which
+        // runs calls one after another anyway): a call stopped while it waits never reaches
+        // the worker, and a stop always concerns the call the worker is running.
+        let _turn = tokio::select! {
+            turn = session.call_turn.lock() => turn,
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                return Err(Error::DeadlineExceeded(format!(
+                    "the call waited past its timeout of {:?} behind another call of this \
+                     session and never ran",
+                    timeout.unwrap_or_default()
+                )));
+            }
+            _ = events.closed() => {
+                return Err(Error::FailedPrecondition("the caller went away".to_string()));
+            }
+        };
+        *admitted = true;
         let (output, mut outputs) = mpsc::channel(OUTPUT_BUFFER);
         let (started, call_id) = oneshot::channel();
         let call = worker.call_python(target, output, started);
         tokio::pin!(call);
+        let exited = worker.exit_signal();
+        tokio::pin!(exited);
         let mut call_id = Some(call_id);
-        let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
         let mut stop: Option<Stop> = None;
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut outputs_open = true;
+        let mut worker_gone = false;
+        // A piece of output waiting for room in the caller's stream. While one waits, no more
+        // is read from the worker (back-pressure), but every timer stays live: the send is
+        // never awaited inside the loop.
+        let mut pending: Option<CallOutput> = None;
         let result = loop {
             tokio::select! {
                 result = &mut call => break result,
-                piece = outputs.recv(), if outputs_open => match piece {
+                piece = outputs.recv(), if outputs_open && pending.is_none() => match piece {
                     Some(piece) => {
                         log_output(session.id(), &piece);
-                        if stop.is_none() && events.send(CallEvent::Output(piece)).await.is_err() {
-                            stop = Some(Stop::CallerGone);
+                        if stop.is_none() && !worker_gone {
+                            pending = Some(piece);
                         }
                     }
                     None => outputs_open = false,
+                },
+                permit = events.reserve(), if pending.is_some() => match permit {
+                    Ok(permit) => {
+                        if let Some(piece) = pending.take() {
+                            permit.send(CallEvent::Output(piece));
+                        }
+                    }
+                    Err(_) => stop = Some(Stop::CallerGone),
                 },
                 _ = sleep_until(deadline), if stop.is_none() && deadline.is_some() => {
                     stop = timeout.map(Stop::Deadline);
                 }
                 _ = events.closed(), if stop.is_none() => stop = Some(Stop::CallerGone),
+                // A dead worker's last output is drained, not delivered: the call's answer
+                // (its death) must not wait for a caller that does not read.
+                _ = &mut exited, if !worker_gone => worker_gone = true,
                 _ = sleep_until(kill_at), if kill_at.is_some() => {
                     kill_at = None;
                     let reason = match stop {
@@ -136,6 +186,9 @@ impl SessionManager {
                     worker.kill_as_failure();
                 }
             }
+            if stop.is_some() || worker_gone {
+                pending = None;
+            }
             // A stop was just decided: interrupt the code, and give it a grace period.
             if stop.is_some()
                 && kill_at.is_none()
@@ -153,14 +206,28 @@ impl SessionManager {
             }
         };
         drop(core);
-        // Output the worker sent before its answer.
+        // Output the worker sent before its answer, delivered within a bounded wait.
+        let mut rest: Vec<CallOutput> = pending.into_iter().collect();
         while let Ok(piece) = outputs.try_recv() {
             log_output(session.id(), &piece);
-            if stop.is_none() {
-                let _ = events.send(CallEvent::Output(piece)).await;
-            }
+            rest.push(piece);
         }
+        if stop.is_none() {
+            let deliver = async {
+                for piece in rest {
+                    if events.send(CallEvent::Output(piece)).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DELIVERY_TIMEOUT, deliver).await;
+        }
+        let killed_by_policy = |error: &Error| {
+            matches!(error, Error::WorkerDied { pid, .. } if session.kill_cause(*pid)
+                .is_some_and(|cause| cause.trigger != Trigger::CallStopped))
+        };
         match (stop, result) {
+            (_, Err(error)) if killed_by_policy(&error) => Err(session.explain_kill(error)),
             (None, result) => result.map_err(|error| session.explain_kill(error)),
             (Some(Stop::Deadline(timeout)), Ok(_)) => Err(Error::DeadlineExceeded(format!(
                 "the call ran past its timeout of {timeout:?} and was interrupted; the session \

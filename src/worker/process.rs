@@ -553,6 +553,19 @@ async fn watch_exit(
     let status = tokio::select! {
         status = child.wait() => status,
         _ = kill => {
+            // The whole process group: the worker leads its own (see `spawn`), and what its
+            // code started (a Python session's subprocesses) must not outlive it. The group
+            // is still the worker's: it has not been reaped yet.
+            // (A pid of 0 would name the supervisor's own group: never signal that.)
+            if let Ok(group) = libc::pid_t::try_from(pid)
+                && group > 0
+            {
+                // SAFETY: kill(2) with a negative pid signals a process group; no memory is
+                // touched.
+                unsafe {
+                    libc::kill(-group, libc::SIGKILL);
+                }
+            }
             let _ = child.start_kill();
             child.wait().await
         }
