@@ -157,7 +157,6 @@ impl WorkerProcess {
 
     /// Runs one step; one output per fetch.
     pub async fn run(&self, step: StepRequest) -> Result<Vec<TensorProto>> {
-        let timed = step.timeout.is_some();
         let run = Kind::Run(wire::Run {
             feeds: step.feeds.into_iter().collect(),
             fetches: step.fetches,
@@ -168,7 +167,7 @@ impl WorkerProcess {
         });
         match self.call(run).await {
             Ok(Reply::Run(result)) => Ok(result.outputs),
-            other => Err(timed_out(self.unexpected(other), timed)),
+            other => Err(self.unexpected(other)),
         }
     }
 
@@ -358,26 +357,6 @@ impl WorkerProcess {
     }
 }
 
-/// A step TensorFlow stopped at its timeout is DEADLINE_EXCEEDED, whatever the race inside
-/// TensorFlow made of it: when the timeout fires while the step's executors are being
-/// cancelled, TensorFlow can answer CANCELLED "Timeout expired" instead (seen under load).
-/// Nothing but the timeout cancels a step in a worker, so that answer means the deadline.
-fn timed_out(error: Error, had_timeout: bool) -> Error {
-    const CANCELLED: TfCode = TfCode(1);
-    const DEADLINE_EXCEEDED: TfCode = TfCode(4);
-    match error {
-        Error::Tensorflow { code, message }
-            if had_timeout && code == CANCELLED && message.contains("Timeout expired") =>
-        {
-            Error::Tensorflow {
-                code: DEADLINE_EXCEEDED,
-                message,
-            }
-        }
-        other => other,
-    }
-}
-
 fn reply_name(reply: &Reply) -> &'static str {
     match reply {
         Reply::Error(_) => "error",
@@ -389,29 +368,5 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Output(_) => "call output",
         Reply::CallReturn(_) => "call return",
         Reply::State(_) => "state",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_step_cancelled_by_its_own_timeout_is_deadline_exceeded() {
-        let cancelled = |message: &str| Error::Tensorflow {
-            code: TfCode(1),
-            message: message.to_string(),
-        };
-        let code = |error: Error| match error {
-            Error::Tensorflow { code, .. } => code.0,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(code(timed_out(cancelled("Timeout expired"), true)), 4);
-        // Without a timeout, or for another cancellation, TensorFlow's answer stands.
-        assert_eq!(code(timed_out(cancelled("Timeout expired"), false)), 1);
-        assert_eq!(
-            code(timed_out(cancelled("Run call was cancelled"), true)),
-            1
-        );
     }
 }
