@@ -3,6 +3,9 @@ against the real daemon: sessions, resets, events, and MasterService sessions by
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 import pytest
 
@@ -98,11 +101,19 @@ def test_a_tensorflow_session_found_by_name_and_fully_reset(daemon, tfsd):
     graph, feed, loss, train, init = regression_graph()
     config = tfsd_client.session_config("exp-1")
     with tf.compat.v1.Session(f"grpc://{daemon.master_address}", graph=graph, config=config) as sess:
+        # TensorFlow's client creates its session on the daemon at the first run, not before;
+        # the error says so.
+        with pytest.raises(LookupError, match="creates its session on the daemon at its first"):
+            tfsd.master_session("exp-1")
         first = trial(sess, feed, loss, train, init)
 
         session = tfsd.master_session("exp-1")
         assert session.is_master_session
         assert session.master_name == "exp-1"
+        # session_config's default operation timeout reached the daemon.
+        assert session.labels["tfsd.master.operation_timeout_ms"] == str(
+            tfsd_client.DEFAULT_OPERATION_TIMEOUT_MS
+        )
         assert tfsd.session_for_handle(session.session_id) == tfsd.session(session.session_id)
         assert tfsd.master_sessions("another-name") == []
 
@@ -113,9 +124,68 @@ def test_a_tensorflow_session_found_by_name_and_fully_reset(daemon, tfsd):
         with pytest.raises(tf.errors.FailedPreconditionError):
             sess.run(loss, feed)
         second = trial(sess, feed, loss, train, init)
+
+        # Two sessions of one name: master_session cannot choose, and names both.
+        with tf.compat.v1.Session(
+            f"grpc://{daemon.master_address}", graph=graph, config=config
+        ) as twin:
+            twin.run(init)
+            with pytest.raises(LookupError, match="2 MasterService sessions") as raised:
+                tfsd.master_session("exp-1")
+            for found in tfsd.master_sessions("exp-1"):
+                assert found.session_id in str(raised.value)
     np.testing.assert_allclose(second, first, rtol=1e-6)
     assert first[-1] < first[0] / 10
     assert tfsd.master_sessions() == []
+
+
+def test_session_config_sets_an_operation_timeout():
+    default = tfsd_client.session_config("exp-1")
+    assert default.experimental.session_metadata.name == "exp-1"
+    assert default.operation_timeout_in_ms == tfsd_client.DEFAULT_OPERATION_TIMEOUT_MS == 600_000
+    # A config that sets its own keeps it, and everything else it sets; it is not changed.
+    own = tf.compat.v1.ConfigProto(operation_timeout_in_ms=5_000, inter_op_parallelism_threads=2)
+    kept = tfsd_client.session_config("exp-1", own)
+    assert (kept.operation_timeout_in_ms, kept.inter_op_parallelism_threads) == (5_000, 2)
+    assert own.experimental.session_metadata.name == ""
+    # The keyword wins; 0 is no timeout (TensorFlow's default).
+    unlimited = tfsd_client.session_config("exp-1", own, operation_timeout_ms=0)
+    assert unlimited.operation_timeout_in_ms == 0
+    chosen = tfsd_client.session_config("exp-1", operation_timeout_ms=1_234)
+    assert chosen.operation_timeout_in_ms == 1_234
+    with pytest.raises(ValueError, match="operation_timeout_ms"):
+        tfsd_client.session_config("exp-1", operation_timeout_ms=-1)
+
+
+def test_the_operation_timeout_stops_a_client_of_a_dead_daemon():
+    """Without an operation timeout TensorFlow's client waits for a dead server forever (it
+    still waited after 60 s when this was written); with session_config's it fails in time."""
+
+    daemon = Daemon()
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [], name="x")
+        doubled = 2 * x
+    config = tfsd_client.session_config("doomed", operation_timeout_ms=2_000)
+    sess = tf.compat.v1.Session(f"grpc://{daemon.master_address}", graph=graph, config=config)
+    assert sess.run(doubled, {x: 1.0}) == 2.0
+    daemon.kill()
+    outcome: dict[str, BaseException] = {}
+
+    def step() -> None:
+        try:
+            sess.run(doubled, {x: 2.0})
+        except BaseException as error:  # handed to the test's thread
+            outcome["error"] = error
+
+    # In a thread: if the client hangs, the test fails instead of hanging with it.
+    runner = threading.Thread(target=step, daemon=True)
+    runner.start()
+    runner.join(DEADLINE_S)
+    assert not runner.is_alive(), f"sess.run still waits {DEADLINE_S:.0f} s after the kill"
+    assert isinstance(outcome.get("error"), tf.errors.DeadlineExceededError), outcome
+    with contextlib.suppress(tf.errors.OpError):
+        sess.close()  # CloseSession to a dead daemon: fails too, after the same timeout
 
 
 def test_a_tfsd_v1_session_is_not_a_master_session(tfsd, client):

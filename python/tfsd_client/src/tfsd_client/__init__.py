@@ -14,10 +14,11 @@
     # Control calls.
     for session in tfsd.sessions():
         print(session.session_id, session.memory.private_bytes)
-    tfsd.recycle(tfsd.master_session("exp-1"))
+    tfsd.recycle(tfsd.master_session("exp-1"))   # after that session's first run
 
 A TensorFlow client that trains through `tf.compat.v1.Session("grpc://127.0.0.1:2222")` gets a
-tfsd session of its own; name it with `session_config("exp-1")` to find it again.
+tfsd session of its own at its first run; give it `config=session_config("exp-1")` to find it
+again by that name (and an operation timeout, so that it never waits forever on a dead daemon).
 
 Neither TensorFlow nor Keras is imported by this package (only `session_config` imports
 TensorFlow), so a client that runs Python sessions and control calls needs neither.
@@ -26,6 +27,7 @@ TensorFlow), so a client that runs Python sessions and control calls needs neith
 from tfsd_client.client import (
     CLIENT_LABEL,
     DEFAULT_ADDRESS,
+    DEFAULT_OPERATION_TIMEOUT_MS,
     NAME_LABEL,
     ORIGIN_LABEL,
     ORIGIN_MASTER,
@@ -47,6 +49,7 @@ from tfsd_client.client import (
 __all__ = [
     "CLIENT_LABEL",
     "DEFAULT_ADDRESS",
+    "DEFAULT_OPERATION_TIMEOUT_MS",
     "NAME_LABEL",
     "ORIGIN_LABEL",
     "ORIGIN_MASTER",

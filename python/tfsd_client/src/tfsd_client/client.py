@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 60.0
+# The operation timeout `session_config` gives a `tf.compat.v1.Session("grpc://…")`: 10
+# minutes, longer than any one training step should take (see `session_config`).
+DEFAULT_OPERATION_TIMEOUT_MS = 10 * 60 * 1000
 
 # Labels the daemon puts on sessions created through TensorFlow's MasterService.
 ORIGIN_LABEL = "tfsd.origin"
@@ -404,12 +407,25 @@ class Tfsd:
         ]
 
     def master_session(self, name: str) -> SessionInfo:
-        """The one live MasterService session named `name`; LookupError if there is none or
-        more than one."""
+        """The one live MasterService session named `name` (`session_config(name)`).
+
+        TensorFlow's client creates its session on the daemon at its first `run` (or
+        `list_devices`), not when `tf.compat.v1.Session(...)` returns: call this after the
+        session's first `sess.run`. LookupError if there is no such session, or more than one
+        (`master_sessions(name)` lists them all)."""
         found = self.master_sessions(name)
-        if len(found) != 1:
+        if not found:
             raise LookupError(
-                f"{len(found)} MasterService sessions are named {name!r}; expected exactly one"
+                f"no MasterService session is named {name!r}: TensorFlow's client creates its "
+                "session on the daemon at its first run, so call master_session after the "
+                "first sess.run of a tf.compat.v1.Session created with "
+                f"config=tfsd_client.session_config({name!r})"
+            )
+        if len(found) > 1:
+            ids = ", ".join(session.session_id for session in found)
+            raise LookupError(
+                f"{len(found)} MasterService sessions are named {name!r} ({ids}); give each "
+                "session a name of its own, or pick one from master_sessions(name)"
             )
         return found[0]
 
@@ -759,16 +775,52 @@ def connect(
 
 
 def session_config(
-    name: str, config: "config_pb2.ConfigProto | None" = None
+    name: str,
+    config: "config_pb2.ConfigProto | None" = None,
+    *,
+    operation_timeout_ms: int | None = None,
 ) -> "config_pb2.ConfigProto":
-    """A ConfigProto that names a `tf.compat.v1.Session("grpc://…")` on tfsd, so that
-    `Tfsd.master_session(name)` finds it. TensorFlow's own field for this is
-    `experimental.session_metadata.name`; tfsd records it as the label `tfsd.master.name`.
+    """A ConfigProto for a `tf.compat.v1.Session("grpc://…")` on tfsd: named, so that
+    `Tfsd.master_session(name)` finds it, and with an operation timeout, so that the client
+    never waits forever. `config` (copied, never changed) carries any other settings.
+
+    The name goes in TensorFlow's own field for it, `experimental.session_metadata.name`;
+    tfsd records it as the label `tfsd.master.name`.
+
+    `operation_timeout_ms` sets `operation_timeout_in_ms`: None (the default) keeps the one
+    `config` sets, and otherwise uses `DEFAULT_OPERATION_TIMEOUT_MS` (10 minutes); 0 sets
+    none (TensorFlow's own default).
+
+    Why a default: without it, TensorFlow's client gives its calls to the server no deadline
+    and waits for the server to be ready, so a client whose daemon died, hangs or never
+    listened blocks in `sess.run` forever. With it, a call fails with `DeadlineExceededError`
+    once the timeout has passed (and a daemon that restarts within it, with durable sessions,
+    is simply waited for). The same value is also every step's timeout: TensorFlow's client
+    sends it with each `run` that sets no `RunOptions.timeout_in_ms` of its own, and tfsd
+    stops the step when it runs out. So it must be longer than any real step. One step of
+    TF1 or graph-mode Keras training is one batch, milliseconds to seconds; 10 minutes leaves
+    a hundredfold margin for a slow step and covers a first run that waits for a worker to
+    start (the daemon's `workers.start_wait`, 2 minutes). For longer steps (e.g. a whole
+    evaluation in one `run`) pass a longer timeout, 0, or
+    `tf.compat.v1.RunOptions(timeout_in_ms=...)` for that step.
     """
     import tensorflow as tf
 
+    if operation_timeout_ms is not None and (
+        not isinstance(operation_timeout_ms, int)
+        or isinstance(operation_timeout_ms, bool)
+        or operation_timeout_ms < 0
+    ):
+        raise ValueError(
+            "operation_timeout_ms must be a non-negative int or None, "
+            f"not {operation_timeout_ms!r}"
+        )
     named = tf.compat.v1.ConfigProto()
     if config is not None:
         named.CopyFrom(config)
     named.experimental.session_metadata.name = name
+    if operation_timeout_ms is not None:
+        named.operation_timeout_in_ms = operation_timeout_ms
+    elif named.operation_timeout_in_ms <= 0:
+        named.operation_timeout_in_ms = DEFAULT_OPERATION_TIMEOUT_MS
     return named
