@@ -37,8 +37,35 @@ pub const ENV_OVERRIDES: [(&str, &str); 10] = [
 ];
 /// Pre-started workers kept ready so a create or a recycle does not wait for TensorFlow to load.
 pub const DEFAULT_POOL_SIZE: usize = 1;
+/// How far the graph workers' pool grows while demand drains it (one more ready worker per
+/// take that found it empty; back toward pool_size after a minute without takes). Back-to-back
+/// recycles with a pool of one waited 0.42–0.82 s for a fresh worker instead of 25–60 ms.
+pub const DEFAULT_POOL_MAX: usize = 4;
+/// The same for Python workers, which hold more memory each.
+pub const DEFAULT_PYTHON_POOL_MAX: usize = 2;
+/// The one drain deadline after SIGTERM: in-flight steps, checkpoints and closes of every
+/// session proceed in parallel for at most this long, then the workers still busy are
+/// killed. Shorter than the stop timeouts the shipped units give (systemd's TimeoutStopSec
+/// and Kubernetes' terminationGracePeriodSeconds, both 45 s), so that the daemon, not the
+/// service manager, ends the drain.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new worker may take to load TensorFlow and say it is ready.
 pub const DEFAULT_WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker may take to answer a control operation (load, extend, a reset, a
+/// state export or import) before it counts as hung and is killed. Generous: exporting or
+/// importing gigabytes of variables takes seconds, not minutes.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Added to a step's own timeout before the supervisor gives up on the worker: TensorFlow
+/// cancels a step only between kernels, so its DEADLINE_EXCEEDED comes a little late.
+pub const DEFAULT_RUN_GRACE: Duration = Duration::from_secs(5);
+/// How long a worker may stay stopped (SIGSTOP, a debugger: state T in /proc/PID/stat)
+/// before it is killed and its session restored.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Creates that may wait for a worker at once; more get RESOURCE_EXHAUSTED at once.
+pub const DEFAULT_MAX_WAITING_CREATES: usize = 64;
+/// How long a create (or recycle, or restore) waits for a worker to start before it gets
+/// UNAVAILABLE.
+pub const DEFAULT_START_WAIT: Duration = Duration::from_secs(120);
 /// Environment every worker gets unless the config overrides it. oneDNN's CPU allocator pools
 /// freed memory, so an in-process purge or graph reset would not give memory back (a session
 /// holding a 200 MiB variable, closed in-process, left RSS 200 MiB higher and `malloc_trim`
@@ -58,6 +85,12 @@ pub const DEFAULT_PYTHON_POOL_SIZE: usize = 1;
 /// (`import tensorflow, keras` took 2.5–5.7 s on the development machine; a loaded host or a
 /// cold page cache takes longer).
 pub const DEFAULT_PYTHON_START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Worker starts at once by default: one per core. A start is CPU-bound (loading
+/// libtensorflow, or importing TensorFlow and Keras); more at once only makes every one of
+/// them slower (200 at once on 2 cores took a median 137 s each and tripped start timeouts).
+pub fn default_concurrent_starts() -> usize {
+    std::thread::available_parallelism().map_or(2, |cores| cores.get())
+}
 /// Log filter (tracing-subscriber's EnvFilter syntax) when neither config nor RUST_LOG set one.
 pub const DEFAULT_LOG_FILTER: &str = "info";
 
@@ -138,6 +171,7 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,9 +179,16 @@ struct RawServer {
 struct RawWorkers {
     binary: Option<PathBuf>,
     pool_size: Option<usize>,
+    pool_max: Option<usize>,
     start_timeout: Option<String>,
     library_dir: Option<PathBuf>,
     env: Option<BTreeMap<String, String>>,
+    call_timeout: Option<String>,
+    run_grace: Option<String>,
+    liveness_timeout: Option<String>,
+    max_concurrent_starts: Option<usize>,
+    max_waiting_creates: Option<usize>,
+    start_wait: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +197,7 @@ struct RawPython {
     interpreter: Option<PathBuf>,
     preload: Option<Vec<String>>,
     pool_size: Option<usize>,
+    pool_max: Option<usize>,
     start_timeout: Option<String>,
     env: Option<BTreeMap<String, String>>,
 }
@@ -171,6 +213,8 @@ struct RawLog {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The one drain deadline after SIGTERM (server.drain_timeout).
+    pub drain_timeout: Duration,
     /// `None` when metrics are switched off (`metrics.listen = ""`).
     pub metrics_listen: Option<SocketAddr>,
     /// TensorFlow's MasterService; `None` when switched off (`master.listen = ""`).
@@ -193,10 +237,16 @@ pub struct WorkerConfig {
     /// The `tfsd-worker` binary.
     pub binary: PathBuf,
     pub pool_size: usize,
+    /// The most ready workers the pool grows to under demand.
+    pub pool_max: usize,
     pub start_timeout: Duration,
     /// Prepended to the workers' LD_LIBRARY_PATH when set (libtensorflow's directory).
     pub library_dir: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
+    /// When a worker counts as hung.
+    pub deadlines: crate::worker::Deadlines,
+    /// How many workers start at once, and how long and how many creates wait for one.
+    pub starts: crate::worker::StartLimits,
 }
 
 /// Python sessions' workers: `INTERPRETER -m tfsd_worker`, which imports `preload` and waits.
@@ -206,6 +256,8 @@ pub struct PythonConfig {
     pub interpreter: PathBuf,
     pub preload: Vec<String>,
     pub pool_size: usize,
+    /// The most ready workers the pool grows to under demand.
+    pub pool_max: usize,
     pub start_timeout: Duration,
     /// The workers' environment on top of the daemon's: `[workers.env]` (TensorFlow's
     /// settings apply to Python's TensorFlow too), then `[python.env]`.
@@ -274,6 +326,10 @@ impl Config {
         let listen: SocketAddr = listen_text.parse().with_context(|| {
             format!("server.listen = {listen_text:?} is not an address like \"127.0.0.1:50051\"")
         })?;
+        let drain_timeout = match raw.server.drain_timeout {
+            Some(text) => parse_duration("server.drain_timeout", &text)?,
+            None => DEFAULT_DRAIN_TIMEOUT,
+        };
 
         let metrics_text = raw
             .metrics
@@ -315,6 +371,15 @@ impl Config {
         if pool_size > 64 {
             bail!("workers.pool_size = {pool_size} is too large (at most 64)");
         }
+        let pool_max = raw
+            .workers
+            .pool_max
+            .unwrap_or(DEFAULT_POOL_MAX.max(pool_size));
+        if !(pool_size..=64).contains(&pool_max) {
+            bail!(
+                "workers.pool_max = {pool_max} must be between workers.pool_size ({pool_size}) and 64"
+            );
+        }
         let start_timeout = match raw.workers.start_timeout {
             Some(text) => parse_duration("workers.start_timeout", &text)?,
             None => DEFAULT_WORKER_START_TIMEOUT,
@@ -325,8 +390,60 @@ impl Config {
             .collect();
         env.extend(raw.workers.env.unwrap_or_default());
         let library_dir = raw.workers.library_dir.map(|dir| base.join(dir));
+        let duration_or = |key: &str, text: Option<String>, default: Duration| match text {
+            Some(text) => parse_duration(key, &text),
+            None => Ok(default),
+        };
+        let deadlines = crate::worker::Deadlines {
+            call: duration_or(
+                "workers.call_timeout",
+                raw.workers.call_timeout,
+                DEFAULT_CALL_TIMEOUT,
+            )?,
+            run_grace: duration_or(
+                "workers.run_grace",
+                raw.workers.run_grace,
+                DEFAULT_RUN_GRACE,
+            )?,
+            liveness: duration_or(
+                "workers.liveness_timeout",
+                raw.workers.liveness_timeout,
+                DEFAULT_LIVENESS_TIMEOUT,
+            )?,
+        };
+        if deadlines.call.is_zero() || deadlines.liveness.is_zero() {
+            bail!("workers.call_timeout and workers.liveness_timeout must be longer than 0s");
+        }
+        let max_concurrent_starts = raw
+            .workers
+            .max_concurrent_starts
+            .unwrap_or_else(default_concurrent_starts);
+        if !(1..=256).contains(&max_concurrent_starts) {
+            bail!(
+                "workers.max_concurrent_starts = {max_concurrent_starts} must be between 1 and 256"
+            );
+        }
+        let max_waiting_creates = raw
+            .workers
+            .max_waiting_creates
+            .unwrap_or(DEFAULT_MAX_WAITING_CREATES);
+        if max_waiting_creates > 100_000 {
+            bail!(
+                "workers.max_waiting_creates = {max_waiting_creates} is too large (at most 100000)"
+            );
+        }
+        let starts = crate::worker::StartLimits {
+            max_concurrent: max_concurrent_starts,
+            max_waiting: max_waiting_creates,
+            wait: duration_or(
+                "workers.start_wait",
+                raw.workers.start_wait,
+                DEFAULT_START_WAIT,
+            )?,
+        };
         let python_tuned = raw.python.preload.is_some()
             || raw.python.pool_size.is_some()
+            || raw.python.pool_max.is_some()
             || raw.python.start_timeout.is_some()
             || raw.python.env.is_some();
         let python = match raw.python.interpreter {
@@ -337,6 +454,16 @@ impl Config {
                 if pool_size > 64 {
                     bail!("python.pool_size = {pool_size} is too large (at most 64)");
                 }
+                let pool_max = raw
+                    .python
+                    .pool_max
+                    .unwrap_or(DEFAULT_PYTHON_POOL_MAX.max(pool_size));
+                if !(pool_size..=64).contains(&pool_max) {
+                    bail!(
+                        "python.pool_max = {pool_max} must be between python.pool_size \
+                         ({pool_size}) and 64"
+                    );
+                }
                 let mut python_env = env.clone();
                 python_env.extend(raw.python.env.unwrap_or_default());
                 Some(PythonConfig {
@@ -346,6 +473,7 @@ impl Config {
                         None => DEFAULT_PYTHON_PRELOAD.map(str::to_string).to_vec(),
                     },
                     pool_size,
+                    pool_max,
                     start_timeout: match raw.python.start_timeout {
                         Some(text) => parse_duration("python.start_timeout", &text)?,
                         None => DEFAULT_PYTHON_START_TIMEOUT,
@@ -356,7 +484,7 @@ impl Config {
         };
         if python.is_none() && python_tuned {
             bail!(
-                "python.preload, python.pool_size, python.start_timeout and python.env need \
+                "python.preload, python.pool_size, python.pool_max, python.start_timeout and python.env need \
                  python.interpreter (Python sessions are off without it)"
             );
         }
@@ -397,6 +525,7 @@ impl Config {
 
         let config = Config {
             listen,
+            drain_timeout,
             metrics_listen,
             policy,
             auth,
@@ -407,9 +536,12 @@ impl Config {
             workers: WorkerConfig {
                 binary,
                 pool_size,
+                pool_max,
                 start_timeout,
                 library_dir,
                 env,
+                deadlines,
+                starts,
             },
             python,
             log: LogConfig { filter, format },

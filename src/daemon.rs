@@ -10,10 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
 use crate::session::{Pools, SessionManager};
-use crate::worker::{Runtime, WarmPool, WorkerSpec};
-
-/// How long in-flight work may take to finish after SIGTERM before workers are killed.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+use crate::worker::{Runtime, StartGate, WarmPool, WorkerSpec};
 
 /// How long open client streams may hold the gRPC server after every session is closed.
 const SERVER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,7 +89,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         start_timeout: config.workers.start_timeout,
         metrics: metrics.clone(),
     };
-    let pool = WarmPool::start(spec, config.workers.pool_size, &tracker, shutdown.clone());
+    // One gate for both runtimes: every start competes for the same CPU.
+    let gate = StartGate::new(config.workers.starts);
+    let pool = WarmPool::start(
+        spec,
+        (config.workers.pool_size, config.workers.pool_max),
+        gate.clone(),
+        &tracker,
+        shutdown.clone(),
+    );
     let python_pool = config.python.as_ref().map(|python| {
         let mut env = python.env.clone();
         env.insert("TFSD_PYTHON_PRELOAD".to_string(), python.preload.join(","));
@@ -107,7 +112,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             start_timeout: python.start_timeout,
             metrics: metrics.clone(),
         };
-        WarmPool::start(spec, python.pool_size, &tracker, shutdown.clone())
+        WarmPool::start(
+            spec,
+            (python.pool_size, python.pool_max),
+            gate.clone(),
+            &tracker,
+            shutdown.clone(),
+        )
     });
     let (health, health_service) = crate::grpc::health().await;
     tracker.spawn(follow_worker_health(
@@ -122,6 +133,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
         metrics.clone(),
         config.policy.clone(),
+        config.workers.deadlines,
         tracker.clone(),
         shutdown.clone(),
     );
@@ -186,7 +198,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     signals.recv().await;
     tracing::info!(
-        grace = ?SHUTDOWN_GRACE,
+        drain_timeout = ?config.drain_timeout,
         "shutting down: no new sessions, in-flight work may finish, then every worker is reaped"
     );
     let pools = manager.pools().clone();
@@ -208,7 +220,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // anyway must be refused, not slip in between.
     shutdown.cancel();
     health.set_draining().await;
-    drain(manager, tracker).await;
+    drain(manager, tracker, config.drain_timeout).await;
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         tracing::info!("tfsd stopped by a second signal; every worker reaped");
         std::process::exit(130);
@@ -250,8 +262,8 @@ async fn follow_worker_health(
     }
 }
 
-async fn drain(manager: Arc<SessionManager>, tracker: TaskTracker) {
-    manager.shutdown(SHUTDOWN_GRACE).await;
+async fn drain(manager: Arc<SessionManager>, tracker: TaskTracker, deadline: Duration) {
+    manager.shutdown(deadline).await;
     tracker.close();
     tracker.wait().await;
 }

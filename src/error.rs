@@ -5,7 +5,8 @@ use std::fmt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no session with id {0:?}")]
+    /// The id as the client sent it; the message quotes it bounded (`quoted`).
+    #[error("no session with id {}", quoted(.0))]
     SessionNotFound(String),
     #[error("{0}")]
     InvalidArgument(String),
@@ -42,6 +43,12 @@ pub enum Error {
     DeadlineExceeded(String),
     #[error("the daemon is shutting down and takes no new work")]
     ShuttingDown,
+    /// The request cannot be served now; the message says why and when to retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The request was stopped by someone else's action (its session closed under it).
+    #[error("{0}")]
+    Cancelled(String),
     #[error("worker protocol error: {0}")]
     Protocol(String),
 }
@@ -64,3 +71,114 @@ impl fmt::Display for TfCode {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How many characters of a client-supplied string an error message quotes.
+pub const QUOTED_CHARS: usize = 64;
+
+/// A client-supplied string (a session id, a feed or fetch name, a label) as an error message
+/// quotes it: whole and Debug-quoted when short, else its first `QUOTED_CHARS` characters and
+/// how long it was: `"abc"… (1048576 bytes)`. An error must never echo unbounded input: a
+/// 16 MiB session id echoed whole made the status larger than gRPC's metadata limit, so the
+/// client saw a transport error instead of the real one.
+pub fn quoted(text: &str) -> Quoted<'_> {
+    Quoted(text)
+}
+
+/// See `quoted`.
+#[derive(Debug, Clone, Copy)]
+pub struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.char_indices().nth(QUOTED_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}… ({} bytes)", &self.0[..cut], self.0.len()),
+        }
+    }
+}
+
+/// The longest status message the daemon sends. A status travels in HTTP/2 trailers, and
+/// gRPC clients refuse metadata past 8–16 KiB (grpcio's default is 8 KiB, percent-encoding
+/// included), so a longer message would reach the client as a transport error and the real
+/// one would be lost.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 4096;
+
+/// Of a message cut to `MAX_STATUS_MESSAGE_BYTES`, how many bytes of its end are kept:
+/// TensorFlow puts the failing node (`[[{{node ...}}]]`) last.
+const KEPT_TAIL_BYTES: usize = 1024;
+
+/// `message` within `MAX_STATUS_MESSAGE_BYTES`: its beginning and its end, with what was cut
+/// between them said in words.
+pub fn clip_message(message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return message;
+    }
+    let head_end = floor_char_boundary(&message, MAX_STATUS_MESSAGE_BYTES - KEPT_TAIL_BYTES - 64);
+    let tail_start = ceil_char_boundary(&message, message.len() - KEPT_TAIL_BYTES);
+    format!(
+        "{} … [{} bytes cut; the message had {}] … {}",
+        &message[..head_end],
+        tail_start - head_end,
+        message.len(),
+        &message[tail_start..]
+    )
+}
+
+fn floor_char_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+fn ceil_char_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_strings_are_quoted_whole_and_long_ones_cut_with_their_length() {
+        assert_eq!(quoted("s-1").to_string(), "\"s-1\"");
+        let exact = "x".repeat(QUOTED_CHARS);
+        assert_eq!(quoted(&exact).to_string(), format!("{exact:?}"));
+        let long = "é".repeat(1 << 20);
+        let text = quoted(&long).to_string();
+        assert_eq!(
+            text,
+            format!("{:?}… ({} bytes)", "é".repeat(QUOTED_CHARS), 2 << 20)
+        );
+        let error = Error::SessionNotFound("s".repeat(16 << 20));
+        assert!(error.to_string().len() < 200, "{error}");
+        assert!(
+            error
+                .to_string()
+                .ends_with(&format!("… ({} bytes)", 16 << 20))
+        );
+    }
+
+    #[test]
+    fn long_messages_keep_their_beginning_and_end() {
+        assert_eq!(clip_message("short".into()), "short");
+        let exact = "m".repeat(MAX_STATUS_MESSAGE_BYTES);
+        assert_eq!(clip_message(exact.clone()), exact);
+        let long = format!("Fetch {} not found [[{{{{node y}}}}]]", "ü".repeat(1 << 20));
+        let clipped = clip_message(long.clone());
+        assert!(
+            clipped.len() <= MAX_STATUS_MESSAGE_BYTES,
+            "{}",
+            clipped.len()
+        );
+        assert!(clipped.starts_with("Fetch üü"));
+        assert!(
+            clipped.ends_with("üü not found [[{{node y}}]]"),
+            "{clipped}"
+        );
+        assert!(clipped.contains(&format!("the message had {}]", long.len())));
+    }
+}

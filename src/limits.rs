@@ -1,22 +1,40 @@
 //! Operator maxima on what clients may ask of the daemon: sessions in total and per
-//! principal, message and GraphDef sizes, tensor elements per feed, concurrent runs per
-//! session, and a ceiling on run timeouts. Going past one is a clear RESOURCE_EXHAUSTED
-//! (counts, and an answer too big to send) or INVALID_ARGUMENT (sizes of what a client
-//! sent) that names the limit.
+//! principal, message and GraphDef sizes, tensor elements and decoded bytes per feed,
+//! concurrent runs per session, and a ceiling on run timeouts. Going past one is a clear
+//! RESOURCE_EXHAUSTED (counts, and an answer too big to send) or INVALID_ARGUMENT (sizes of
+//! what a client sent) that names the limit. Besides the operator's limits, fixed bounds on
+//! ids, names, labels and script arguments (`input.rs`).
 //!
 //! The checks live here, as domain errors, for every API to apply alike: tfsd.v1 (`grpc/`)
 //! and TensorFlow's MasterService (`master/`). An API decides only who the principal is;
 //! its tonic server enforces the message size on what arrives.
+
+mod input;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::error::Error;
+use crate::error::{Error, quoted};
 use crate::proto::tensorflow::TensorProto;
 use crate::session::RunSpec;
+use crate::tensor;
 use crate::units::parse_bytes;
+
+pub use input::{
+    MAX_ID_BYTES, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_LABELS, MAX_LABELS_BYTES,
+    MAX_NAME_BYTES, MAX_NAMES, MAX_SCRIPT_ARG_BYTES, MAX_SCRIPT_ARGS, MAX_SCRIPT_ARGS_BYTES,
+    MAX_SCRIPT_PATH_BYTES, RESERVED_LABEL_PREFIX, check_client_labels, check_id, check_labels,
+    check_name, check_names, check_script, is_reserved,
+};
+
+/// What one feed may decode to by default (`limits.max_feed_size`). A feed can declare far
+/// more than it carries: TensorFlow repeats the last value to fill the shape, so a 66-byte
+/// Run declaring `[1 << 28]` floats made a worker allocate 2 GiB (the decoded buffer and
+/// TensorFlow's tensor). 512 MiB is three times a large image batch
+/// (256 × 224 × 224 × 3 float32, 147 MiB) and costs a worker about 1 GiB at most.
+pub const DEFAULT_MAX_FEED_BYTES: u64 = 512 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +44,7 @@ pub struct RawLimits {
     max_message_size: Option<String>,
     max_graph_def_size: Option<String>,
     max_feed_elements: Option<u64>,
+    max_feed_size: Option<String>,
     max_concurrent_runs_per_session: Option<u32>,
     max_run_timeout: Option<String>,
 }
@@ -39,6 +58,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_graph_def_bytes: Option<usize>,
     pub max_feed_elements: Option<u64>,
+    /// Bytes one feed may decode to (`tensor::decoded_size`); on by default
+    /// (`DEFAULT_MAX_FEED_BYTES`), off only when the config says "off".
+    pub max_feed_bytes: Option<u64>,
     pub max_concurrent_runs_per_session: Option<u32>,
     /// Runs without a timeout get this one; longer timeouts are cut to it.
     pub max_run_timeout: Option<Duration>,
@@ -52,6 +74,7 @@ impl Default for Limits {
             max_message_bytes: i32::MAX as usize,
             max_graph_def_bytes: None,
             max_feed_elements: None,
+            max_feed_bytes: Some(DEFAULT_MAX_FEED_BYTES),
             max_concurrent_runs_per_session: None,
             max_run_timeout: None,
         }
@@ -80,12 +103,20 @@ impl Limits {
                 })
             })
             .transpose()?;
+        let max_feed_bytes = match raw.max_feed_size.as_deref() {
+            None | Some("") => Some(DEFAULT_MAX_FEED_BYTES),
+            Some("off") => None,
+            Some(text) => Some(parse_bytes(text).with_context(|| {
+                format!("limits.max_feed_size = {text:?} (a size like \"1GiB\", or \"off\")")
+            })?),
+        };
         Ok(Limits {
             max_sessions: raw.max_sessions,
             max_sessions_per_principal: raw.max_sessions_per_principal,
             max_message_bytes,
             max_graph_def_bytes: size("max_graph_def_size", raw.max_graph_def_size)?,
             max_feed_elements: raw.max_feed_elements,
+            max_feed_bytes,
             max_concurrent_runs_per_session: raw.max_concurrent_runs_per_session,
             max_run_timeout,
         })
@@ -154,34 +185,52 @@ impl Limits {
         Ok(())
     }
 
-    /// limits.max_feed_elements, for each feed by its declared shape.
-    pub fn check_feed_elements<'a>(
+    /// Each feed before a worker sees it: its name (`check_names`), limits.max_feed_elements
+    /// by its declared shape, and limits.max_feed_size by what it decodes to (which validates
+    /// the tensor: a malformed one is an INVALID_ARGUMENT naming the feed).
+    pub fn check_feeds<'a>(
         &self,
-        feeds: impl IntoIterator<Item = (&'a str, &'a TensorProto)>,
+        feeds: impl ExactSizeIterator<Item = (&'a str, &'a TensorProto)> + Clone,
     ) -> Result<(), Error> {
-        let Some(max) = self.max_feed_elements else {
-            return Ok(());
-        };
+        check_names("feeds", feeds.clone().map(|(name, _)| name))?;
         for (name, tensor) in feeds {
-            let elements = element_count(tensor);
-            if elements > max {
-                return Err(Error::InvalidArgument(format!(
-                    "feed {name:?} has {elements} elements; limits.max_feed_elements is {max}"
-                )));
+            if let Some(max) = self.max_feed_elements {
+                let elements = element_count(tensor);
+                if elements > max {
+                    return Err(Error::InvalidArgument(format!(
+                        "feed {} has {elements} elements; limits.max_feed_elements is {max}",
+                        quoted(name)
+                    )));
+                }
+            }
+            if let Some(max) = self.max_feed_bytes {
+                let bytes = tensor::decoded_size(tensor).map_err(|error| {
+                    Error::InvalidArgument(format!("feed {}: {error}", quoted(name)))
+                })?;
+                if bytes > max {
+                    return Err(Error::InvalidArgument(format!(
+                        "feed {} decodes to {bytes} bytes (its shape, filled); \
+                         limits.max_feed_size is {max} bytes: send less in one step, or raise \
+                         the limit",
+                        quoted(name)
+                    )));
+                }
             }
         }
         Ok(())
     }
 
-    /// A step within the limits: its feeds checked, its timeout capped (or set), and its
-    /// runs in flight bounded (limits.max_concurrent_runs_per_session, which the session
-    /// manager enforces).
+    /// A step within the limits: its names and feeds checked, its timeout capped (or set),
+    /// and its runs in flight bounded (limits.max_concurrent_runs_per_session, which the
+    /// session manager enforces).
     pub fn limit_run(&self, spec: RunSpec) -> Result<RunSpec, Error> {
-        self.check_feed_elements(
+        self.check_feeds(
             spec.feeds
                 .iter()
                 .map(|(name, tensor)| (name.as_str(), tensor)),
         )?;
+        check_names("fetches", spec.fetches.iter().map(String::as_str))?;
+        check_names("targets", spec.targets.iter().map(String::as_str))?;
         Ok(RunSpec {
             timeout: self.run_timeout(spec.timeout),
             max_runs_in_flight: self.max_concurrent_runs_per_session,
@@ -219,6 +268,7 @@ mod tests {
         let limits = limits(
             "max_sessions = 10\nmax_sessions_per_principal = 3\nmax_message_size = \"64MiB\"\n\
              max_graph_def_size = \"8MiB\"\nmax_feed_elements = 1000\n\
+             max_feed_size = \"64MiB\"\n\
              max_concurrent_runs_per_session = 4\nmax_run_timeout = \"10m\"\n",
         )
         .expect("valid");
@@ -227,6 +277,7 @@ mod tests {
         assert_eq!(limits.max_message_bytes, 64 << 20);
         assert_eq!(limits.max_graph_def_bytes, Some(8 << 20));
         assert_eq!(limits.max_feed_elements, Some(1000));
+        assert_eq!(limits.max_feed_bytes, Some(64 << 20));
         assert_eq!(limits.max_concurrent_runs_per_session, Some(4));
         assert_eq!(limits.max_run_timeout, Some(Duration::from_secs(600)));
     }
@@ -261,7 +312,10 @@ mod tests {
         assert!(matches!(&error, Error::InvalidArgument(message)
             if message.contains("limits.max_graph_def_size")));
 
-        let mut tensor = TensorProto::default();
+        let mut tensor = TensorProto {
+            dtype: 1,
+            ..TensorProto::default()
+        };
         assert_eq!(element_count(&tensor), 1, "a scalar");
         tensor.tensor_shape = Some(crate::proto::tensorflow::TensorShapeProto {
             dim: [2, 3]
@@ -274,19 +328,19 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(element_count(&tensor), 6);
-        assert!(limits.check_feed_elements([("x", &tensor)]).is_ok());
+        assert!(limits.check_feeds([("x", &tensor)].into_iter()).is_ok());
         let too_many = Limits {
             max_feed_elements: Some(5),
             ..Limits::default()
         };
         let error = too_many
-            .check_feed_elements([("x", &tensor)])
+            .check_feeds([("x", &tensor)].into_iter())
             .expect_err("six elements");
         assert!(matches!(&error, Error::InvalidArgument(message)
             if message.contains("\"x\"") && message.contains("limits.max_feed_elements")));
         assert!(
             Limits::default()
-                .check_feed_elements([("x", &tensor)])
+                .check_feeds([("x", &tensor)].into_iter())
                 .is_ok()
         );
 
@@ -349,11 +403,88 @@ mod tests {
     }
 
     #[test]
+    fn feeds_are_capped_by_what_they_decode_to_by_default() {
+        // 66 bytes on the wire, 1 GiB decoded: refused before any worker sees it.
+        let mut broadcast = TensorProto {
+            dtype: 1,
+            float_val: vec![1.0],
+            ..TensorProto::default()
+        };
+        broadcast.tensor_shape = Some(crate::proto::tensorflow::TensorShapeProto {
+            dim: vec![crate::proto::tensorflow::tensor_shape_proto::Dim {
+                size: 1 << 28,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let error = Limits::default()
+            .check_feeds([("x", &broadcast)].into_iter())
+            .expect_err("1 GiB");
+        assert!(
+            matches!(&error, Error::InvalidArgument(message)
+            if message.starts_with("feed \"x\" decodes to 1073741824 bytes")
+                && message.contains("limits.max_feed_size")),
+            "{error}"
+        );
+        let off = limits("max_feed_size = \"off\"").expect("off");
+        assert_eq!(off.max_feed_bytes, None);
+        assert!(off.check_feeds([("x", &broadcast)].into_iter()).is_ok());
+        assert_eq!(
+            limits("").expect("defaults").max_feed_bytes,
+            Some(DEFAULT_MAX_FEED_BYTES)
+        );
+        // A malformed feed is named whatever limit finds it.
+        let mut malformed = broadcast.clone();
+        malformed.dtype = 1000;
+        let error = Limits::default()
+            .check_feeds([("x", &malformed)].into_iter())
+            .expect_err("malformed");
+        assert!(
+            error.to_string().starts_with("feed \"x\": dtype 1000"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn runs_name_at_most_so_many_tensors_of_bounded_names() {
+        let long = "y".repeat(MAX_NAME_BYTES + 1);
+        let error = Limits::default()
+            .limit_run(RunSpec {
+                fetches: vec![long.clone()],
+                ..RunSpec::default()
+            })
+            .expect_err("long fetch");
+        assert!(
+            error.to_string().starts_with("fetches: the name \"yyy"),
+            "{error}"
+        );
+        let error = Limits::default()
+            .limit_run(RunSpec {
+                feeds: vec![(long, TensorProto::default())],
+                ..RunSpec::default()
+            })
+            .expect_err("long feed name");
+        assert!(error.to_string().starts_with("feeds: "), "{error}");
+        let error = Limits::default()
+            .limit_run(RunSpec {
+                targets: vec![String::new(); MAX_NAMES + 1],
+                ..RunSpec::default()
+            })
+            .expect_err("many targets");
+        assert!(
+            error.to_string().starts_with("targets has 10001 names"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let error = limits("max_message_size = \"big\"").expect_err("bad size");
         assert!(format!("{error:#}").contains("limits.max_message_size"));
         let error = limits("max_run_timeout = \"forever\"").expect_err("bad duration");
         assert!(format!("{error:#}").contains("limits.max_run_timeout"));
+        let error = limits("max_feed_size = \"lots\"").expect_err("bad size");
+        assert!(format!("{error:#}").contains("limits.max_feed_size"));
         let error = limits("max_sesions = 3").expect_err("typo");
         assert!(format!("{error:#}").contains("max_sesions"));
     }

@@ -46,6 +46,8 @@ pub struct Metrics {
     registry: Registry,
     actions: Family<ActionLabels, Counter>,
     runs: Histogram,
+    /// How long takes that found the warm pool empty waited for a worker to start.
+    pool_miss_waits: Histogram,
     run_errors: Counter,
     worker_spawns: Counter,
     worker_exits: Family<ExitLabels, Counter>,
@@ -74,6 +76,7 @@ impl Metrics {
             actions: Family::default(),
             // 50 µs to ~26 s.
             runs: Histogram::new(exponential_buckets(0.000_05, 2.0, 20)),
+            pool_miss_waits: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             run_errors: Counter::default(),
             worker_spawns: Counter::default(),
             worker_exits: Family::default(),
@@ -121,6 +124,12 @@ impl Metrics {
             metrics.session_rss.clone(),
         );
         registry.register("sessions", "Open sessions", metrics.sessions.clone());
+        registry.register(
+            "warm_pool_miss_wait_seconds",
+            "Creates, recycles and restores that found the warm pool empty, and how long each \
+             waited for a worker to start",
+            metrics.pool_miss_waits.clone(),
+        );
         registry.register(
             "warm_pool_workers",
             "Ready workers in the warm pool",
@@ -173,6 +182,11 @@ impl Metrics {
         if !ok {
             self.run_errors.inc();
         }
+    }
+
+    /// A take that found the warm pool empty waited `took` for a fresh worker.
+    pub fn record_pool_miss(&self, took: Duration) {
+        self.pool_miss_waits.observe(took.as_secs_f64());
     }
 
     pub fn record_worker_spawn(&self) {

@@ -57,6 +57,30 @@ async fn grpcurl_drives_the_daemon_through_reflection() {
     ] {
         assert!(services.lines().any(|line| line == service), "{services}");
     }
+    // Each port lists what it serves, and nothing it would answer UNIMPLEMENTED.
+    assert!(
+        !services
+            .lines()
+            .any(|line| line == "tensorflow.MasterService"),
+        "{services}"
+    );
+    let master = grpcurl(&daemon.master_address, None, &["list"]);
+    assert!(
+        master
+            .lines()
+            .any(|line| line == "tensorflow.MasterService"),
+        "{master}"
+    );
+    assert!(
+        !master.lines().any(|line| line == "tfsd.v1.SessionService"),
+        "{master}"
+    );
+    let described = grpcurl(
+        &daemon.master_address,
+        None,
+        &["describe", "tensorflow.MasterService"],
+    );
+    assert!(described.contains("rpc RunStep"), "{described}");
     let described = grpcurl(address, None, &["describe", "tfsd.v1.SessionService"]);
     for method in [
         "CreateSession",

@@ -379,7 +379,7 @@ async fn bytes_that_are_not_a_request_are_refused_by_the_transport() {
         )
         .await
         .expect_err("not a protobuf");
-    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     bystander.check(&mut client).await;
 }
 

@@ -3,6 +3,11 @@
 
 mod common;
 
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use common::*;
 use tensorflow::{DataType, Graph, Tensor};
 use tfsd::proto::tfsd::v1 as api;
@@ -10,8 +15,13 @@ use tonic::Code;
 
 const MIB: u64 = 1024 * 1024;
 
-/// A daemon with `policy_toml` (and `extra_toml`) as its config.
+/// A daemon with `policy_toml` as its config.
 fn daemon_with(policy_toml: &str) -> Daemon {
+    daemon_with_env(policy_toml, &[])
+}
+
+/// A daemon with `policy_toml` as its config and `env` in its environment.
+fn daemon_with_env(policy_toml: &str, env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
     let dir = std::env::temp_dir().join(format!(
         "tfsd-policy-{}-{}",
         std::process::id(),
@@ -21,7 +31,7 @@ fn daemon_with(policy_toml: &str) -> Daemon {
     let path = dir.join("tfsd.toml");
     std::fs::write(&path, policy_toml).expect("config");
     let path = path.to_string_lossy().to_string();
-    Daemon::start_with(&["--config", &path])
+    Daemon::start_with_env(&["--config", &path], env)
 }
 
 fn uuid_like() -> u128 {
@@ -354,4 +364,225 @@ async fn limits_are_capped_by_the_operator_and_bad_policies_rejected() {
         .expect_err("hard below soft");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("hard_limit_bytes"), "{status:?}");
+}
+
+/// A worker binary in front of the real `tfsd-worker` whose next start, once armed, is held
+/// until the test lets it go: whatever needs that worker (here a recycle) is in progress and
+/// cannot finish, for as long as the test wants, without depending on timing. (A stopped
+/// worker would not do: tfsd kills a worker that stays stopped, as it should.)
+struct HeldStart {
+    dir: PathBuf,
+    script: PathBuf,
+}
+
+impl HeldStart {
+    fn new() -> HeldStart {
+        let dir = std::env::temp_dir().join(format!(
+            "tfsd-held-start-{}-{}",
+            std::process::id(),
+            uuid_like()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for fifo in ["held.fifo", "release.fifo"] {
+            let path = std::ffi::CString::new(dir.join(fifo).as_os_str().as_bytes()).expect("path");
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+        }
+        let real = PathBuf::from(env!("CARGO_BIN_EXE_tfsd"))
+            .parent()
+            .expect("target dir")
+            .join("tfsd-worker");
+        let script = dir.join("worker.sh");
+        // `mv` of the arming file is atomic: exactly one start takes it. That start says so
+        // on one FIFO and waits for the test to write to the other.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n\
+                 dir='{dir}'\n\
+                 if mv \"$dir/armed\" \"$dir/taken\" 2>/dev/null; then\n\
+                 echo \"$$\" > \"$dir/held.fifo\"\n\
+                 cat \"$dir/release.fifo\" > /dev/null\n\
+                 fi\n\
+                 exec '{real}' \"$@\"\n",
+                dir = dir.display(),
+                real = real.display()
+            ),
+        )
+        .expect("script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        HeldStart { dir, script }
+    }
+
+    /// Holds the next worker start. Answers a receiver that gets the held start's pid once
+    /// it is held.
+    fn arm(&self) -> std::sync::mpsc::Receiver<String> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let held = self.dir.join("held.fifo");
+        // Opening a FIFO for reading waits for its writer: the held start.
+        std::thread::spawn(move || {
+            if let Ok(pid) = std::fs::read_to_string(held) {
+                let _ = sender.send(pid.trim().to_string());
+            }
+        });
+        std::fs::write(self.dir.join("armed"), b"").expect("arm");
+        receiver
+    }
+
+    /// Lets the held start go on when `go` says so, or after `at_the_latest`: a test that
+    /// fails must not leave the daemon waiting for a worker.
+    fn release_on(&self, go: std::sync::mpsc::Receiver<()>, at_the_latest: Duration) {
+        let release = self.dir.join("release.fifo");
+        std::thread::spawn(move || {
+            let _ = go.recv_timeout(at_the_latest);
+            // Opening a FIFO for writing waits for its reader: the held start.
+            let _ = std::fs::write(release, b"go\n");
+        });
+    }
+
+    fn binary(&self) -> &Path {
+        &self.script
+    }
+}
+
+/// The next event on `events`, whatever it is, with a deadline.
+async fn next_any(events: &mut tonic::Streaming<api::SessionEvent>) -> api::SessionEvent {
+    tokio::time::timeout(DEADLINE, events.message())
+        .await
+        .expect("no event")
+        .expect("event stream")
+        .expect("stream ended")
+}
+
+fn is(event: &api::SessionEvent, session_id: &str, kind: api::EventKind) -> bool {
+    event.session_id == session_id && event.kind == kind as i32
+}
+
+/// Found by review (issue 13): the policy applied its actions one at a time, so a session
+/// over its hard limit waited behind another session's recycle — 8 s for a preserving one
+/// that copies a large variable, and indefinitely for one whose fresh worker does not come.
+/// Here session A's soft-limit recycle cannot finish (its fresh worker's start is held) until
+/// session B's hard-limit kill has been handled; the policy must handle B meanwhile, and must
+/// not start a second action on A while its first still runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hard_limit_is_enforced_while_another_session_recycles() {
+    /// If B is not handled while A recycles, A's held start is let go after this long and
+    /// the test fails on the order of events.
+    const HOLD_AT_MOST: Duration = Duration::from_secs(30);
+    let held = HeldStart::new();
+    // No warm pool: every worker is started when needed, so the recycle's start is the one
+    // held. oneDNN keeps purged memory pooled, so A's gentle rung does not help and the
+    // ladder goes on to a recycle.
+    let daemon = daemon_with_env(
+        "[policy]\ninterval = \"100ms\"\n[workers.env]\nTF_ENABLE_ONEDNN_OPTS = \"1\"\n",
+        &[
+            ("TFSD_WORKER_BINARY", held.binary().as_os_str()),
+            ("TFSD_POOL_SIZE", "0".as_ref()),
+        ],
+    );
+    let mut client = daemon.client().await;
+    let probe = create(&mut client, growing_graph(16 << 20)).await;
+    let limit = soft_limit_over(&probe);
+    let slow = create_with_policy(
+        &mut client,
+        growing_graph(16 << 20),
+        api::MemoryPolicy {
+            soft_limit_bytes: limit,
+            preserve_variables: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .session_id;
+    let over = create_with_policy(
+        &mut client,
+        growing_graph(16 << 20),
+        api::MemoryPolicy {
+            hard_limit_bytes: limit,
+            ..Default::default()
+        },
+    )
+    .await
+    .session_id;
+    let mut events = client
+        .watch_events(api::WatchEventsRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+
+    // A: 64 MiB of variable, over its soft limit → purge → still over → recycle, whose
+    // fresh worker is the held start.
+    let held_pid = held.arm();
+    run(
+        &mut client,
+        &slow,
+        &[("value", scalar(1.0))],
+        &[],
+        &["big_init"],
+    )
+    .await
+    .expect("init");
+    tokio::task::spawn_blocking(move || held_pid.recv_timeout(DEADLINE))
+        .await
+        .expect("task")
+        .expect("A's recycle never started its fresh worker");
+
+    // B: a step that allocates 64 MiB, over its hard limit, and waits.
+    let (go, release) = std::sync::mpsc::channel();
+    held.release_on(release, HOLD_AT_MOST);
+    let mut stepper = client.clone();
+    let over_step = over.clone();
+    let step = tokio::spawn(async move {
+        run(
+            &mut stepper,
+            &over_step,
+            &[("value", scalar(1.0))],
+            &["hold_and_wait"],
+            &[],
+        )
+        .await
+    });
+    let first = loop {
+        let event = next_any(&mut events).await;
+        if is(&event, &over, api::EventKind::WorkerExited)
+            || is(&event, &slow, api::EventKind::Recycled)
+        {
+            break event;
+        }
+    };
+    assert!(
+        is(&first, &over, api::EventKind::WorkerExited),
+        "A's recycle finished before B's hard-limit kill was handled: {first:?}"
+    );
+    assert_eq!((first.trigger.as_str(), first.rung), ("hard_limit", 3));
+    let _ = go.send(());
+    let status = tokio::time::timeout(DEADLINE, step)
+        .await
+        .expect("B's step answered")
+        .expect("task")
+        .expect_err("stopped");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    let recycled = loop {
+        let event = next_any(&mut events).await;
+        if is(&event, &slow, api::EventKind::Recycled) {
+            break event;
+        }
+    };
+    assert_eq!(
+        (recycled.trigger.as_str(), recycled.rung),
+        ("soft_limit", 2)
+    );
+
+    // One action at a time on A: the purge and the recycle, nothing decided for it while
+    // its recycle ran (an action counts when it starts, even one that would wait for A's
+    // lock behind the recycle).
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: slow.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(info.automatic_action_count, 2, "{info:?}");
 }

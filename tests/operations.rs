@@ -254,18 +254,26 @@ async fn json_logs_carry_tensorflow_stderr_tagged_with_the_session() {
         .await
         .expect_err("uninitialised");
     let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
+    let (mut tensorflow_line, mut created_event) = (false, false);
+    while !(tensorflow_line && created_event) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let line = log
             .recv_timeout(left)
-            .expect("a TensorFlow log line for the session");
+            .expect("a TensorFlow log line and a Created event for the session");
         let entry: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|error| panic!("{error}: {line}"));
-        if entry["target"] == "tfsd::worker_stderr" && entry["fields"]["session_id"] == id.as_str()
-        {
+        if entry["fields"]["session_id"] != id.as_str() {
+            continue;
+        }
+        if entry["target"] == "tfsd::worker_stderr" {
             assert!(entry["fields"]["worker_pid"].as_u64().is_some(), "{line}");
             assert!(entry["fields"]["message"].as_str().is_some(), "{line}");
-            break;
+            tensorflow_line = true;
+        }
+        // Fields are the names the API uses, never Rust's Debug forms ("Created").
+        if entry["fields"]["message"] == "session event" && entry["fields"]["kind"] == "created" {
+            assert_eq!(entry["fields"]["trigger"], "client", "{line}");
+            created_event = true;
         }
     }
 }
@@ -297,4 +305,67 @@ async fn a_second_signal_exits_at_once_and_still_reaps_every_worker() {
     for pid in workers {
         assert!(!process_alive(pid), "worker {pid} outlived the daemon");
     }
+}
+
+/// A recycle after a purge is a normal operation: exporting variables that are not
+/// initialised is not an error, and must not fill the log with TensorFlow's warnings
+/// ("Local rendezvous is aborting", "Could not find variable w") from the old worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recycle_after_a_purge_logs_no_tensorflow_warnings() {
+    let (daemon, log) = Daemon::start_capturing_log(&[
+        ("TFSD_LOG_FORMAT", "json".as_ref()),
+        ("RUST_LOG", "info".as_ref()),
+    ]);
+    let mut client = daemon.client().await;
+    let id = create(&mut client, model_graph()).await.session_id;
+    run(&mut client, &id, &[], &[], &["w_init"])
+        .await
+        .expect("init w only: v stays uninitialised");
+    let recycled = client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: id.clone(),
+            preserve_variables: true,
+        })
+        .await
+        .expect("recycle")
+        .into_inner();
+    assert_eq!(recycled.variables_preserved, 1, "w only");
+    client
+        .purge_variables(api::PurgeVariablesRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("purge");
+    let recycled = client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: id.clone(),
+            preserve_variables: true,
+        })
+        .await
+        .expect("recycle after purge")
+        .into_inner();
+    assert_eq!(recycled.variables_preserved, 0);
+    // A marker from the fresh worker: reading the uninitialised `w` there makes TensorFlow
+    // warn. Everything the old workers wrote came before it.
+    run(&mut client, &id, &[], &["w"], &[])
+        .await
+        .expect_err("uninitialised");
+    let fresh = recycled.worker_pid_after;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut from_old_workers = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log.recv_timeout(left).expect("the fresh worker's warning");
+        let entry: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|error| panic!("{error}: {line}"));
+        if entry["target"] != "tfsd::worker_stderr" || entry["fields"]["session_id"] != id.as_str()
+        {
+            continue;
+        }
+        if entry["fields"]["worker_pid"] == fresh {
+            break;
+        }
+        from_old_workers.push(line);
+    }
+    assert!(from_old_workers.is_empty(), "{from_old_workers:#?}");
 }

@@ -239,3 +239,202 @@ async fn a_worker_killed_during_a_recycle_is_restored_once_or_not_at_all() {
     assert_eq!(restores_after, 0, "a restore nobody needed");
     eprintln!("{ROUNDS} rounds: {failed_recycles} recycles lost their worker and were restored");
 }
+
+/// `model_graph` plus `abort`, an op that aborts the worker (TensorFlow's `Abort`: a
+/// LOG(FATAL), so SIGABRT) whenever a step runs it.
+fn crashing_graph() -> Vec<u8> {
+    let mut graph = tensorflow::Graph::new();
+    add_op(&mut graph, "Abort", "abort", &[], |d| {
+        d.set_attr_string("error_msg", "a crash the test asked for")
+            .expect("error_msg");
+    });
+    // Serialized GraphDefs concatenate into their merge.
+    let mut graph_def = model_graph();
+    graph_def.extend(graph.graph_def().expect("graph_def"));
+    graph_def
+}
+
+/// The next event on `events`, whatever it is, with a deadline.
+async fn next_any(events: &mut tonic::Streaming<api::SessionEvent>) -> api::SessionEvent {
+    tokio::time::timeout(DEADLINE, events.message())
+        .await
+        .expect("no event")
+        .expect("event stream")
+        .expect("stream ended")
+}
+
+fn kind_of(event: &api::SessionEvent) -> api::EventKind {
+    api::EventKind::try_from(event.kind).expect("known kind")
+}
+
+fn session_actions(daemon: &Daemon, action: &str, trigger: &str) -> f64 {
+    let prefix = format!("tfsd_session_actions_total{{action=\"{action}\",trigger=\"{trigger}\"}}");
+    daemon
+        .scrape_metrics()
+        .lines()
+        .find(|line| line.starts_with(&prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Found by review (issue 13): 25 aborting runs back to back made 25 crashes and 25 restores
+/// in 11 s, with no backoff and no end. Restarts now back off, and after five crashes within
+/// ten minutes the session is marked unhealthy, reported, and left without a worker: its runs
+/// say it is crash-looping and how to get it back, and a RecycleSession does, with a clean
+/// record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_keeps_crashing_is_marked_unhealthy_until_recycled() {
+    /// tfsd's `CRASH_LOOP_EXITS`.
+    const CRASHES: u64 = 5;
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let session = create(&mut client, crashing_graph()).await;
+    let id = session.session_id.clone();
+    let mut events = client
+        .watch_events(api::WatchEventsRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    for crash in 1..=CRASHES {
+        let status = run(&mut client, &id, &[], &[], &["abort"])
+            .await
+            .expect_err("the worker aborts");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let exited = next_any(&mut events).await;
+        assert_eq!(kind_of(&exited), api::EventKind::WorkerExited, "{exited:?}");
+        assert_eq!(exited.trigger, "worker_exit");
+        assert!(exited.reason.contains("SIGABRT"), "{exited:?}");
+        let after = next_any(&mut events).await;
+        if crash < CRASHES {
+            assert_eq!(
+                kind_of(&after),
+                api::EventKind::Restored,
+                "crash {crash}: {after:?}"
+            );
+            // The first restart is immediate; the later ones wait, and say so.
+            assert_eq!(
+                after.reason.contains("backoff"),
+                crash > 1,
+                "crash {crash}: {after:?}"
+            );
+        } else {
+            assert_eq!(
+                kind_of(&after),
+                api::EventKind::Unhealthy,
+                "crash {crash}: {after:?}"
+            );
+            assert_eq!(after.trigger, "worker_exit");
+            assert!(after.reason.contains("keeps crashing"), "{after:?}");
+            assert!(after.reason.contains("RecycleSession"), "{after:?}");
+        }
+    }
+
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(info.unhealthy, "{info:?}");
+    assert_eq!(info.state, api::SessionState::Broken as i32, "{info:?}");
+    assert_eq!(info.worker_pid, 0, "not respawned: {info:?}");
+    assert_eq!(info.worker_restart_count, CRASHES - 1);
+    assert_eq!(session_actions(&daemon, "unhealthy", "worker_exit"), 1.0);
+
+    // Its runs say what is wrong and how to recover, and start no worker.
+    let status = run(&mut client, &id, &[], &[], &["w_init"])
+        .await
+        .expect_err("crash-looping");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("crash-looping"), "{status:?}");
+    assert!(status.message().contains("RecycleSession"), "{status:?}");
+
+    // The way back: a recycle, with nothing restored before it.
+    let recycled = client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: id.clone(),
+            preserve_variables: false,
+        })
+        .await
+        .expect("recycle")
+        .into_inner();
+    assert_ne!(recycled.worker_pid_after, 0);
+    let event = next_any(&mut events).await;
+    assert_eq!(kind_of(&event), api::EventKind::Recycled, "{event:?}");
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(!info.unhealthy, "{info:?}");
+    assert_eq!(info.state, api::SessionState::Ready as i32, "{info:?}");
+    run(&mut client, &id, &[], &[], &["w_init"])
+        .await
+        .expect("the session works again");
+
+    // With a clean record: the next crash is restored at once.
+    run(&mut client, &id, &[], &[], &["abort"])
+        .await
+        .expect_err("the worker aborts");
+    assert_eq!(
+        kind_of(&next_any(&mut events).await),
+        api::EventKind::WorkerExited
+    );
+    let restored = next_any(&mut events).await;
+    assert_eq!(kind_of(&restored), api::EventKind::Restored, "{restored:?}");
+    assert!(!restored.reason.contains("backoff"), "{restored:?}");
+}
+
+/// SIGKILLs from outside tfsd (an operator, a chaos tool) are not the session failing: a
+/// worker killed again and again, more often than a crash loop allows, is restored each time
+/// at once, and the session never becomes unhealthy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_from_outside_again_and_again_is_always_restored() {
+    /// More than tfsd's `CRASH_LOOP_EXITS`.
+    const KILLS: u64 = 6;
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let session = create(&mut client, model_graph()).await;
+    let id = session.session_id.clone();
+    let mut events = client
+        .watch_events(api::WatchEventsRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut pid = session.worker_pid;
+    for kill in 1..=KILLS {
+        signal(pid, libc::SIGKILL);
+        let exited = next_any(&mut events).await;
+        assert_eq!(kind_of(&exited), api::EventKind::WorkerExited, "{exited:?}");
+        let restored = next_any(&mut events).await;
+        assert_eq!(
+            kind_of(&restored),
+            api::EventKind::Restored,
+            "kill {kill}: {restored:?}"
+        );
+        assert!(!restored.reason.contains("backoff"), "{restored:?}");
+        pid = restored.worker_pid;
+    }
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(!info.unhealthy, "{info:?}");
+    assert_eq!(info.state, api::SessionState::Ready as i32, "{info:?}");
+    assert_eq!(info.worker_restart_count, KILLS);
+    run(&mut client, &id, &[], &[], &["w_init"])
+        .await
+        .expect("the session works");
+}

@@ -119,6 +119,8 @@ pub enum TensorError {
     UnsupportedDtype(i32),
     #[error("the tensor has no shape of known rank (tensor_shape.unknown_rank is set)")]
     UnknownRank,
+    #[error("the shape has {rank} dimensions; TensorFlow allows at most {MAX_RANK}")]
+    TooManyDimensions { rank: usize },
     #[error("dimension {index} has size {size}; sizes must be 0 or more")]
     NegativeDimension { index: usize, size: i64 },
     #[error("the shape {shape:?} has more elements than fit in memory")]
@@ -178,12 +180,26 @@ impl DenseTensor {
     }
 }
 
+/// The most dimensions a shape may have: TensorFlow's own bound (`TensorShape::MaxDimensions`).
+/// It also bounds the shapes that error messages quote.
+pub const MAX_RANK: usize = 254;
+
+/// What a string element costs besides its own bytes: TensorFlow's `tstring` header is 24
+/// bytes, and so is the decoded form's `Vec` header. A shape of 2^28 empty strings is 6 GiB
+/// of headers, whatever the proto weighs.
+pub const STRING_ELEMENT_OVERHEAD: u64 = 24;
+
 fn shape_of(proto: &TensorProto) -> Result<(Vec<u64>, u64), TensorError> {
     let Some(shape) = &proto.tensor_shape else {
         return Ok((Vec::new(), 1));
     };
     if shape.unknown_rank {
         return Err(TensorError::UnknownRank);
+    }
+    if shape.dim.len() > MAX_RANK {
+        return Err(TensorError::TooManyDimensions {
+            rank: shape.dim.len(),
+        });
     }
     let mut dims = Vec::with_capacity(shape.dim.len());
     let mut elements: u64 = 1;
@@ -292,6 +308,34 @@ pub fn validate(proto: &TensorProto) -> Result<(), TensorError> {
     let dtype = DType::from_proto(proto.dtype)?;
     let (_, elements) = shape_of(proto)?;
     check_values(proto, dtype, elements)
+}
+
+/// How many bytes the tensor takes once decoded (`decode`), after validating it as `validate`
+/// does: for numbers, elements × element size, however few values the proto carries
+/// (TensorFlow repeats the last value to fill the shape, so 66 bytes can declare a gigabyte);
+/// for strings, every element's bytes (repeated ones included) plus
+/// `STRING_ELEMENT_OVERHEAD` each. Saturates at `u64::MAX`. What a worker allocates for a
+/// feed is about twice this: the decoded buffer and TensorFlow's own tensor.
+pub fn decoded_size(proto: &TensorProto) -> Result<u64, TensorError> {
+    let dtype = DType::from_proto(proto.dtype)?;
+    let (_, elements) = shape_of(proto)?;
+    check_values(proto, dtype, elements)?;
+    Ok(match dtype.element_size() {
+        Some(element_size) => elements.saturating_mul(element_size as u64),
+        None => {
+            let bytes = if proto.tensor_content.is_empty() {
+                // `check_values` saw no more values than elements.
+                let given: u64 = proto.string_val.iter().map(|s| s.len() as u64).sum();
+                let repeated = elements.saturating_sub(proto.string_val.len() as u64);
+                let last = proto.string_val.last().map_or(0, |s| s.len() as u64);
+                given.saturating_add(repeated.saturating_mul(last))
+            } else {
+                // The lengths and then the strings: the strings are fewer bytes than this.
+                proto.tensor_content.len() as u64
+            };
+            bytes.saturating_add(elements.saturating_mul(STRING_ELEMENT_OVERHEAD))
+        }
+    })
 }
 
 fn check_values(proto: &TensorProto, dtype: DType, elements: u64) -> Result<(), TensorError> {
@@ -504,6 +548,69 @@ pub fn encode(tensor: DenseTensor) -> TensorProto {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    fn tensor(dtype: DType, dims: &[i64]) -> TensorProto {
+        TensorProto {
+            dtype: dtype.to_proto(),
+            tensor_shape: Some(TensorShapeProto {
+                dim: dims
+                    .iter()
+                    .map(|size| Dim {
+                        size: *size,
+                        name: String::new(),
+                    })
+                    .collect(),
+                unknown_rank: false,
+            }),
+            ..TensorProto::default()
+        }
+    }
+
+    #[test]
+    fn a_broadcast_value_counts_as_every_element_it_fills() {
+        let mut huge = tensor(DType::Float, &[1 << 28]);
+        huge.float_val = vec![1.0];
+        assert_eq!(decoded_size(&huge), Ok(1 << 30));
+        let mut content = tensor(DType::Int64, &[2, 3]);
+        content.tensor_content = Bytes::from(vec![0u8; 48]);
+        assert_eq!(decoded_size(&content), Ok(48));
+        assert_eq!(decoded_size(&tensor(DType::Bool, &[0, 1 << 40])), Ok(0));
+        assert_eq!(
+            decoded_size(&tensor(DType::Double, &[1 << 62])),
+            Ok(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn strings_count_their_bytes_and_a_header_each() {
+        let mut strings = tensor(DType::String, &[4]);
+        strings.string_val = vec![b"ab".to_vec(), b"xyz".to_vec()];
+        // "ab", "xyz", then "xyz" twice more.
+        assert_eq!(
+            decoded_size(&strings),
+            Ok(2 + 3 * 3 + 4 * STRING_ELEMENT_OVERHEAD)
+        );
+        let empty = tensor(DType::String, &[1 << 28]);
+        assert_eq!(
+            decoded_size(&empty),
+            Ok((1 << 28) * STRING_ELEMENT_OVERHEAD)
+        );
+    }
+
+    #[test]
+    fn shapes_past_tensorflows_rank_are_refused() {
+        let deep = tensor(DType::Float, &vec![1; MAX_RANK + 1]);
+        assert_eq!(
+            validate(&deep),
+            Err(TensorError::TooManyDimensions { rank: MAX_RANK + 1 })
+        );
+        assert!(validate(&tensor(DType::Float, &vec![1; MAX_RANK])).is_ok());
+    }
+}
 
 #[cfg(test)]
 mod fuzz;

@@ -57,6 +57,8 @@ pub struct ConfigReport {
 #[derive(Debug, Serialize)]
 pub struct ServerReport {
     pub listen: String,
+    /// The one drain deadline after SIGTERM.
+    pub drain_timeout: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,10 +77,17 @@ pub struct MasterReport {
 pub struct WorkersReport {
     pub binary: String,
     pub pool_size: usize,
+    pub pool_max: usize,
     /// In the TOML file's own syntax ("1m", "250ms").
     pub start_timeout: String,
     pub library_dir: Option<String>,
     pub env: BTreeMap<String, String>,
+    pub call_timeout: String,
+    pub run_grace: String,
+    pub liveness_timeout: String,
+    pub max_concurrent_starts: usize,
+    pub max_waiting_creates: usize,
+    pub start_wait: String,
 }
 
 /// Python sessions; every key `None` when they are off (no `python.interpreter`).
@@ -87,6 +96,7 @@ pub struct PythonReport {
     pub interpreter: Option<String>,
     pub preload: Option<Vec<String>>,
     pub pool_size: Option<usize>,
+    pub pool_max: Option<usize>,
     pub start_timeout: Option<String>,
     /// The Python workers' whole environment: `[workers.env]`, then `[python.env]`.
     pub env: Option<BTreeMap<String, String>>,
@@ -108,6 +118,14 @@ pub struct PolicyReport {
     pub hard_limit: Option<SizeReport>,
     pub max_soft_limit: Option<SizeReport>,
     pub max_hard_limit: Option<SizeReport>,
+    /// Where `hard_limit` and `max_hard_limit` come from: "config", "default" (derived from
+    /// `memory_budget`) or "off".
+    pub hard_limit_from: &'static str,
+    pub max_hard_limit_from: &'static str,
+    /// What the derived defaults come from, as measured where check-config runs: this
+    /// machine's memory, or its cgroup's limit when lower (`memory_budget_from`).
+    pub memory_budget: Option<SizeReport>,
+    pub memory_budget_from: Option<&'static str>,
     pub gentle_action: &'static str,
     pub cooldown: String,
     pub rearm_below: f64,
@@ -173,6 +191,9 @@ pub struct LimitsReport {
     pub max_message_size: SizeReport,
     pub max_graph_def_size: Option<SizeReport>,
     pub max_feed_elements: Option<u64>,
+    pub max_feed_size: Option<SizeReport>,
+    /// "config", "default" or "off".
+    pub max_feed_size_from: &'static str,
     pub max_concurrent_runs_per_session: Option<u32>,
     pub max_run_timeout: Option<String>,
 }
@@ -196,6 +217,31 @@ pub struct LogReport {
 struct FileText {
     #[serde(default)]
     auth: FileAuth,
+    #[serde(default)]
+    policy: FilePolicy,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+/// The keys whose defaults are derived or on unless switched off: whether the file sets them.
+#[derive(Debug, Default, Deserialize)]
+struct FilePolicy {
+    hard_limit: Option<String>,
+    max_hard_limit: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileLimits {
+    max_feed_size: Option<String>,
+}
+
+/// Where a key's value comes from, as the file writes it: absent or "" is the default.
+fn value_from(value: &Option<String>) -> &'static str {
+    match value.as_deref() {
+        None | Some("") => "default",
+        Some(crate::policy::config::OFF) => "off",
+        Some(_) => "config",
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,11 +345,13 @@ impl ConfigReport {
         }
         let role = |role: &Option<String>| role.clone().unwrap_or_else(|| "client".into());
         let policy = &config.policy;
+        let budget = crate::system::memory_budget();
         Ok(ConfigReport {
             path: display(path),
             valid: true,
             server: ServerReport {
                 listen: config.listen.to_string(),
+                drain_timeout: toml_duration(config.drain_timeout),
             },
             metrics: MetricsReport {
                 listen: config.metrics_listen.map(|address| address.to_string()),
@@ -314,14 +362,22 @@ impl ConfigReport {
             workers: WorkersReport {
                 binary: display(&config.workers.binary),
                 pool_size: config.workers.pool_size,
+                pool_max: config.workers.pool_max,
                 start_timeout: toml_duration(config.workers.start_timeout),
                 library_dir: config.workers.library_dir.as_deref().map(display),
                 env: config.workers.env.clone(),
+                call_timeout: toml_duration(config.workers.deadlines.call),
+                run_grace: toml_duration(config.workers.deadlines.run_grace),
+                liveness_timeout: toml_duration(config.workers.deadlines.liveness),
+                max_concurrent_starts: config.workers.starts.max_concurrent,
+                max_waiting_creates: config.workers.starts.max_waiting,
+                start_wait: toml_duration(config.workers.starts.wait),
             },
             python: PythonReport {
                 interpreter: config.python.as_ref().map(|p| display(&p.interpreter)),
                 preload: config.python.as_ref().map(|p| p.preload.clone()),
                 pool_size: config.python.as_ref().map(|p| p.pool_size),
+                pool_max: config.python.as_ref().map(|p| p.pool_max),
                 start_timeout: config
                     .python
                     .as_ref()
@@ -335,6 +391,16 @@ impl ConfigReport {
                 hard_limit: policy.hard_limit_bytes.map(size),
                 max_soft_limit: policy.max_soft_limit_bytes.map(size),
                 max_hard_limit: policy.max_hard_limit_bytes.map(size),
+                hard_limit_from: value_from(&file.policy.hard_limit),
+                max_hard_limit_from: value_from(&file.policy.max_hard_limit),
+                memory_budget: budget.map(|budget| size(budget.bytes)),
+                memory_budget_from: budget.map(|budget| {
+                    if budget.from_cgroup {
+                        "cgroup"
+                    } else {
+                        "machine"
+                    }
+                }),
                 gentle_action: match policy.gentle_action {
                     GentleAction::PurgeVariables => "purge_variables",
                     GentleAction::ResetGraph => "reset_graph",
@@ -406,6 +472,8 @@ impl ConfigReport {
                     .max_graph_def_bytes
                     .map(|bytes| size(bytes as u64)),
                 max_feed_elements: config.limits.max_feed_elements,
+                max_feed_size: config.limits.max_feed_bytes.map(size),
+                max_feed_size_from: value_from(&file.limits.max_feed_size),
                 max_concurrent_runs_per_session: config.limits.max_concurrent_runs_per_session,
                 max_run_timeout: config.limits.max_run_timeout.map(toml_duration),
             },
@@ -454,7 +522,10 @@ impl ConfigReport {
     fn blocks(&self) -> Vec<Vec<(String, String)>> {
         let line = |key: &str, value: String| (key.to_string(), value);
         let mut blocks = vec![
-            vec![line("server.listen", self.server.listen.clone())],
+            vec![
+                line("server.listen", self.server.listen.clone()),
+                line("server.drain_timeout", self.server.drain_timeout.clone()),
+            ],
             vec![line(
                 "metrics.listen",
                 or_text(&self.metrics.listen, "(off)"),
@@ -463,12 +534,28 @@ impl ConfigReport {
             vec![
                 line("workers.binary", self.workers.binary.clone()),
                 line("workers.pool_size", self.workers.pool_size.to_string()),
+                line("workers.pool_max", self.workers.pool_max.to_string()),
                 line("workers.start_timeout", self.workers.start_timeout.clone()),
                 line(
                     "workers.library_dir",
                     or_text(&self.workers.library_dir, "(none)"),
                 ),
                 line("workers.env", env_text(&self.workers.env)),
+                line("workers.call_timeout", self.workers.call_timeout.clone()),
+                line("workers.run_grace", self.workers.run_grace.clone()),
+                line(
+                    "workers.liveness_timeout",
+                    self.workers.liveness_timeout.clone(),
+                ),
+                line(
+                    "workers.max_concurrent_starts",
+                    self.workers.max_concurrent_starts.to_string(),
+                ),
+                line(
+                    "workers.max_waiting_creates",
+                    self.workers.max_waiting_creates.to_string(),
+                ),
+                line("workers.start_wait", self.workers.start_wait.clone()),
             ],
         ];
         let python = &self.python;
@@ -484,6 +571,7 @@ impl ConfigReport {
                     python.preload.as_deref().unwrap_or_default().join(", "),
                 ),
                 line("python.pool_size", or_text(&python.pool_size, "")),
+                line("python.pool_max", or_text(&python.pool_max, "")),
                 line("python.start_timeout", or_text(&python.start_timeout, "")),
                 line(
                     "python.env",
@@ -492,18 +580,46 @@ impl ConfigReport {
             ],
         });
         let policy = &self.policy;
+        let budget = match (&policy.memory_budget, policy.memory_budget_from) {
+            (Some(budget), Some("cgroup")) => format!("its cgroup's limit, {}", budget.human),
+            (Some(budget), _) => format!("this machine's {}", budget.human),
+            (None, _) => "this machine's memory, unknown here".to_string(),
+        };
+        let share = policy.memory_budget.as_ref().map(|budget| {
+            crate::policy::config::default_hard_limit(crate::system::MemoryBudget {
+                bytes: budget.bytes,
+                from_cgroup: false,
+            })
+        });
+        let derived = |size: &Option<SizeReport>, from: &str| match from {
+            "default" if size.as_ref().map(|size| size.bytes) == share => format!(
+                "{}: default, {}% of {budget}",
+                size_text(size, "(none)"),
+                crate::policy::config::DEFAULT_HARD_LIMIT_PERCENT
+            ),
+            // The derived figure, raised to a configured soft (or hard) limit above it.
+            "default" => format!(
+                "{}: default, raised to the configured limit",
+                size_text(size, "(none)")
+            ),
+            "off" => "(off)".to_string(),
+            _ => size_text(size, "(none)"),
+        };
         blocks.push(vec![
             line("policy.interval", policy.interval.clone()),
             line("policy.dry_run", policy.dry_run.to_string()),
             line("policy.soft_limit", size_text(&policy.soft_limit, "(none)")),
-            line("policy.hard_limit", size_text(&policy.hard_limit, "(none)")),
+            line(
+                "policy.hard_limit",
+                derived(&policy.hard_limit, policy.hard_limit_from),
+            ),
             line(
                 "policy.max_soft_limit",
                 size_text(&policy.max_soft_limit, "(none)"),
             ),
             line(
                 "policy.max_hard_limit",
-                size_text(&policy.max_hard_limit, "(none)"),
+                derived(&policy.max_hard_limit, policy.max_hard_limit_from),
             ),
             line("policy.gentle_action", policy.gentle_action.into()),
             line("policy.cooldown", policy.cooldown.clone()),
@@ -598,6 +714,14 @@ impl ConfigReport {
             line(
                 "limits.max_feed_elements",
                 or_text(&limits.max_feed_elements, "(none)"),
+            ),
+            line(
+                "limits.max_feed_size",
+                match limits.max_feed_size_from {
+                    "default" => format!("{}: default", size_text(&limits.max_feed_size, "")),
+                    "off" => "(off)".to_string(),
+                    _ => size_text(&limits.max_feed_size, "(none)"),
+                },
             ),
             line(
                 "limits.max_concurrent_runs_per_session",
@@ -746,6 +870,7 @@ mod tests {
             max_message_size = "512MiB"
             max_graph_def_size = "256MiB"
             max_feed_elements = 268435456
+            max_feed_size = "1GiB"
             max_concurrent_runs_per_session = 4
             max_run_timeout = "1h"
             [state]
@@ -769,11 +894,21 @@ mod tests {
         let json = serde_json::to_value(&report).expect("json");
         assert_eq!(json["workers"]["pool_size"], 2);
         assert_eq!(json["workers"]["start_timeout"], "1m");
+        // Supervision defaults are shown with their values.
+        assert_eq!(json["workers"]["call_timeout"], "2m");
+        assert_eq!(json["workers"]["liveness_timeout"], "5s");
+        assert_eq!(json["workers"]["max_waiting_creates"], 64);
+        assert_eq!(json["workers"]["pool_max"], 4);
+        assert_eq!(json["server"]["drain_timeout"], "30s");
         assert_eq!(json["log"]["format"], "human");
         assert_eq!(json["master"]["listen"], "127.0.0.1:2222");
         let text = report.human(SystemTime::now());
         assert!(text.starts_with("/etc/tfsd/tfsd.toml is valid\n"), "{text}");
-        assert!(text.contains("workers.start_timeout  1m\n"), "{text}");
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with("workers.start_timeout ") && line.ends_with(" 1m")),
+            "{text}"
+        );
     }
 
     #[test]
@@ -812,6 +947,8 @@ mod tests {
         assert_eq!(policy["max_soft_limit"]["bytes"], 4u64 << 30);
         assert_eq!(policy["max_hard_limit"]["bytes"], 1_500_000_000u64);
         assert_eq!(policy["max_hard_limit"]["human"], "1.4 GiB");
+        assert_eq!(policy["hard_limit_from"], "config");
+        assert_eq!(policy["max_hard_limit_from"], "config");
         assert_eq!(policy["gentle_action"], "reset_graph");
         assert_eq!(policy["cooldown"], "10s");
         assert_eq!(policy["rearm_below"], 0.8);
@@ -851,6 +988,8 @@ mod tests {
         assert_eq!(limits["max_graph_def_size"]["bytes"], 256u64 << 20);
         assert_eq!(limits["max_graph_def_size"]["human"], "256 MiB");
         assert_eq!(limits["max_feed_elements"], 268_435_456u64);
+        assert_eq!(limits["max_feed_size"]["bytes"], 1u64 << 30);
+        assert_eq!(limits["max_feed_size_from"], "config");
         assert_eq!(limits["max_concurrent_runs_per_session"], 4);
         assert_eq!(limits["max_run_timeout"], "1h");
 
@@ -944,13 +1083,17 @@ mod tests {
         let policy = &json["policy"];
         assert_eq!(policy["interval"], "250ms");
         assert_eq!(policy["dry_run"], false);
-        for key in [
-            "soft_limit",
-            "hard_limit",
-            "max_soft_limit",
-            "max_hard_limit",
-        ] {
+        for key in ["soft_limit", "max_soft_limit"] {
             assert_eq!(policy[key], null, "policy.{key}");
+        }
+        // Out of the box a session cannot take the machine: hard limits derived from its
+        // memory (or its cgroup's limit).
+        let budget = crate::system::memory_budget().expect("this machine's memory");
+        let derived = crate::policy::config::default_hard_limit(budget);
+        assert_eq!(policy["memory_budget"]["bytes"], budget.bytes);
+        for key in ["hard_limit", "max_hard_limit"] {
+            assert_eq!(policy[key]["bytes"], derived, "policy.{key}");
+            assert_eq!(policy[&format!("{key}_from")], "default", "policy.{key}");
         }
         assert_eq!(policy["gentle_action"], "purge_variables");
         assert_eq!(policy["cooldown"], "30s");
@@ -973,6 +1116,11 @@ mod tests {
         let limits = &json["limits"];
         assert_eq!(limits["max_message_size"]["bytes"], i32::MAX as u64);
         assert_eq!(limits["max_message_size"]["human"], "2.0 GiB");
+        assert_eq!(
+            limits["max_feed_size"]["bytes"],
+            crate::limits::DEFAULT_MAX_FEED_BYTES
+        );
+        assert_eq!(limits["max_feed_size_from"], "default");
         for key in [
             "max_sessions",
             "max_sessions_per_principal",
@@ -996,11 +1144,52 @@ mod tests {
             "tls.cert  (off: plaintext)\n",
             "limits.max_message_size                 2147483647 bytes (2.0 GiB)\n",
             "limits.max_sessions                     (none)\n",
+            "limits.max_feed_size                    536870912 bytes (512 MiB): default\n",
             "state.dir  (off: sessions last as long as the daemon)\n",
             "\nlog.filter  info\n",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn switched_off_defaults_say_so() {
+        let dir = TempDir::new();
+        let text = "[policy]\nhard_limit = \"off\"\nmax_hard_limit = \"off\"\n\
+                    [limits]\nmax_feed_size = \"off\"\n";
+        let report = report(&dir.0, text);
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["policy"]["hard_limit"], serde_json::Value::Null);
+        assert_eq!(json["policy"]["hard_limit_from"], "off");
+        assert_eq!(json["limits"]["max_feed_size"], serde_json::Value::Null);
+        assert_eq!(json["limits"]["max_feed_size_from"], "off");
+        let human = report.human(SystemTime::now());
+        for line in [
+            "policy.hard_limit               (off)\n",
+            "policy.max_hard_limit           (off)\n",
+            "limits.max_feed_size                    (off)\n",
+        ] {
+            assert!(human.contains(line), "{line:?} in\n{human}");
+        }
+        let defaults = report_human(&dir.0, "");
+        assert!(
+            defaults.contains(": default, 75% of this machine's ")
+                || defaults.contains(": default, 75% of its cgroup's limit, "),
+            "{defaults}"
+        );
+        // A configured hard limit above the derived one is the default ceiling too.
+        let raised = report_human(&dir.0, "[policy]\nhard_limit = \"1000TiB\"\n");
+        assert!(
+            raised.contains(
+                "policy.max_hard_limit           1099511627776000 bytes (1000 TiB): default, \
+                 raised to the configured limit\n"
+            ),
+            "{raised}"
+        );
+    }
+
+    fn report_human(dir: &Path, text: &str) -> String {
+        report(dir, text).human(SystemTime::now())
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! operators can use grpcurl with no proto files at hand.
 
 mod convert;
+mod decode_errors;
 mod session_service;
 mod status;
 
@@ -24,6 +25,8 @@ use crate::config::TlsConfig;
 use crate::limits::Limits;
 use crate::proto::tfsd::v1::session_service_server::SessionServiceServer;
 use crate::session::SessionManager;
+
+pub use decode_errors::DecodeErrorsAreInvalidArgument;
 
 /// Largest message either way: TensorFlow's own client allows INT32_MAX, and big tensors
 /// travel in one message.
@@ -118,17 +121,7 @@ pub async fn serve(
         sessions,
         crate::auth::interceptor(options.auth.clone()),
     );
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .context("build the v1 reflection service")?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .context("build the v1alpha reflection service")?;
+    let (reflection_v1, reflection_v1alpha) = reflection(&[SESSION_SERVICE, HEALTH_SERVICE])?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &options.tls {
         builder = builder
@@ -139,7 +132,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(sessions)
+        .add_service(DecodeErrorsAreInvalidArgument::new(sessions))
         // TCP_NODELAY: a response written in two segments (headers, then data) must not wait
         // for the client's delayed ACK (Nagle): without it, concurrent callers saw 40 ms p99.
         .serve_with_incoming_shutdown(
@@ -148,6 +141,42 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// The fully qualified name of the health service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Server reflection, v1 and v1alpha (grpcurl 1.8 asks for v1alpha), listing exactly
+/// `services` and themselves: each port lists what it serves, and nothing it would answer
+/// UNIMPLEMENTED. Every file is described, so any of them resolves.
+pub fn reflection(
+    services: &[&str],
+) -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        services
+            .iter()
+            .fold(builder, |builder, name| builder.with_service_name(*name))
+    };
+    Ok((
+        builder()
+            .build_v1()
+            .context("build the v1 reflection service")?,
+        builder()
+            .build_v1alpha()
+            .context("build the v1alpha reflection service")?,
+    ))
 }
 
 /// A health reporter with tfsd.v1 NOT_SERVING until the first worker is ready, and the

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::auth::Caller;
 use crate::error::Error;
-use crate::limits::Limits;
+use crate::limits::{self, Limits};
 use crate::proto::tfsd::v1 as api;
 use crate::session::{CallEvent, Cause, InPlaceReset, RunSpec, SessionManager};
 
@@ -62,10 +62,10 @@ fn validate_memory_policy(
 
 fn required_id(id: &str) -> Result<&str, Status> {
     if id.is_empty() {
-        Err(Status::invalid_argument("session_id is required"))
-    } else {
-        Ok(id)
+        return Err(Status::invalid_argument("session_id is required"));
     }
+    limits::check_id("session_id", id)?;
+    Ok(id)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<api::SessionEvent, Status>> + Send>>;
@@ -80,16 +80,17 @@ impl api::session_service_server::SessionService for SessionService {
         let caller = Caller::of(&request);
         let request = request.into_inner();
         let policy = validate_memory_policy(request.memory_policy)?;
+        limits::check_client_labels(&request.labels)?;
         let runtime = api::Runtime::try_from(request.runtime).map_err(|_| {
             Status::invalid_argument(format!("runtime = {} is not a Runtime", request.runtime))
         })?;
         self.limits.check_graph_def_size(request.graph_def.len())?;
-        self.check_session_count(&caller)?;
+        let admitted = self.admit(&caller)?;
         let snapshot = match runtime {
             api::Runtime::Unspecified | api::Runtime::Graph => {
                 self.manager
                     .create_owned(
-                        caller.principal,
+                        admitted,
                         request.durable_variables,
                         request.graph_def.into(),
                         request.config.into(),
@@ -113,11 +114,7 @@ impl api::session_service_server::SessionService for SessionService {
                     ));
                 }
                 self.manager
-                    .create_python_owned(
-                        caller.principal,
-                        request.labels.into_iter().collect(),
-                        policy,
-                    )
+                    .create_python_owned(admitted, request.labels.into_iter().collect(), policy)
                     .await?
             }
         };
@@ -270,6 +267,9 @@ impl api::session_service_server::SessionService for SessionService {
         let caller = Caller::of(&request);
         let request = request.into_inner();
         let id = self.authorize(&caller, &request.session_id)?;
+        if let Some(api::call_request::Target::Script(script)) = &request.target {
+            limits::check_script(&script.path, &script.argv)?;
+        }
         let target = convert::call_target(request.target).ok_or_else(|| {
             Status::invalid_argument("a call needs `pickled` (a function) or `script`")
         })?;
@@ -363,17 +363,13 @@ impl SessionService {
         }
     }
 
-    /// limits.max_sessions and max_sessions_per_principal, counting the sessions the caller
-    /// owns (`Limits::check_session_count`).
-    fn check_session_count(&self, caller: &Caller) -> Result<(), Status> {
-        let sessions = self.manager.list();
-        let own = sessions
-            .iter()
-            .filter(|session| session.owner == caller.principal)
-            .count();
-        self.limits
-            .check_session_count(sessions.len(), own, &caller.actor())?;
-        Ok(())
+    /// A slot for one more session under limits.max_sessions and
+    /// max_sessions_per_principal (`Limits::check_session_count`), reserved atomically.
+    fn admit(&self, caller: &Caller) -> Result<crate::session::Admitted, Status> {
+        let actor = caller.actor();
+        Ok(self.manager.admit(&caller.principal, |total, own| {
+            self.limits.check_session_count(total, own, &actor)
+        })?)
     }
 }
 

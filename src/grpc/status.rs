@@ -1,9 +1,10 @@
 //! The one mapping from domain errors to gRPC statuses. Messages are the domain errors'
-//! own: written for the client, never a `{:?}` of an internal type.
+//! own: written for the client, never a `{:?}` of an internal type, and never longer than
+//! `MAX_STATUS_MESSAGE_BYTES` (a status travels in trailers, which clients bound).
 
 use tonic::{Code, Status};
 
-use crate::error::Error;
+use crate::error::{Error, clip_message};
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
@@ -19,13 +20,14 @@ impl From<Error> for Status {
             Error::WorkerDied { .. } | Error::SessionBroken(_) | Error::ShuttingDown => {
                 Code::Unavailable
             }
-            Error::WorkerStart(_) => Code::Unavailable,
+            Error::WorkerStart(_) | Error::Unavailable(_) => Code::Unavailable,
+            Error::Cancelled(_) => Code::Cancelled,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Protocol(_) => Code::Internal,
         };
-        Status::new(code, error.to_string())
+        Status::new(code, clip_message(error.to_string()))
     }
 }
 
@@ -54,5 +56,21 @@ mod tests {
         let status = Status::from(Error::SessionNotFound("s-1".into()));
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(status.message(), "no session with id \"s-1\"");
+    }
+
+    #[test]
+    fn messages_fit_in_trailers() {
+        let status = Status::from(Error::Tensorflow {
+            code: TfCode::NOT_FOUND,
+            message: format!("Fetch '{}' not found", "y".repeat(16 << 20)),
+        });
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(
+            status.message().len() <= crate::error::MAX_STATUS_MESSAGE_BYTES,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().starts_with("Fetch 'yyy"));
+        assert!(status.message().ends_with("y' not found"));
     }
 }

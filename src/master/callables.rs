@@ -74,7 +74,10 @@ pub fn run_spec(
         feeds: spec.feeds.iter().cloned().zip(feeds).collect(),
         fetches: spec.fetches.clone(),
         targets: spec.targets.clone(),
-        timeout: spec.timeout.or(operation_timeout),
+        timeout: spec
+            .timeout
+            .or(operation_timeout)
+            .map(super::convert::ahead_of_client),
         max_runs_in_flight: None,
     })
 }
@@ -106,7 +109,8 @@ mod tests {
         .expect("run spec");
         assert_eq!(run.feeds[0].0, "x:0");
         assert_eq!(run.targets, ["train"]);
-        assert_eq!(run.timeout, Some(Duration::from_secs(1)));
+        // The session's operation timeout, stopped ahead of the client's own deadline.
+        assert_eq!(run.timeout, Some(Duration::from_millis(500)));
         callables.release(first).expect("release");
         assert_eq!(
             callables.get(first).expect_err("released").code(),

@@ -7,6 +7,9 @@ use std::time::Duration;
 use prost::Message;
 use tonic::Status;
 
+use super::sessions::NAME_LABEL;
+use crate::error::quoted;
+use crate::limits;
 use crate::proto::tensorflow::{DeviceAttributes, DeviceLocality, NamedTensorProto, TensorProto};
 
 /// The one device every worker has: TensorFlow's DirectSession names its CPU this way.
@@ -88,6 +91,14 @@ pub fn session_config(config: &[u8]) -> Result<SessionConfig, Status> {
             version => format!("{}/{version}", metadata.name),
         })
         .filter(|name| !name.is_empty());
+    if let Some(name) = &name {
+        // It becomes the session's `tfsd.master.name` label, within the labels' bounds.
+        crate::limits::check_labels([(&NAME_LABEL.to_string(), name)]).map_err(|error| {
+            Status::invalid_argument(format!(
+                "config.experimental.session_metadata.name: {error}"
+            ))
+        })?;
+    }
     let worker_config = if name.is_some() {
         strip_session_metadata(config).map_err(|error| {
             Status::invalid_argument(format!("config is not a ConfigProto: {error}"))
@@ -110,6 +121,20 @@ pub fn run_timeout(options: &[u8]) -> Result<Option<Duration>, Status> {
     Ok(millis(view.timeout_in_ms))
 }
 
+/// Longest margin a MasterService step's timeout is shortened by (see `ahead_of_client`).
+const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
+/// The timeout a MasterService step runs with, given the one the TensorFlow client asked
+/// for. TensorFlow's client makes a step's timeout (RunOptions' `timeout_in_ms`, or the
+/// ConfigProto's `operation_timeout_in_ms`) its own gRPC deadline for the call as well. A
+/// step stopped exactly at that timeout races the client's deadline, and on a loaded machine
+/// the client wins and raises CancelledError ("Timeout expired") instead of the
+/// DeadlineExceededError the step really ended with. So the step stops a margin earlier:
+/// half its timeout, at most one second. The client gives up at its timeout either way.
+pub fn ahead_of_client(timeout: Duration) -> Duration {
+    timeout - (timeout / 2).min(CLIENT_DEADLINE_MARGIN)
+}
+
 fn millis(value: i64) -> Option<Duration> {
     (value > 0).then(|| Duration::from_millis(value as u64))
 }
@@ -128,6 +153,14 @@ pub fn callable_spec(options: &[u8]) -> Result<CallableSpec, Status> {
     let view = CallableOptionsView::decode(options).map_err(|error| {
         Status::invalid_argument(format!("options is not a CallableOptions: {error}"))
     })?;
+    for (field, names) in [
+        ("options.feed", &view.feed),
+        ("options.fetch", &view.fetch),
+        ("options.target", &view.target),
+    ] {
+        limits::check_names(field, names.iter().map(String::as_str))
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+    }
     if !view.tensor_connection.is_empty() {
         return Err(Status::unimplemented(
             "CallableOptions.tensor_connection is not supported by tfsd: feed the tensor \
@@ -149,8 +182,8 @@ pub fn feeds(named: Vec<NamedTensorProto>) -> Result<Vec<(String, TensorProto)>,
         .map(|feed| match feed.tensor {
             Some(tensor) => Ok((feed.name, tensor)),
             None => Err(Status::invalid_argument(format!(
-                "feed {:?} has no tensor",
-                feed.name
+                "feed {} has no tensor",
+                quoted(&feed.name)
             ))),
         })
         .collect()
@@ -338,6 +371,22 @@ mod tests {
     }
 
     #[test]
+    fn steps_stop_ahead_of_the_clients_deadline() {
+        assert_eq!(
+            ahead_of_client(Duration::from_millis(200)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            ahead_of_client(Duration::from_secs(60)),
+            Duration::from_secs(59)
+        );
+        assert_eq!(
+            ahead_of_client(Duration::from_millis(1)),
+            Duration::from_micros(500)
+        );
+    }
+
+    #[test]
     fn session_metadata_names_the_session_and_stays_away_from_the_worker() {
         let parsed = session_config(&config(true)).expect("valid");
         assert_eq!(parsed.name.as_deref(), Some("exp-1"));
@@ -361,6 +410,57 @@ mod tests {
     fn malformed_configs_are_invalid_arguments() {
         let status = session_config(&[0x0a, 0x05, 0x01]).expect_err("truncated");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_session_name_is_bounded_like_a_label_value() {
+        #[derive(Clone, PartialEq, Message)]
+        struct Config {
+            #[prost(message, optional, tag = "16")]
+            experimental: Option<ExperimentalView>,
+        }
+        let named = |name: String| {
+            Config {
+                experimental: Some(ExperimentalView {
+                    session_metadata: Some(SessionMetadataView { name, version: 0 }),
+                }),
+            }
+            .encode_to_vec()
+        };
+        let name = "n".repeat(crate::limits::MAX_LABEL_VALUE_BYTES);
+        assert_eq!(
+            session_config(&named(name.clone())).expect("valid").name,
+            Some(name)
+        );
+        let status = session_config(&named("n".repeat(5 << 20))).expect_err("too long");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .starts_with("config.experimental.session_metadata.name: label"),
+            "{status:?}"
+        );
+        assert!(status.message().len() < 300, "{}", status.message().len());
+    }
+
+    #[test]
+    fn callable_names_are_bounded() {
+        let options = CallableOptionsView {
+            feed: vec!["x".repeat(crate::limits::MAX_NAME_BYTES + 1)],
+            fetch: vec![],
+            target: vec![],
+            run_options: Vec::new(),
+            tensor_connection: vec![],
+        };
+        let status = callable_spec(&options.encode_to_vec()).expect_err("too long");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("options.feed: "), "{status:?}");
+        let status = feeds(vec![NamedTensorProto {
+            name: "f".repeat(1 << 20),
+            tensor: None,
+        }])
+        .expect_err("no tensor");
+        assert!(status.message().len() < 200, "{status:?}");
     }
 
     #[test]

@@ -73,8 +73,12 @@ pub async fn serve(
     .max_encoding_message_size(max_message);
     // Steps are small request/response pairs: Nagle's algorithm would hold them back.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (reflection_v1, reflection_v1alpha) =
+        crate::grpc::reflection(&["tensorflow.MasterService"])?;
     tonic::transport::Server::builder()
-        .add_service(service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(crate::grpc::DecodeErrorsAreInvalidArgument::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())

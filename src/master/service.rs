@@ -17,7 +17,7 @@ use super::sessions::{
     ORIGIN_MASTER,
 };
 use crate::error::Error;
-use crate::limits::Limits;
+use crate::limits::{self, Limits};
 use crate::policy::SessionPolicy;
 use crate::proto::tensorflow as tf;
 use crate::session::{PartialRunSpec, RunSpec, SessionManager};
@@ -64,17 +64,26 @@ impl Master {
     /// limits.max_sessions, and max_sessions_per_principal with every MasterService client
     /// address as one principal, `master:IP`: TensorFlow's client cannot authenticate, and
     /// its address is what the MasterService knows a client by (as for Reset).
-    fn check_session_count(&self, client_ip: Option<IpAddr>) -> Result<(), Status> {
-        let principal = match client_ip {
-            Some(ip) => format!("master:{ip} (the MasterService clients at {ip})"),
-            None => "master: (the MasterService clients of unknown address)".to_string(),
+    /// The slot is reserved atomically (`SessionManager::admit`), under the client's address
+    /// as its admission key, so that concurrent creates cannot all pass the check.
+    fn admit(&self, client_ip: Option<IpAddr>) -> Result<crate::session::Admitted, Status> {
+        let (key, principal) = match client_ip {
+            Some(ip) => (
+                format!("master:{ip}"),
+                format!("master:{ip} (the MasterService clients at {ip})"),
+            ),
+            None => (
+                "master:".to_string(),
+                "master: (the MasterService clients of unknown address)".to_string(),
+            ),
         };
-        self.limits
-            .check_session_count(
-                self.manager.list().len(),
-                self.sessions.created_from(client_ip).len(),
-                &principal,
-            )
+        let created = self.sessions.created_from(client_ip).len();
+        self.manager
+            // TensorFlow's client cannot authenticate: the session has no owner.
+            .admit_as("", &key, |total, creating| {
+                self.limits
+                    .check_session_count(total, created + creating, &principal)
+            })
             .map_err(errors::status)
     }
 }
@@ -98,10 +107,19 @@ fn replayed<T: Clone>(answer: Result<Arc<Answer<T>>, Status>) -> Answer<T> {
 
 fn required_handle(handle: &str) -> Result<&str, Status> {
     if handle.is_empty() {
-        Err(Status::invalid_argument("session_handle is required"))
-    } else {
-        Ok(handle)
+        return Err(Status::invalid_argument("session_handle is required"));
     }
+    limits::check_id("session_handle", handle).map_err(errors::status)?;
+    Ok(handle)
+}
+
+/// The names of a step or a partial run (feeds, fetches, targets) within
+/// `limits::check_names`.
+fn check_names(feeds: &[String], fetches: &[String], targets: &[String]) -> Result<(), Status> {
+    for (field, names) in [("feed", feeds), ("fetch", fetches), ("target", targets)] {
+        limits::check_names(field, names.iter().map(String::as_str)).map_err(errors::status)?;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -118,7 +136,7 @@ impl tf::master_service_server::MasterService for MasterService {
             .limits
             .check_graph_def_size(request.graph_def.len())
             .map_err(errors::status)?;
-        self.master.check_session_count(client_ip)?;
+        let admitted = self.master.admit(client_ip)?;
         let mut labels = std::collections::BTreeMap::from([(
             ORIGIN_LABEL.to_string(),
             ORIGIN_MASTER.to_string(),
@@ -139,8 +157,7 @@ impl tf::master_service_server::MasterService for MasterService {
             .master
             .manager
             .create_owned(
-                // TensorFlow's client cannot authenticate: the session has no owner.
-                String::new(),
+                admitted,
                 // With a state directory, the variables come back after a daemon restart:
                 // the client cannot know it should initialise them again.
                 true,
@@ -156,7 +173,11 @@ impl tf::master_service_server::MasterService for MasterService {
             )
             .await
             .map_err(errors::status)?;
-        tracing::info!(session_id = %snapshot.id, client = ?client, "MasterService session created");
+        tracing::info!(
+            session_id = %snapshot.id,
+            client = %client.map_or_else(|| "unknown".to_string(), |client| client.to_string()),
+            "MasterService session created"
+        );
         self.master.sessions.insert(
             snapshot.id.clone(),
             MasterSession {
@@ -207,6 +228,7 @@ impl tf::master_service_server::MasterService for MasterService {
             .run(request.request_id, async move {
                 let handle = required_handle(&request.session_handle)?;
                 master.sessions.with(handle, |_| Ok(()))?;
+                check_names(&request.feed, &request.fetch, &request.target)?;
                 let spec = PartialRunSpec {
                     feeds: request.feed,
                     fetches: request.fetch,
@@ -265,6 +287,7 @@ impl tf::master_service_server::MasterService for MasterService {
         let incarnation = if handle.is_empty() {
             convert::incarnation(&["tfsd", &std::process::id().to_string()])
         } else {
+            let handle = required_handle(handle)?;
             self.master.sessions.with(handle, |_| Ok(()))?;
             let snapshot = self
                 .master
@@ -285,6 +308,9 @@ impl tf::master_service_server::MasterService for MasterService {
     ) -> Result<Response<tf::ResetResponse>, Status> {
         let client_ip = request.remote_addr().map(|address| address.ip());
         let containers = request.into_inner().container;
+        // Only logged, but bounded like every name a client sends.
+        limits::check_names("container", containers.iter().map(String::as_str))
+            .map_err(errors::status)?;
         // Detached, so that a client hanging up cannot leave its sessions half reset.
         let master = self.master.clone();
         tokio::spawn(async move { reset(&master, client_ip, &containers).await })
@@ -375,7 +401,9 @@ async fn run_step(master: Arc<Master>, request: tf::RunStepRequest) -> Answer<tf
                 feeds,
                 fetches: fetches.clone(),
                 targets: request.target,
-                timeout: convert::run_timeout(&request.options)?.or(operation_timeout),
+                timeout: convert::run_timeout(&request.options)?
+                    .or(operation_timeout)
+                    .map(convert::ahead_of_client),
                 max_runs_in_flight: None,
             })
             .map_err(errors::status)?;
@@ -383,7 +411,9 @@ async fn run_step(master: Arc<Master>, request: tf::RunStepRequest) -> Answer<tf
     } else {
         // TensorFlow's partial runs take no timeout, so max_run_timeout cannot reach them.
         limits
-            .check_feed_elements(feeds.iter().map(|(name, tensor)| (name.as_str(), tensor)))
+            .check_feeds(feeds.iter().map(|(name, tensor)| (name.as_str(), tensor)))
+            .and_then(|()| limits::check_names("fetch", fetches.iter().map(String::as_str)))
+            .and_then(|()| limits::check_name("partial_run_handle", &request.partial_run_handle))
             .map_err(errors::status)?;
         master
             .manager
@@ -433,8 +463,8 @@ async fn reset(
         }
     }
     tracing::info!(
-        client = ?client_ip,
-        ?containers,
+        client = %client_ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
+        containers = %containers.join(","),
         sessions = handles.len(),
         failed = failures.len(),
         "MasterService Reset cleared the client's sessions"
@@ -442,11 +472,11 @@ async fn reset(
     if failures.is_empty() {
         Ok(())
     } else {
-        Err(Status::internal(format!(
+        Err(Status::internal(crate::error::clip_message(format!(
             "Reset could not clear {} of {} sessions: {}",
             failures.len(),
             handles.len(),
             failures.join("; ")
-        )))
+        ))))
     }
 }

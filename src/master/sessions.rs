@@ -19,7 +19,8 @@ use super::callables::Callables;
 use crate::session::{EventKind, SessionManager, SessionSnapshot};
 
 /// Label on every tfsd session the MasterService created: what makes a tfsd session a
-/// MasterService session (`adopt_restored` finds them again by it after a restart).
+/// MasterService session (`adopt_restored` finds them again by it after a restart). Clients
+/// cannot set it: labels under `tfsd.` are the daemon's (`limits::RESERVED_LABEL_PREFIX`).
 pub const ORIGIN_LABEL: &str = "tfsd.origin";
 pub const ORIGIN_MASTER: &str = "master";
 /// Label with the address (IP:port) of the TensorFlow client that created the session.
@@ -83,11 +84,22 @@ impl MasterSessions {
 
     /// Takes over the MasterService sessions the daemon restored from its state directory,
     /// with what their labels say (client address, operation timeout); their callables were
-    /// not kept. Returns how many.
+    /// not kept. Returns how many. A session with an owner came through tfsd.v1 (the
+    /// MasterService's have none), whatever its labels say: a state directory written before
+    /// `tfsd.` labels were reserved may hold a client's forged `tfsd.origin=master`.
     pub fn adopt_restored(&self, snapshots: &[SessionSnapshot]) -> usize {
         let mut adopted = 0;
         for snapshot in snapshots {
             if snapshot.labels.get(ORIGIN_LABEL).map(String::as_str) != Some(ORIGIN_MASTER) {
+                continue;
+            }
+            if !snapshot.owner.is_empty() {
+                tracing::warn!(
+                    session_id = %snapshot.id,
+                    owner = %snapshot.owner,
+                    "a restored tfsd.v1 session carries the label {ORIGIN_LABEL}={ORIGIN_MASTER}; \
+                     it stays a tfsd.v1 session"
+                );
                 continue;
             }
             let client_ip = snapshot
@@ -142,8 +154,9 @@ impl MasterSessions {
 
 pub fn not_found(handle: &str) -> Status {
     Status::not_found(format!(
-        "no MasterService session with handle {handle:?}: it was closed (by the client or an \
-         operator), or never created through this MasterService"
+        "no MasterService session with handle {}: it was closed (by the client or an \
+         operator), or never created through this MasterService",
+        crate::error::quoted(handle)
     ))
 }
 
@@ -157,6 +170,57 @@ mod tests {
             operation_timeout: None,
             callables: Callables::default(),
         }
+    }
+
+    fn snapshot(id: &str, owner: &str, labels: &[(&str, &str)]) -> SessionSnapshot {
+        SessionSnapshot {
+            id: id.into(),
+            runtime: crate::session::Runtime::Graph,
+            owner: owner.into(),
+            durable_variables: true,
+            labels: labels
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            state: crate::session::SessionState::Ready,
+            worker_pid: 0,
+            memory: crate::memory::MemoryUsage::default(),
+            graph_version: 0,
+            run_count: 0,
+            call_count: 0,
+            runs_in_flight: 0,
+            graph_reset_count: 0,
+            purge_count: 0,
+            recycle_count: 0,
+            worker_restart_count: 0,
+            created_at: std::time::SystemTime::UNIX_EPOCH,
+            last_used_at: std::time::SystemTime::UNIX_EPOCH,
+            peak_private_bytes: 0,
+            policy: crate::policy::SessionPolicy::default(),
+            unhealthy: false,
+            automatic_action_count: 0,
+        }
+    }
+
+    #[test]
+    fn only_ownerless_sessions_labelled_as_the_masters_are_adopted() {
+        let sessions = MasterSessions::default();
+        let origin = (ORIGIN_LABEL, ORIGIN_MASTER);
+        let adopted = sessions.adopt_restored(&[
+            snapshot("s-master", "", &[origin, (CLIENT_LABEL, "127.0.0.1:5000")]),
+            // A tfsd.v1 session with a forged label, from a state directory written before
+            // `tfsd.` labels were reserved.
+            snapshot("s-forged", "alice", &[origin]),
+            snapshot("s-v1", "", &[("run", "1")]),
+        ]);
+        assert_eq!(adopted, 1);
+        assert!(sessions.with("s-master", |_| Ok(())).is_ok());
+        assert!(sessions.with("s-forged", |_| Ok(())).is_err());
+        assert!(sessions.with("s-v1", |_| Ok(())).is_err());
+        let status = sessions
+            .with(&"h".repeat(1 << 20), |_| Ok(()))
+            .expect_err("unknown");
+        assert!(status.message().len() < 300, "{}", status.message().len());
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! The `[policy]` table of the config: its raw TOML shape and its validation into
 //! `PolicyConfig` (kept beside the policy it configures, so `config.rs` stays the list of
 //! tables).
+//!
+//! Out of the box one session cannot take the machine: without a `hard_limit` (and a
+//! `max_hard_limit`) in the config, both default to `DEFAULT_HARD_LIMIT_PERCENT` of the
+//! memory budget (`system::memory_budget`: the machine's memory, or its cgroup's limit if
+//! lower). `"off"` switches either off.
 
 use std::time::Duration;
 
@@ -8,7 +13,32 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use super::{GentleAction, IdleAction, PolicyConfig, PressureConfig};
+use crate::system::MemoryBudget;
 use crate::units::{parse_bytes, parse_duration};
+
+/// Sessions nobody has called for this long are abandoned (their client crashed or forgot
+/// to close them), and each holds a worker (~300 MiB) until an operator notices: by default
+/// they are closed after a day. "" or "off" keeps them forever.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// What happens to an idle session by default: closed, which frees its worker (a recycle
+/// would only replace it).
+pub const DEFAULT_IDLE_ACTION: IdleAction = IdleAction::Close;
+
+/// The default hard limit of a session (and the default ceiling on the hard limit a session
+/// may ask for), as a percentage of the memory budget. Above it the policy recycles the
+/// session at once and kills a running step, which fails with RESOURCE_EXHAUSTED and names
+/// the limit, rather than letting the kernel's OOM killer pick a victim, which may be
+/// another session or the daemon. Three quarters leaves the rest for the daemon, the warm
+/// pool (~280 MiB RSS per worker, mostly shared), other sessions and the system.
+pub const DEFAULT_HARD_LIMIT_PERCENT: u64 = 75;
+
+/// The value of a hard-limit key that switches the limit off.
+pub const OFF: &str = "off";
+
+/// `DEFAULT_HARD_LIMIT_PERCENT` of `budget`.
+pub fn default_hard_limit(budget: MemoryBudget) -> u64 {
+    (u128::from(budget.bytes) * u128::from(DEFAULT_HARD_LIMIT_PERCENT) / 100) as u64
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,9 +75,37 @@ struct RawIdle {
     action: Option<String>,
 }
 
+/// A hard-limit key as written: absent or "" (the default), "off", or a size.
+enum HardLimitSetting {
+    Default,
+    Off,
+    Bytes(u64),
+}
+
+fn hard_limit_setting(key: &str, value: Option<&str>) -> anyhow::Result<HardLimitSetting> {
+    Ok(match value {
+        None | Some("") => HardLimitSetting::Default,
+        Some(OFF) => HardLimitSetting::Off,
+        Some(text) => HardLimitSetting::Bytes(
+            parse_bytes(text)
+                .with_context(|| format!("{key} = {text:?} (a size like \"8GiB\", or \"off\")"))?,
+        ),
+    })
+}
+
 impl PolicyConfig {
-    /// Validates the `[policy]` table; errors name the key.
+    /// Validates the `[policy]` table; errors name the key. Hard limits the table leaves
+    /// unset derive from this machine's memory budget (`system::memory_budget`).
     pub fn from_raw(raw: RawPolicy) -> anyhow::Result<PolicyConfig> {
+        PolicyConfig::from_raw_within(raw, crate::system::memory_budget())
+    }
+
+    /// `from_raw` on a machine whose memory budget is `budget` (`None`: unknown, and then
+    /// no hard limit is derived).
+    pub fn from_raw_within(
+        raw: RawPolicy,
+        budget: Option<MemoryBudget>,
+    ) -> anyhow::Result<PolicyConfig> {
         let defaults = PolicyConfig::default();
         let duration = |key: &str, value: Option<String>, default: Duration| match value {
             Some(text) => parse_duration(key, &text),
@@ -69,7 +127,8 @@ impl PolicyConfig {
             ),
         };
         let idle_action = match raw.idle.action.as_deref() {
-            None | Some("recycle") => IdleAction::Recycle,
+            None => DEFAULT_IDLE_ACTION,
+            Some("recycle") => IdleAction::Recycle,
             Some("close") => IdleAction::Close,
             Some(other) => {
                 bail!("policy.idle.action = {other:?} is not one of \"recycle\", \"close\"")
@@ -80,16 +139,39 @@ impl PolicyConfig {
             bail!("policy.rearm_below = {rearm_below} must be between 0 and 1");
         }
         let idle_timeout = match raw.idle.timeout.as_deref() {
-            None | Some("") => None,
+            None => Some(DEFAULT_IDLE_TIMEOUT),
+            Some("" | "off") => None,
             Some(text) => Some(parse_duration("policy.idle.timeout", text)?),
         };
+        let soft_limit_bytes = bytes("policy.soft_limit", raw.soft_limit)?;
+        let derived = budget.map(default_hard_limit);
+        // A derived limit never falls below a configured soft limit: the soft limit is the
+        // operator's word, the derived one a guess about this machine.
+        let derived = derived.map(|derived| derived.max(soft_limit_bytes.unwrap_or(0)));
+        let hard_limit_bytes =
+            match hard_limit_setting("policy.hard_limit", raw.hard_limit.as_deref())? {
+                HardLimitSetting::Default => derived,
+                HardLimitSetting::Off => None,
+                HardLimitSetting::Bytes(bytes) => Some(bytes),
+            };
+        // The ceiling on what a session may ask for: by default the derived limit (so that
+        // no client can lift its own limit past it), or a configured hard limit above that.
+        let max_hard_limit_bytes =
+            match hard_limit_setting("policy.max_hard_limit", raw.max_hard_limit.as_deref())? {
+                HardLimitSetting::Default => match (derived, hard_limit_bytes) {
+                    (Some(derived), Some(hard)) => Some(derived.max(hard)),
+                    (derived, _) => derived,
+                },
+                HardLimitSetting::Off => None,
+                HardLimitSetting::Bytes(bytes) => Some(bytes),
+            };
         let policy = PolicyConfig {
             interval: duration("policy.interval", raw.interval, defaults.interval)?,
             dry_run: raw.dry_run.unwrap_or(false),
-            soft_limit_bytes: bytes("policy.soft_limit", raw.soft_limit)?,
-            hard_limit_bytes: bytes("policy.hard_limit", raw.hard_limit)?,
+            soft_limit_bytes,
+            hard_limit_bytes,
             max_soft_limit_bytes: bytes("policy.max_soft_limit", raw.max_soft_limit)?,
-            max_hard_limit_bytes: bytes("policy.max_hard_limit", raw.max_hard_limit)?,
+            max_hard_limit_bytes,
             gentle_action,
             cooldown: duration("policy.cooldown", raw.cooldown, defaults.cooldown)?,
             rearm_below,
@@ -123,5 +205,87 @@ impl PolicyConfig {
             bail!("policy.max_actions must be at least 1");
         }
         Ok(policy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MACHINE: Option<MemoryBudget> = Some(MemoryBudget {
+        bytes: 16 << 30,
+        from_cgroup: false,
+    });
+
+    fn policy(text: &str, budget: Option<MemoryBudget>) -> anyhow::Result<PolicyConfig> {
+        PolicyConfig::from_raw_within(toml::from_str(text)?, budget)
+    }
+
+    #[test]
+    fn out_of_the_box_a_session_is_held_to_three_quarters_of_the_machine() {
+        let defaults = policy("", MACHINE).expect("valid");
+        assert_eq!(defaults.hard_limit_bytes, Some(12 << 30));
+        assert_eq!(defaults.max_hard_limit_bytes, Some(12 << 30));
+        // "" is the default too (the shipped config used to write it for "none").
+        let empty = policy("hard_limit = \"\"\nmax_hard_limit = \"\"", MACHINE).expect("valid");
+        assert_eq!(empty.hard_limit_bytes, Some(12 << 30));
+        // A session asking for more is capped.
+        let asked = defaults.effective(crate::policy::SessionPolicy {
+            hard_limit_bytes: Some(u64::MAX),
+            ..Default::default()
+        });
+        assert_eq!(asked.hard_limit_bytes, Some(12 << 30));
+        let cgroup = Some(MemoryBudget {
+            bytes: 4 << 30,
+            from_cgroup: true,
+        });
+        assert_eq!(
+            policy("", cgroup).expect("valid").hard_limit_bytes,
+            Some(3 << 30)
+        );
+        assert_eq!(policy("", None).expect("valid").hard_limit_bytes, None);
+    }
+
+    #[test]
+    fn abandoned_sessions_are_closed_after_a_day_unless_switched_off() {
+        let defaults = policy("", MACHINE).expect("valid");
+        assert_eq!(defaults.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+        assert_eq!(defaults.idle_action, IdleAction::Close);
+        for off in ["\"\"", "\"off\""] {
+            let kept = policy(&format!("[idle]\ntimeout = {off}"), MACHINE).expect("valid");
+            assert_eq!(kept.idle_timeout, None, "{off}");
+        }
+        let chosen =
+            policy("[idle]\ntimeout = \"2h\"\naction = \"recycle\"", MACHINE).expect("valid");
+        assert_eq!(chosen.idle_timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(chosen.idle_action, IdleAction::Recycle);
+    }
+
+    #[test]
+    fn hard_limits_can_be_set_or_switched_off() {
+        let off = policy("hard_limit = \"off\"\nmax_hard_limit = \"off\"", MACHINE).expect("valid");
+        assert_eq!(
+            (off.hard_limit_bytes, off.max_hard_limit_bytes),
+            (None, None)
+        );
+        // Off by default, but a session may still not ask past the derived ceiling.
+        let default_off = policy("hard_limit = \"off\"", MACHINE).expect("valid");
+        assert_eq!(default_off.hard_limit_bytes, None);
+        assert_eq!(default_off.max_hard_limit_bytes, Some(12 << 30));
+        // A configured hard limit above the derived one raises the default ceiling with it.
+        let high = policy("hard_limit = \"20GiB\"", MACHINE).expect("valid");
+        assert_eq!(high.hard_limit_bytes, Some(20 << 30));
+        assert_eq!(high.max_hard_limit_bytes, Some(20 << 30));
+        let low = policy("hard_limit = \"2GiB\"", MACHINE).expect("valid");
+        assert_eq!(low.max_hard_limit_bytes, Some(12 << 30));
+        // A soft limit above the derived hard limit lifts it rather than failing.
+        let soft = policy("soft_limit = \"14GiB\"", MACHINE).expect("valid");
+        assert_eq!(soft.hard_limit_bytes, Some(14 << 30));
+        let error = policy("hard_limit = \"plenty\"", MACHINE).expect_err("bad size");
+        assert!(
+            format!("{error:#}").contains("policy.hard_limit"),
+            "{error:#}"
+        );
+        assert!(format!("{error:#}").contains("\"off\""), "{error:#}");
     }
 }

@@ -531,3 +531,218 @@ fn closed_sessions_are_forgotten() {
     tick(&observe(vec![]), &config, &mut state, now);
     assert!(state.sessions.is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// The runner (`runner.rs`) around `decide`, with sessions made up as above: each action's
+// `apply` waits until the test lets it finish, so what runs alongside what is decided by the
+// test, not by timing. Waits are for the runner's own steps (observations, actions started),
+// each with a deadline.
+
+mod runner {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::{Semaphore, mpsc, watch};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::memory::MemoryUsage;
+
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    /// Made-up sessions: a fixed observation, and an `apply` that reports its start and
+    /// then waits for a permit of its session's gate.
+    struct MadeUpSessions {
+        observation: Observation,
+        observations: watch::Sender<usize>,
+        started: mpsc::UnboundedSender<Action>,
+        gates: Mutex<HashMap<String, Arc<Semaphore>>>,
+    }
+
+    impl MadeUpSessions {
+        fn gate(&self, session_id: &str) -> Arc<Semaphore> {
+            self.gates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(session_id.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(0)))
+                .clone()
+        }
+
+        /// Lets one action on `session_id` finish.
+        fn finish_one(&self, session_id: &str) {
+            self.gate(session_id).add_permits(1);
+        }
+    }
+
+    impl Supervised for MadeUpSessions {
+        fn observe(&self) -> Observation {
+            self.observations.send_modify(|count| *count += 1);
+            self.observation.clone()
+        }
+
+        async fn apply(
+            self: &Arc<Self>,
+            action: &Action,
+        ) -> crate::error::Result<Option<MemoryUsage>> {
+            let _ = self.started.send(action.clone());
+            let gate = self.gate(&action.session_id);
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+            Ok(None)
+        }
+    }
+
+    /// The runner over `observation`, ticking every millisecond; its started actions come
+    /// through the receiver. The runner stops when the returned token is cancelled.
+    fn start(
+        observation: Observation,
+        config: PolicyConfig,
+    ) -> (
+        Arc<MadeUpSessions>,
+        mpsc::UnboundedReceiver<Action>,
+        CancellationToken,
+    ) {
+        let (sessions, started, shutdown, _runner) = start_joinable(observation, config);
+        (sessions, started, shutdown)
+    }
+
+    /// `start`, with the runner's task to await.
+    fn start_joinable(
+        observation: Observation,
+        config: PolicyConfig,
+    ) -> (
+        Arc<MadeUpSessions>,
+        mpsc::UnboundedReceiver<Action>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (started, receiver) = mpsc::unbounded_channel();
+        let sessions = Arc::new(MadeUpSessions {
+            observation,
+            observations: watch::channel(0).0,
+            started,
+            gates: Mutex::new(HashMap::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let config = PolicyConfig {
+            interval: Duration::from_millis(1),
+            ..config
+        };
+        let runner = tokio::spawn(run(sessions.clone(), config, shutdown.clone()));
+        (sessions, receiver, shutdown, runner)
+    }
+
+    async fn next_started(receiver: &mut mpsc::UnboundedReceiver<Action>) -> Action {
+        tokio::time::timeout(DEADLINE, receiver.recv())
+            .await
+            .expect("no action started")
+            .expect("runner gone")
+    }
+
+    /// Waits until the runner has observed `more` more times.
+    async fn observations_pass(sessions: &MadeUpSessions, more: usize) {
+        let mut count = sessions.observations.subscribe();
+        let target = *count.borrow() + more;
+        tokio::time::timeout(DEADLINE, count.wait_for(|n| *n >= target))
+            .await
+            .expect("the runner stopped observing")
+            .expect("runner gone");
+    }
+
+    #[tokio::test]
+    async fn a_slow_action_does_not_hold_up_another_sessions_hard_limit() {
+        let mut running = session("b", 250);
+        running.runs_in_flight = 1;
+        let (sessions, mut started, shutdown) =
+            start(observe(vec![session("a", 150), running]), config());
+        let mut first = vec![
+            next_started(&mut started).await,
+            next_started(&mut started).await,
+        ];
+        first.sort_by(|x, y| x.session_id.cmp(&y.session_id));
+        // Neither has been let finish: they run at the same time.
+        assert_eq!(
+            kinds(&first),
+            [
+                ActionKind::Gentle(GentleAction::PurgeVariables),
+                ActionKind::KillAndRestore
+            ]
+        );
+        // The kill finishes while the purge still runs; the loop goes on observing.
+        sessions.finish_one("b");
+        observations_pass(&sessions, 5).await;
+        shutdown.cancel();
+        sessions.finish_one("a");
+    }
+
+    #[tokio::test]
+    async fn a_session_gets_no_second_action_while_its_first_runs() {
+        let (sessions, mut started, shutdown) = start(observe(vec![session("a", 150)]), config());
+        let gentle = next_started(&mut started).await;
+        assert_eq!(
+            gentle.kind,
+            ActionKind::Gentle(GentleAction::PurgeVariables)
+        );
+        // Still over its limit in every observation, but its purge has not finished.
+        observations_pass(&sessions, 20).await;
+        assert!(
+            started.try_recv().is_err(),
+            "a second action on a busy session"
+        );
+        // Done and still over: the ladder escalates from the recorded rung.
+        sessions.finish_one("a");
+        let recycle = next_started(&mut started).await;
+        assert_eq!(
+            (recycle.kind, recycle.rung),
+            (
+                ActionKind::Recycle {
+                    preserve_variables: false
+                },
+                2
+            )
+        );
+        shutdown.cancel();
+        sessions.finish_one("a");
+    }
+
+    #[tokio::test]
+    async fn pressure_takes_its_next_victim_only_after_the_first_is_done() {
+        let (sessions, mut started, shutdown) = start(
+            under_pressure(vec![unlimited("a", 300), unlimited("b", 200)]),
+            pressure_config(),
+        );
+        let first = next_started(&mut started).await;
+        assert_eq!(first.trigger, Trigger::SystemPressure);
+        observations_pass(&sessions, 20).await;
+        assert!(
+            started.try_recv().is_err(),
+            "a second victim before the first was done"
+        );
+        sessions.finish_one(&first.session_id);
+        let second = next_started(&mut started).await;
+        assert_eq!(second.trigger, Trigger::SystemPressure);
+        assert_ne!(second.session_id, first.session_id);
+        shutdown.cancel();
+        sessions.finish_one(&second.session_id);
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_started_actions_finish() {
+        let (sessions, mut started, shutdown, runner) =
+            start_joinable(observe(vec![session("a", 150)]), config());
+        next_started(&mut started).await;
+        shutdown.cancel();
+        // The purge has not been let finish: the runner waits for it, however often it is
+        // polled meanwhile.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!runner.is_finished(), "the runner left an action half-done");
+        sessions.finish_one("a");
+        tokio::time::timeout(DEADLINE, runner)
+            .await
+            .expect("the runner did not stop")
+            .expect("the runner panicked");
+    }
+}

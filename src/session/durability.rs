@@ -103,7 +103,7 @@ impl SessionManager {
     }
 
     /// Checkpoints one durable session's variables now.
-    async fn checkpoint(&self, session: &Session) {
+    pub(super) async fn checkpoint(&self, session: &Session) {
         let core = session.core.read().await;
         let Some(worker) = session.worker.get() else {
             return;

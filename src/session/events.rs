@@ -25,7 +25,8 @@ pub enum EventKind {
     WorkerExited,
     Restored,
     Closed,
-    /// The memory policy acted too often on the session; it is reported, not thrashed.
+    /// The memory policy acted too often on the session, or its worker keeps crashing
+    /// (`recovery.rs`); it is reported, not thrashed. The reason says which.
     Unhealthy,
     /// Dry run: what the memory policy would have done.
     DryRun,
@@ -64,6 +65,8 @@ pub enum Trigger {
     Shutdown,
     /// A Python call that did not stop when interrupted (its timeout, or its caller gone).
     CallStopped,
+    /// A worker that stopped answering: it missed a call's deadline, or stayed stopped.
+    Unresponsive,
 }
 
 impl Trigger {
@@ -75,6 +78,7 @@ impl Trigger {
             Trigger::Restart => "restart",
             Trigger::Shutdown => "shutdown",
             Trigger::CallStopped => "call_stopped",
+            Trigger::Unresponsive => "unresponsive",
         }
     }
 }
@@ -234,7 +238,7 @@ impl EventBus {
         tracing::info!(
             session_id = %event.session_id,
             worker_pid = event.worker_pid,
-            kind = ?event.kind,
+            kind = event.kind.as_str(),
             trigger = event.trigger_name(),
             actor = event.actor_name(),
             rung = event.rung,

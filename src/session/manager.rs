@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::policy::{PolicyConfig, SessionPolicy};
 use crate::proto::tensorflow::TensorProto;
 use crate::tensor;
-use crate::worker::{StepRequest, WarmPool, WorkerProcess};
+use crate::worker::{Deadlines, StepRequest, Urgency, WarmPool, WorkerError, WorkerProcess};
 
 pub use partial_run::PartialRunSpec;
 
@@ -95,6 +95,71 @@ pub struct SessionManager {
     /// The kernel's OOM-kill count when the sampler last looked, to tell an OOM kill from
     /// another SIGKILL.
     pub(super) oom_kills_seen: AtomicU64,
+    /// When a worker counts as hung (workers.call_timeout, run_grace, liveness_timeout).
+    pub(super) deadlines: Deadlines,
+    /// Sessions counted by admission that are not in the registry: being created (a slot
+    /// reserved before the worker is taken) or being closed (until their worker is reaped),
+    /// per owner. See `admit`.
+    admission: std::sync::Mutex<Admission>,
+}
+
+/// Sessions admission counts beyond the registry, per owner.
+#[derive(Debug, Default)]
+struct Admission {
+    creating: HashMap<String, usize>,
+    closing: HashMap<String, usize>,
+}
+
+impl Admission {
+    fn total(&self) -> usize {
+        self.creating.values().sum::<usize>() + self.closing.values().sum::<usize>()
+    }
+
+    fn of(&self, owner: &str) -> usize {
+        self.creating.get(owner).copied().unwrap_or(0)
+            + self.closing.get(owner).copied().unwrap_or(0)
+    }
+}
+
+fn count_down(counts: &mut HashMap<String, usize>, owner: &str) {
+    if let Some(count) = counts.get_mut(owner) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(owner);
+        }
+    }
+}
+
+/// A session slot reserved by `SessionManager::admit`: counted against the session caps
+/// from the check until the session is in the registry (or the create fails).
+#[derive(Debug)]
+pub struct Admitted {
+    manager: std::sync::Weak<SessionManager>,
+    /// Whom the reservation is counted for (the owner, or for the MasterService the
+    /// client's address).
+    key: String,
+    /// The principal that will own the session.
+    owner: String,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(manager) = self.manager.upgrade() {
+            count_down(&mut manager.admission().creating, &self.key);
+        }
+    }
+}
+
+/// A closing session counted by admission until its worker is reaped.
+struct Closing {
+    manager: Arc<SessionManager>,
+    owner: String,
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        count_down(&mut self.manager.admission().closing, &self.owner);
+    }
 }
 
 impl SessionManager {
@@ -102,10 +167,13 @@ impl SessionManager {
         pools: Pools,
         metrics: Arc<Metrics>,
         policy: PolicyConfig,
+        deadlines: Deadlines,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<SessionManager> {
         Arc::new(SessionManager {
+            deadlines,
+            admission: std::sync::Mutex::new(Admission::default()),
             store: std::sync::OnceLock::new(),
             policy,
             oom_kills_seen: AtomicU64::new(crate::system::oom_kill_count().unwrap_or(0)),
@@ -127,13 +195,63 @@ impl SessionManager {
         self.events.subscribe()
     }
 
+    /// The session `id`. Once the daemon is shutting down, every lookup answers
+    /// `ShuttingDown` (UNAVAILABLE): a durable session comes back after the restart, so "not
+    /// found" would mislead its client.
     pub(super) fn get(&self, id: &str) -> Result<Arc<Session>> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
         self.sessions
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves a slot for a new session of `owner`, or refuses it: `check(total, own)`
+    /// sees every session the daemon hosts, creates and closes in progress included (own:
+    /// those of `owner`), and answers whether one more is allowed (the operator's caps,
+    /// `Limits::check_session_count`). Counting and reserving happen under one lock, so
+    /// concurrent creates cannot all pass a check that only one of them should.
+    pub fn admit(
+        self: &Arc<Self>,
+        owner: &str,
+        check: impl FnOnce(usize, usize) -> Result<()>,
+    ) -> Result<Admitted> {
+        self.admit_as(owner, owner, check)
+    }
+
+    /// `admit`, counting the reservation under `key` rather than the owner (the
+    /// MasterService counts its ownerless sessions per client address): `check` sees, as
+    /// `own`, the hosted sessions of `key` plus the creates and closes in progress under it.
+    pub fn admit_as(
+        self: &Arc<Self>,
+        owner: &str,
+        key: &str,
+        check: impl FnOnce(usize, usize) -> Result<()>,
+    ) -> Result<Admitted> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let mut admission = self.admission();
+        let (hosted, hosted_own) = {
+            let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+            let own = sessions.values().filter(|s| s.owner == key).count();
+            (sessions.len(), own)
+        };
+        check(hosted + admission.total(), hosted_own + admission.of(key))?;
+        *admission.creating.entry(key.to_string()).or_default() += 1;
+        Ok(Admitted {
+            manager: Arc::downgrade(self),
+            key: key.to_string(),
+            owner: owner.to_string(),
+        })
     }
 
     /// The principal that owns a session: what authorization needs on every call, without
@@ -204,7 +322,7 @@ impl SessionManager {
     /// own sessions only ("" when authentication is off).
     pub async fn create_owned(
         self: &Arc<Self>,
-        owner: String,
+        admitted: Admitted,
         durable_variables: bool,
         graph_def: Bytes,
         config: Bytes,
@@ -214,14 +332,14 @@ impl SessionManager {
         let definition = SessionDefinition {
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Graph,
-            owner,
+            owner: admitted.owner.clone(),
             durable_variables,
             labels,
             policy: self.policy.effective(policy),
             graph_def: graph_def.to_vec(),
             config,
         };
-        self.create_session(definition).await
+        self.create_session(definition, admitted).await
     }
 
     /// Creates a Python session for `owner`: a fresh worker that has already imported the
@@ -229,7 +347,7 @@ impl SessionManager {
     /// memory only: it is carried by a preserving recycle, never written to the store.
     pub async fn create_python_owned(
         self: &Arc<Self>,
-        owner: String,
+        admitted: Admitted,
         labels: BTreeMap<String, String>,
         policy: SessionPolicy,
     ) -> Result<SessionSnapshot> {
@@ -237,27 +355,29 @@ impl SessionManager {
         let definition = SessionDefinition {
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Python,
-            owner,
+            owner: admitted.owner.clone(),
             durable_variables: false,
             labels,
             policy: self.policy.effective(policy),
             graph_def: Vec::new(),
             config: Bytes::new(),
         };
-        self.create_session(definition).await
+        self.create_session(definition, admitted).await
     }
 
     async fn create_session(
         self: &Arc<Self>,
         definition: SessionDefinition,
+        admitted: Admitted,
     ) -> Result<SessionSnapshot> {
         let manager = self.clone();
         self.detached(async move {
             let worker = manager
-                .start_worker(
+                .start_worker_for(
                     definition.runtime,
                     &definition.graph_def,
                     &definition.config,
+                    Urgency::Create,
                 )
                 .await?;
             let session = Arc::new(Session::new(definition));
@@ -268,6 +388,8 @@ impl SessionManager {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(session.id.clone(), session.clone());
+            // In the registry now: counted there.
+            drop(admitted);
             manager.persist_session(&session, |store| {
                 store.put(&manager.record_of(&session, &core.graph_def, &core.config))
             });
@@ -295,6 +417,7 @@ impl SessionManager {
     ) -> Option<Arc<WorkerProcess>> {
         if let Some(fresh) = &fresh {
             self.watch_worker(session, fresh);
+            self.watch_liveness(session, fresh);
         }
         session.worker.replace(fresh)
     }
@@ -307,12 +430,28 @@ impl SessionManager {
         graph_def: &[u8],
         config: &Bytes,
     ) -> Result<Arc<WorkerProcess>> {
+        self.start_worker_for(runtime, graph_def, config, Urgency::Existing)
+            .await
+    }
+
+    /// `start_worker`, for a new session (`Urgency::Create`: refused when too many creates
+    /// already wait for a worker) or an existing one.
+    async fn start_worker_for(
+        &self,
+        runtime: Runtime,
+        graph_def: &[u8],
+        config: &Bytes,
+        urgency: Urgency,
+    ) -> Result<Arc<WorkerProcess>> {
         // A worker killed while it starts or loads (the OOM killer, an operator, chaos) is
         // no reason to fail the session: try the next one. TensorFlow rejecting the graph
         // is the client's answer and is not retried.
         let mut attempt = 1;
         loop {
-            match self.start_worker_once(runtime, graph_def, config).await {
+            match self
+                .start_worker_once(runtime, graph_def, config, urgency)
+                .await
+            {
                 Err(error @ (Error::WorkerDied { .. } | Error::WorkerStart(_)))
                     if attempt < WORKER_START_ATTEMPTS =>
                 {
@@ -329,21 +468,63 @@ impl SessionManager {
         runtime: Runtime,
         graph_def: &[u8],
         config: &Bytes,
+        urgency: Urgency,
     ) -> Result<Arc<WorkerProcess>> {
         let worker = self
             .pools
             .of(runtime)?
-            .take()
+            .take(urgency)
             .await
-            .map_err(|error| Error::WorkerStart(error.to_string()))?;
+            .map_err(|error| match error {
+                WorkerError::Busy(message) => Error::ResourceExhausted(message),
+                WorkerError::StartWait(message) => Error::Unavailable(message),
+                other => Error::WorkerStart(other.to_string()),
+            })?;
         if runtime == Runtime::Python {
             return Ok(worker);
         }
-        match worker.load(graph_def, config).await.map_err(rejected_graph) {
+        let load = worker.load(graph_def, config);
+        let loaded = match tokio::time::timeout(self.deadlines.call, load).await {
+            Ok(loaded) => loaded.map_err(rejected_graph),
+            Err(_) => Err(Error::WorkerStart(format!(
+                "worker pid {} did not load the graph within {:?} (workers.call_timeout)",
+                worker.pid(),
+                self.deadlines.call
+            ))),
+        };
+        match loaded {
             Ok(()) => Ok(worker),
             Err(error) => {
                 worker.stop().await;
                 Err(error)
+            }
+        }
+    }
+
+    /// Waits at most `deadline` for `operation`, a request to the session's `worker`. A
+    /// worker that misses it is killed as unresponsive (its watcher restores the session,
+    /// and the WORKER_EXITED event says why); the answer is then UNAVAILABLE naming it.
+    pub(super) async fn within<T>(
+        &self,
+        session: &Session,
+        worker: &WorkerProcess,
+        what: &str,
+        operation: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let deadline = self.deadlines.call;
+        match tokio::time::timeout(deadline, operation).await {
+            Ok(result) => result,
+            Err(_) => {
+                let reason = format!(
+                    "it stopped answering: no answer to {what} within {deadline:?} \
+                     (workers.call_timeout)"
+                );
+                session.kill_worker(worker, Cause::daemon(Trigger::Unresponsive, reason.clone()));
+                Err(Error::Unavailable(format!(
+                    "the session's worker (pid {}) {reason}; it was killed and the session is \
+                     being restored in a fresh worker",
+                    worker.pid()
+                )))
             }
         }
     }
@@ -367,7 +548,10 @@ impl SessionManager {
                     requested: current_version,
                 });
             }
-            worker.extend(&graph_def).await.map_err(rejected_graph)?;
+            manager
+                .within(&session, &worker, "ExtendGraph", worker.extend(&graph_def))
+                .await
+                .map_err(rejected_graph)?;
             core.graph_def.extend_from_slice(&graph_def);
             manager.persist(|store| store.set_graph(session.id(), &core.graph_def, actual + 1));
             let version = actual + 1;
@@ -384,6 +568,7 @@ impl SessionManager {
 
     pub async fn run(&self, id: &str, spec: RunSpec) -> Result<Vec<TensorProto>> {
         let session = self.get(id)?;
+        let timeout = spec.timeout;
         session.expect_runtime(Runtime::Graph, "Run")?;
         for (name, tensor) in &spec.feeds {
             tensor::validate(tensor)
@@ -400,7 +585,39 @@ impl SessionManager {
         let started = Instant::now();
         // Counted down even if the caller goes away mid-run.
         let in_flight = InFlight::enter(&session, spec.max_runs_in_flight)?;
-        let result = worker.run(step).await;
+        let result = match timeout {
+            // TensorFlow stops the step at its timeout; a worker that has not answered a
+            // grace period later is hung (or stopped) and is not waited for.
+            Some(timeout) => {
+                let deadline = timeout + self.deadlines.run_grace;
+                match tokio::time::timeout(deadline, worker.run(step)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        session.kill_worker(
+                            &worker,
+                            Cause::daemon(
+                                Trigger::Unresponsive,
+                                format!(
+                                    "it stopped answering: a step with a timeout of \
+                                     {timeout:?} had no answer {:?} later \
+                                     (workers.run_grace)",
+                                    self.deadlines.run_grace
+                                ),
+                            ),
+                        );
+                        Err(Error::DeadlineExceeded(format!(
+                            "the step ran past its timeout of {timeout:?} and its worker (pid \
+                             {}) did not answer within {:?} more, so it was killed; the \
+                             session is being restored in a fresh worker (variables are lost \
+                             unless durable)",
+                            worker.pid(),
+                            self.deadlines.run_grace
+                        )))
+                    }
+                }
+            }
+            None => worker.run(step).await,
+        };
         drop(in_flight);
         drop(core);
         session.touch(|stats| stats.run_count += 1);
@@ -424,8 +641,21 @@ impl SessionManager {
             let worker = usable_worker(&session, &core)?;
             let before = worker.memory();
             match reset {
-                InPlaceReset::Graph => worker.reset_graph().await?,
-                InPlaceReset::Variables => worker.purge_variables().await?,
+                InPlaceReset::Graph => {
+                    manager
+                        .within(&session, &worker, "ResetGraph", worker.reset_graph())
+                        .await?
+                }
+                InPlaceReset::Variables => {
+                    manager
+                        .within(
+                            &session,
+                            &worker,
+                            "PurgeVariables",
+                            worker.purge_variables(),
+                        )
+                        .await?
+                }
             }
             if reset == InPlaceReset::Graph {
                 core.graph_def.clear();
@@ -477,17 +707,44 @@ impl SessionManager {
         cause: Cause,
     ) -> Result<ResetOutcome> {
         let session = self.get(id)?;
+        // A client's recycle that keeps nothing does not queue behind a step or call in
+        // flight (which may never end): the old worker goes first, and they answer CANCELLED.
+        // One that preserves variables needs the worker's answer, so it waits, at most
+        // `workers.call_timeout`.
+        if !preserve_variables
+            && cause.is_client()
+            && session.stats().runs_in_flight > 0
+            && let Some(worker) = session.worker.get()
+        {
+            let stopped = Cause {
+                reason: "the session was recycled without preserving its variables".to_string(),
+                ..cause.clone()
+            };
+            session.stop_worker(&worker, stopped);
+        }
         let manager = self.clone();
+        let deadline = self.deadlines.call;
         self.detached(async move {
             let started = Instant::now();
-            let mut core = session.core.write().await;
+            let Ok(mut core) = tokio::time::timeout(deadline, session.core.write()).await else {
+                return Err(Error::Unavailable(format!(
+                    "session {} still had work in flight after {deadline:?} \
+                     (workers.call_timeout), so its variables could not be exported; recycle \
+                     without preserve_variables to stop that work, or retry later",
+                    session.id()
+                )));
+            };
             if core.closed {
                 return Err(Error::SessionNotFound(session.id().to_string()));
             }
             let old = session.worker.get();
             let before = old.as_ref().map(|w| w.memory()).unwrap_or_default();
             let carried = match (&old, preserve_variables) {
-                (Some(old), true) => Some(old.export_state().await?),
+                (Some(old), true) => Some(
+                    manager
+                        .within(&session, old, "a state export", old.export_state())
+                        .await?,
+                ),
                 (None, true) => {
                     return Err(Error::InvalidArgument(format!(
                         "session {} has no live worker to preserve variables from; recycle \
@@ -507,11 +764,21 @@ impl SessionManager {
             let fresh = manager
                 .start_worker(session.runtime, &core.graph_def, &core.config)
                 .await?;
-            if let Some(state) = carried.filter(|state| !state.is_empty())
-                && let Err(error) = fresh.import_state(state).await
-            {
-                fresh.stop().await;
-                return Err(error);
+            if let Some(state) = carried.filter(|state| !state.is_empty()) {
+                let import =
+                    tokio::time::timeout(manager.deadlines.call, fresh.import_state(state));
+                let imported = import.await.unwrap_or_else(|_| {
+                    Err(Error::Unavailable(format!(
+                        "the fresh worker (pid {}) did not take the carried state within {:?} \
+                         (workers.call_timeout); the session stays in its old worker",
+                        fresh.pid(),
+                        manager.deadlines.call
+                    )))
+                });
+                if let Err(error) = imported {
+                    fresh.stop().await;
+                    return Err(error);
+                }
             }
             let old = manager.replace_worker(&session, &mut core, Some(fresh.clone()));
             if let Some(old) = &old {
@@ -562,16 +829,40 @@ impl SessionManager {
         self.close_because(id, cause).await
     }
 
+    /// Closes the session: it leaves the registry at once (new requests get NOT_FOUND), its
+    /// worker is killed at once (a step, call or reset in flight does not hold the close:
+    /// it fails with CANCELLED saying the session was closed), and the session counts
+    /// against the session caps until that worker is reaped.
     pub async fn close_because(self: &Arc<Self>, id: &str, cause: Cause) -> Result<()> {
-        let session = self
-            .sessions
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+        let session = {
+            let mut sessions = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+            let session = sessions
+                .remove(id)
+                .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+            *self
+                .admission()
+                .closing
+                .entry(session.owner.clone())
+                .or_default() += 1;
+            session
+        };
+        let closing = Closing {
+            manager: self.clone(),
+            owner: session.owner.clone(),
+        };
+        if let Some(worker) = session.worker.get() {
+            let stopped = Cause {
+                reason: "the session was closed".to_string(),
+                ..cause.clone()
+            };
+            session.stop_worker(&worker, stopped);
+        }
         let manager = self.clone();
         self.tracker
-            .spawn(async move { manager.close_session(session, cause).await })
+            .spawn(async move {
+                manager.close_session(session, cause).await;
+                drop(closing);
+            })
             .await
             .map_err(|error| Error::Protocol(format!("close panicked: {error}")))
     }
@@ -598,16 +889,12 @@ impl SessionManager {
         );
     }
 
-    /// Closes every session and reaps every worker, waiting at most `grace` for in-flight
-    /// operations to finish before their workers are killed anyway.
-    pub async fn shutdown(self: &Arc<Self>, grace: Duration) {
-        // Variables of durable sessions go to disk before their workers go.
-        if tokio::time::timeout(grace, self.checkpoint_all())
-            .await
-            .is_err()
-        {
-            tracing::warn!("checkpointing took longer than the grace period; closing anyway");
-        }
+    /// Closes every session and reaps every worker within one `deadline` for the whole
+    /// drain: each session checkpoints (if durable) and closes in parallel with the others,
+    /// letting its in-flight work finish; what is still running at the deadline has its
+    /// worker killed (the step answers UNAVAILABLE, shutting down).
+    pub async fn shutdown(self: &Arc<Self>, deadline: Duration) {
+        let until = tokio::time::Instant::now() + deadline;
         let sessions: Vec<_> = self
             .sessions
             .write()
@@ -615,15 +902,32 @@ impl SessionManager {
             .drain()
             .map(|(_, session)| session)
             .collect();
-        for session in sessions {
-            let cause = Cause::daemon(Trigger::Shutdown, "the daemon is shutting down");
-            let closed = self.close_session(session.clone(), cause);
-            if tokio::time::timeout(grace, closed).await.is_err() {
-                // A step outlived the grace period: kill the worker under it.
+        let cause = Cause::daemon(Trigger::Shutdown, "the daemon is shutting down");
+        let closes = sessions.iter().map(|session| {
+            let manager = self.clone();
+            let session = session.clone();
+            let cause = cause.clone();
+            async move {
+                // Variables of durable sessions go to disk before their workers go.
+                if session.durable_variables {
+                    manager.checkpoint(&session).await;
+                }
+                manager.close_session(session, cause).await;
+            }
+        });
+        let closes = futures::future::join_all(closes);
+        tokio::pin!(closes);
+        if tokio::time::timeout_at(until, &mut closes).await.is_err() {
+            tracing::warn!(
+                ?deadline,
+                "work still in flight at the drain deadline: killing its workers"
+            );
+            for session in &sessions {
                 if let Some(worker) = session.worker.get() {
-                    worker.stop().await;
+                    session.stop_worker(&worker, cause.clone());
                 }
             }
+            closes.await;
         }
         for pool in self.pools.all() {
             pool.drain().await;
@@ -652,25 +956,54 @@ impl Session {
         )))
     }
 
-    /// A request that failed because the memory policy killed the worker under it says so.
+    /// Kills the session's `worker` because of `cause` and lets its watcher restore the
+    /// session: the requests that fail and the WORKER_EXITED event say why.
+    pub(super) fn kill_worker(&self, worker: &WorkerProcess, cause: Cause) {
+        self.stats().pending_kill = Some((worker.pid(), cause));
+        worker.kill_as_failure();
+    }
+
+    /// Kills the session's `worker` on purpose (close, shutdown): no restore follows, and the
+    /// requests that fail say why.
+    pub(super) fn stop_worker(&self, worker: &WorkerProcess, cause: Cause) {
+        self.stats().pending_kill = Some((worker.pid(), cause));
+        worker.kill_expected();
+    }
+
+    /// A request that failed because tfsd killed the worker under it (the memory policy, a
+    /// missed deadline, a close, the shutdown) says so, instead of "the worker died".
     pub(super) fn explain_kill(&self, error: Error) -> Error {
-        match error {
-            Error::WorkerDied { pid, how } => match self.kill_cause(pid) {
-                Some(cause) if self.runtime == Runtime::Python => {
-                    Error::ResourceExhausted(format!(
-                        "the call was stopped by tfsd's memory policy: {}; the session is being \
-                         restored in a fresh Python process (its state is lost)",
-                        cause.reason
-                    ))
-                }
-                Some(cause) => Error::ResourceExhausted(format!(
-                    "the step was stopped by tfsd's memory policy: {}; the session is being \
-                     restored in a fresh worker (variables are lost)",
-                    cause.reason
-                )),
-                None => Error::WorkerDied { pid, how },
-            },
-            other => other,
+        let Error::WorkerDied { pid, how } = error else {
+            return error;
+        };
+        let Some(cause) = self.kill_cause(pid) else {
+            return Error::WorkerDied { pid, how };
+        };
+        let (request, fresh, lost) = match self.runtime {
+            Runtime::Python => ("call", "a fresh Python process", "its state is lost"),
+            Runtime::Graph => ("step", "a fresh worker", "variables are lost"),
+        };
+        match cause.trigger {
+            Trigger::Policy(_) => Error::ResourceExhausted(format!(
+                "the {request} was stopped by tfsd's memory policy: {}; the session is being \
+                 restored in {fresh} ({lost})",
+                cause.reason
+            )),
+            Trigger::Unresponsive => Error::Unavailable(format!(
+                "the session's worker (pid {pid}) was killed because {}; the session is being \
+                 restored in {fresh} ({lost})",
+                cause.reason
+            )),
+            Trigger::Shutdown => Error::Unavailable(format!(
+                "the daemon is shutting down and this {request} did not finish within its drain \
+                 deadline; its worker (pid {pid}) was stopped"
+            )),
+            Trigger::Client => Error::Cancelled(format!(
+                "this {request} was stopped: {} ({}) while it ran",
+                cause.reason,
+                cause.actor.as_str()
+            )),
+            _ => Error::WorkerDied { pid, how },
         }
     }
 }
@@ -712,10 +1045,7 @@ pub(super) fn usable_worker(session: &Session, core: &SessionCore) -> Result<Arc
     if core.closed {
         return Err(Error::SessionNotFound(session.id().to_string()));
     }
-    session
-        .worker
-        .get()
-        .ok_or_else(|| Error::SessionBroken(session.id().to_string()))
+    session.worker.get().ok_or_else(|| session.without_worker())
 }
 
 /// A GraphDef or ConfigProto TensorFlow refused is the client's invalid argument, whatever

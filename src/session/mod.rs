@@ -15,6 +15,7 @@
 
 mod durability;
 mod events;
+mod liveness;
 mod manager;
 mod python;
 mod recovery;
@@ -27,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 pub use events::{Actor, Cause, EVENT_BUFFER, EventBus, EventKind, SessionEvent, Trigger};
-pub use manager::{InPlaceReset, PartialRunSpec, Pools, SessionManager};
+pub use manager::{Admitted, InPlaceReset, PartialRunSpec, Pools, SessionManager};
 pub use python::CallEvent;
 pub use supervision::ActionOutcome;
 
@@ -181,6 +182,8 @@ struct SessionStats {
     /// Set just before the memory policy kills the worker with this pid: why, so that the
     /// failed runs and the exit event say so.
     pending_kill: Option<(u32, Cause)>,
+    /// Recent worker failures: the restart backoff and crash-loop marking (`recovery.rs`).
+    crash_history: recovery::CrashHistory,
 }
 
 #[derive(Debug)]
@@ -254,6 +257,7 @@ impl Session {
                 unhealthy: false,
                 automatic_action_count: 0,
                 pending_kill: None,
+                crash_history: recovery::CrashHistory::default(),
             }),
             core: tokio::sync::RwLock::new(SessionCore {
                 graph_def,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use super::recovery::ExitOrigin;
 use super::{Actor, Cause, EventKind, InPlaceReset, SessionManager, SessionState, Trigger};
 use crate::error::Result;
 use crate::memory::MemoryUsage;
@@ -57,23 +58,30 @@ impl SessionManager {
         }
     }
 
-    /// Explains a worker's death that tfsd did not cause. A SIGKILL while the kernel's
-    /// OOM-kill counter moved is reported as the OOM killer's, with the last figure seen.
+    /// Explains a worker's death that tfsd did not cause, and where it came from (see
+    /// `ExitOrigin`). A SIGKILL while the kernel's OOM-kill counter moved is reported as the
+    /// OOM killer's, with the last figure seen; any other SIGKILL came from outside tfsd.
     pub(super) fn describe_unexpected_exit(
         &self,
         how: &ExitDescription,
         last_private_bytes: u64,
-    ) -> String {
+    ) -> (String, ExitOrigin) {
         let seen = self.oom_kills_seen.load(Ordering::SeqCst);
         let now = crate::system::oom_kill_count().unwrap_or(seen);
         if how.was_killed() && now > seen {
             self.oom_kills_seen.store(now, Ordering::SeqCst);
-            return format!(
+            let reason = format!(
                 "killed by the kernel's OOM killer (last measured private memory {})",
                 mib(last_private_bytes)
             );
+            return (reason, ExitOrigin::Failed);
         }
-        format!("the worker {how} without being asked to")
+        let origin = if how.was_killed() {
+            ExitOrigin::KilledFromOutside
+        } else {
+            ExitOrigin::Failed
+        };
+        (format!("the worker {how} without being asked to"), origin)
     }
 
     /// Carries out one action (or, in dry run, reports it).

@@ -19,5 +19,16 @@ pub use operations::{
     CallOutcome, CallOutput, CallTarget, CarriedState, OutputStream, RemoteException, Runtime,
     StepRequest,
 };
-pub use pool::WarmPool;
+pub use pool::{StartGate, StartLimits, Urgency, WarmPool};
 pub use process::{ExitDescription, WorkerError, WorkerProcess, WorkerSpec};
+
+/// When the supervisor stops waiting for a worker and counts it as hung (`workers.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// For a control operation: load, extend, a reset, a state export or import.
+    pub call: std::time::Duration,
+    /// Added to a step's own timeout (TensorFlow cancels between kernels, so a little late).
+    pub run_grace: std::time::Duration,
+    /// How long a worker may stay stopped (state T in /proc/PID/stat) before it is killed.
+    pub liveness: std::time::Duration,
+}

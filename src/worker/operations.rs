@@ -353,6 +353,8 @@ impl WorkerProcess {
             },
             Err(error @ WorkerError::Start { .. }) => Error::WorkerStart(error.to_string()),
             Err(WorkerError::Protocol(message)) => Error::Protocol(message),
+            Err(WorkerError::Busy(message)) => Error::ResourceExhausted(message),
+            Err(WorkerError::StartWait(message)) => Error::Unavailable(message),
         }
     }
 }

@@ -4,15 +4,19 @@
 //! importing TensorFlow and Keras takes seconds).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{WorkerError, WorkerProcess, WorkerSpec};
 
+/// How long the pool must go without a take before it shrinks by one worker toward its
+/// configured size.
+const SHRINK_AFTER_IDLE: Duration = Duration::from_secs(60);
 /// Pause after a failed background start, so a broken installation does not spin.
 const REFILL_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// Failed starts in a row before the pool reports that workers cannot be started. One
@@ -20,11 +24,107 @@ const REFILL_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// reason to tell load balancers that the daemon is down.
 const FAILURES_BEFORE_UNSTARTABLE: u32 = 3;
 
+/// How many workers start at once, and how many creates may wait for one, how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartLimits {
+    /// Worker processes starting at once, across every pool (workers.max_concurrent_starts).
+    pub max_concurrent: usize,
+    /// Requests that may wait for a start slot at once (workers.max_waiting_creates).
+    pub max_waiting: usize,
+    /// How long one waits before it is refused (workers.start_wait).
+    pub wait: Duration,
+}
+
+/// Admission to worker starts, shared by every pool: at most `max_concurrent` processes
+/// load TensorFlow at once, so that a flood of creates queues instead of starting hundreds
+/// of workers that all miss their start timeout on a saturated CPU.
+#[derive(Debug)]
+pub struct StartGate {
+    limits: StartLimits,
+    slots: Semaphore,
+    waiting: AtomicUsize,
+}
+
+/// Whether a start may be refused because too many wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// A new session: refused when `max_waiting` already wait.
+    Create,
+    /// A session that exists (recycle, restore) or the pool's own refill: waits its turn.
+    Existing,
+}
+
+impl StartGate {
+    pub fn new(limits: StartLimits) -> Arc<StartGate> {
+        Arc::new(StartGate {
+            limits,
+            slots: Semaphore::new(limits.max_concurrent.max(1)),
+            waiting: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> StartLimits {
+        self.limits
+    }
+
+    /// Requests waiting for a start slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// A start slot, or why none: too many already wait (RESOURCE_EXHAUSTED for the
+    /// client), or none came free within `limits.wait` (UNAVAILABLE).
+    async fn enter(&self, urgency: Urgency) -> Result<SemaphorePermit<'_>, WorkerError> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _counted = WaitCount(&self.waiting);
+        if urgency == Urgency::Create && waiting >= self.limits.max_waiting {
+            return Err(WorkerError::Busy(format!(
+                "{waiting} requests already wait for a worker to start (at most {} start at \
+                 once; workers.max_waiting_creates = {}); retry in a few seconds",
+                self.limits.max_concurrent, self.limits.max_waiting
+            )));
+        }
+        match tokio::time::timeout(self.limits.wait, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(WorkerError::StartWait(
+                "worker starts are closed".to_string(),
+            )),
+            Err(_) => Err(WorkerError::StartWait(format!(
+                "no worker could be started within {:?} (workers.start_wait): {} start at once \
+                 and {} requests wait; retry later",
+                self.limits.wait,
+                self.limits.max_concurrent,
+                self.waiting()
+            ))),
+        }
+    }
+}
+
+/// Counts one waiter until dropped.
+struct WaitCount<'a>(&'a AtomicUsize);
+
+impl Drop for WaitCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Ready workers plus a background task that keeps `target` of them.
 #[derive(Debug)]
 pub struct WarmPool {
     spec: WorkerSpec,
+    /// The configured size: the pool never keeps fewer ready workers.
     target: usize,
+    /// The most it grows to under demand.
+    max: usize,
+    /// What it keeps now, between `target` and `max`: one more each time a take finds the
+    /// pool empty, one less after `SHRINK_AFTER_IDLE` without a take.
+    want: AtomicUsize,
+    last_take: Mutex<tokio::time::Instant>,
+    gate: Arc<StartGate>,
     ready: Mutex<VecDeque<Arc<WorkerProcess>>>,
     wake_refill: Notify,
     /// Whether workers can be started: `None` before the first attempt, `Some(false)` after
@@ -43,13 +143,18 @@ impl WarmPool {
     /// Creates the pool and starts its refill task on `tracker`, stopped by `shutdown`.
     pub fn start(
         spec: WorkerSpec,
-        target: usize,
+        (target, max): (usize, usize),
+        gate: Arc<StartGate>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<WarmPool> {
         let pool = Arc::new(WarmPool {
             spec,
             target,
+            max: max.max(target),
+            want: AtomicUsize::new(target),
+            last_take: Mutex::new(tokio::time::Instant::now()),
+            gate,
             ready: Mutex::new(VecDeque::new()),
             wake_refill: Notify::new(),
             startable: watch::channel(None).0,
@@ -65,6 +170,44 @@ impl WarmPool {
     /// The configured number of ready workers.
     pub fn target(&self) -> usize {
         self.target
+    }
+
+    /// How many ready workers the pool keeps now (it grows under demand, up to its max).
+    pub fn wanted(&self) -> usize {
+        self.want.load(Ordering::SeqCst)
+    }
+
+    /// One worker less, toward the configured size, once no take came for a while.
+    fn shrink_if_idle(&self) {
+        let idle = self
+            .last_take
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        if idle < SHRINK_AFTER_IDLE {
+            return;
+        }
+        let shrunk = self
+            .want
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |want| {
+                (want > self.target).then(|| want - 1)
+            });
+        if shrunk.is_ok() {
+            *self.last_take.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+            let surplus = {
+                let mut ready = self.lock();
+                (ready.len() > self.wanted())
+                    .then(|| ready.pop_back())
+                    .flatten()
+            };
+            if let Some(worker) = surplus {
+                tracing::debug!(
+                    worker_pid = worker.pid(),
+                    "warm pool shrinking after idle time"
+                );
+                worker.kill_expected();
+            }
+        }
     }
 
     /// TensorFlow's version as workers report it; empty before the first worker started.
@@ -88,21 +231,45 @@ impl WarmPool {
         self.lock().len()
     }
 
-    /// A ready worker from the pool, or a freshly started one when the pool is empty.
-    pub async fn take(&self) -> Result<Arc<WorkerProcess>, WorkerError> {
+    /// A ready worker from the pool, or a freshly started one when the pool is empty (once
+    /// the start gate admits it).
+    pub async fn take(&self, urgency: Urgency) -> Result<Arc<WorkerProcess>, WorkerError> {
+        *self.last_take.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
         loop {
             let worker = self.lock().pop_front();
+            if worker.is_none() {
+                // Drained: demand is above what the pool keeps; keep one more, up to max.
+                let _ = self
+                    .want
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |want| {
+                        (want < self.max).then_some(want + 1)
+                    });
+            }
             self.wake_refill.notify_one();
             match worker {
-                // A pooled worker may have died while it waited; skip it.
-                Some(worker) if worker.exit_description().is_none() => return Ok(worker),
-                Some(_) => continue,
-                None => return self.spawn().await,
+                // A pooled worker may have died, or been stopped, while it waited; skip it.
+                Some(worker)
+                    if worker.exit_description().is_none()
+                        && !matches!(worker.process_state(), Some('T' | 't')) =>
+                {
+                    return Ok(worker);
+                }
+                Some(worker) => {
+                    worker.kill_expected();
+                    continue;
+                }
+                None => {
+                    let waited = std::time::Instant::now();
+                    let spawned = self.spawn(urgency).await;
+                    self.spec.metrics.record_pool_miss(waited.elapsed());
+                    return spawned;
+                }
             }
         }
     }
 
-    async fn spawn(&self) -> Result<Arc<WorkerProcess>, WorkerError> {
+    async fn spawn(&self, urgency: Urgency) -> Result<Arc<WorkerProcess>, WorkerError> {
+        let _slot = self.gate.enter(urgency).await?;
         let started = WorkerProcess::spawn(&self.spec).await;
         if let Ok(worker) = &started {
             let mut all = self.started.lock().unwrap_or_else(|e| e.into_inner());
@@ -169,9 +336,9 @@ impl WarmPool {
         loop {
             self.lock()
                 .retain(|worker| worker.exit_description().is_none());
-            if self.ready_count() < self.target {
+            if self.ready_count() < self.wanted() {
                 let started = tokio::select! {
-                    started = self.spawn() => started,
+                    started = self.spawn(Urgency::Existing) => started,
                     _ = shutdown.cancelled() => break,
                 };
                 match started {
@@ -200,6 +367,9 @@ impl WarmPool {
             }
             tokio::select! {
                 _ = self.wake_refill.notified() => {}
+                _ = tokio::time::sleep(SHRINK_AFTER_IDLE), if self.wanted() > self.target => {
+                    self.shrink_if_idle();
+                }
                 _ = shutdown.cancelled() => break,
             }
         }

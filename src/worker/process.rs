@@ -139,6 +139,12 @@ pub enum WorkerError {
     Start { binary: String, reason: String },
     #[error("worker protocol error: {0}")]
     Protocol(String),
+    /// Too many creates already wait for a worker (workers.max_waiting_creates).
+    #[error("{0}")]
+    Busy(String),
+    /// No start slot came free within workers.start_wait.
+    #[error("{0}")]
+    StartWait(String),
 }
 
 pub(super) type Reply = Result<worker_response::Result, WorkerError>;
@@ -507,6 +513,23 @@ impl WorkerProcess {
         self.signal_kill();
     }
 
+    /// Kills the worker on purpose without waiting for it to be reaped: the requests on it
+    /// fail at once, and no restore follows (its exit is expected).
+    pub fn kill_expected(&self) {
+        self.expected_exit.store(true, Ordering::SeqCst);
+        self.signal_kill();
+    }
+
+    /// The process's scheduling state from /proc/PID/stat (`R`, `S`, `D`, `T` stopped, `t`
+    /// stopped by a tracer, `Z`...); `None` once it is gone.
+    pub fn process_state(&self) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        // The command name is in parentheses and may itself hold spaces or parentheses: the
+        // state is the first field after the last ')'.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        rest.split_whitespace().next()?.chars().next()
+    }
+
     /// Kills the worker on purpose and waits until it is reaped.
     pub async fn stop(&self) -> ExitDescription {
         self.expected_exit.store(true, Ordering::SeqCst);
@@ -603,6 +626,9 @@ async fn read_responses(
     while let Some(frame) = reader.next().await {
         let frame = match frame {
             Ok(frame) => frame,
+            // A worker killed with frames unread resets the socket: that is its exit, which
+            // the exit watcher reports, not a broken stream.
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return,
             Err(error) => {
                 tracing::error!(worker_pid = pid, %error, "unreadable stream from a worker: killing it");
                 if let Some(kill) = kill.lock().unwrap_or_else(|e| e.into_inner()).take() {

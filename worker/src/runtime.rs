@@ -379,7 +379,9 @@ impl Runtime {
     pub fn export_variables(&self) -> Result<Vec<wire::NamedTensor>, Failure> {
         let mut state = self.write();
         let mut reads = Vec::new();
+        let mut checks = Vec::new();
         for variable in variables(&state.graph) {
+            checks.push(initialized_check(&mut state.graph, &variable)?);
             let output = match variable.kind {
                 VariableKind::Reference => (variable.operation.clone(), 0),
                 VariableKind::Resource => {
@@ -402,7 +404,13 @@ impl Runtime {
             reads.push((variable, output));
         }
         let state = RwLockWriteGuard::downgrade(state);
-        // One run for all; if some are uninitialised, one run each to find the others.
+        // Only initialised variables are read: reading an uninitialised one is an error that
+        // TensorFlow also logs (twice per variable), noise for a normal recycle after a purge.
+        if let Ok(initialized) = run_checks(&state, &checks) {
+            let mut initialized = initialized.into_iter();
+            reads.retain(|_| initialized.next().flatten().unwrap_or(true));
+        }
+        // One run for all; if some still fail, one run each to find the others.
         let read = |reads: &[&(Variable, (Operation, i32))]| -> Result<_, Failure> {
             let outputs = reads
                 .iter()
@@ -579,6 +587,82 @@ fn type_name(code: i32) -> String {
 }
 
 /// Every variable in the graph, skipping the nodes tfsd added itself.
+/// An op answering whether `variable` is initialised (built once, kept in the graph under
+/// the internal prefix, like the export reads); `None` for a reference variable of a type
+/// the tensorflow crate cannot name (float8, int4: its read reports that type by name).
+fn initialized_check(graph: &mut Graph, variable: &Variable) -> Result<Option<Operation>, Failure> {
+    let name = format!("{INTERNAL_PREFIX}/initialized/{}", variable.name);
+    if let Ok(Some(check)) = graph.operation_by_name(&name) {
+        return Ok(Some(check));
+    }
+    let input = tensorflow::Output {
+        operation: variable.operation.clone(),
+        index: 0,
+    };
+    let check = match variable.kind {
+        VariableKind::Reference => {
+            let Ok(dtype) = variable.dtype() else {
+                return Ok(None);
+            };
+            let mut op = graph.new_operation("IsVariableInitialized", &name)?;
+            op.add_input(input);
+            op.set_attr_type("dtype", data_type_of(dtype))?;
+            op.finish()?
+        }
+        VariableKind::Resource => {
+            let mut op = graph.new_operation("VarIsInitializedOp", &name)?;
+            op.add_input(input);
+            op.finish()?
+        }
+    };
+    Ok(Some(check))
+}
+
+/// Runs the `initialized_check`s in one step: per variable, whether it is initialised
+/// (`None` where there is no check).
+fn run_checks(state: &Loaded, checks: &[Option<Operation>]) -> Result<Vec<Option<bool>>, Failure> {
+    let present: Vec<&Operation> = checks.iter().flatten().collect();
+    if present.is_empty() {
+        return Ok(vec![None; checks.len()]);
+    }
+    let outputs = present
+        .iter()
+        .map(|operation| {
+            Ok(tensorflow_sys::TF_Output {
+                oper: raw::raw_operation(&state.graph, operation)?,
+                index: 0,
+            })
+        })
+        .collect::<Result<Vec<_>, Failure>>()?;
+    let values = session_run(
+        &state.session,
+        None,
+        &[],
+        &OwnedTensors(Vec::new()),
+        &outputs,
+        &[],
+    )?;
+    let mut answers = values
+        .into_protos()?
+        .iter()
+        .map(|proto| match tensor::decode(proto) {
+            Ok(tensor::DenseTensor {
+                data: tensor::DenseData::Bytes(bytes),
+                ..
+            }) => Ok(bytes.first().is_some_and(|byte| *byte != 0)),
+            _ => Err(Failure::new(
+                Failure::INTERNAL,
+                "an initialisation check answered no bool".to_string(),
+            )),
+        })
+        .collect::<Result<Vec<bool>, Failure>>()?
+        .into_iter();
+    Ok(checks
+        .iter()
+        .map(|check| check.as_ref().and_then(|_| answers.next()))
+        .collect())
+}
+
 fn variables(graph: &Graph) -> Vec<Variable> {
     graph
         .operation_iter()
