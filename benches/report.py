@@ -3,7 +3,7 @@
     .venv/bin/python benches/report.py --results target/bench --command "scripts/bench"
 
 Inputs (in --results): step_latency.json, reset_cost.json, reset_memory.json,
-policy_reaction.json, scale.json (the Rust benches), peers.json (benches/peers.py),
+policy_reaction.json, scale.json, flood.json (the Rust benches), peers.json (benches/peers.py),
 python_trials.json (benches/python_trials.py) and machine.json (scripts/bench). A missing file
 leaves its section saying so. benches/analysis.md, when present, is appended as the
 hand-written reading of the run.
@@ -11,7 +11,8 @@ hand-written reading of the run.
     .venv/bin/python benches/report.py --results target/bench --only python_trials --output FILE
 
 renders only that part's section (with the machine it ran on) into FILE, leaving BENCHMARKS.md
-alone: for a run of one part when the other parts' results are not at hand.
+alone: for a run of one part when the other parts' results are not at hand (parts: python_trials,
+flood).
 
 Every ratio in the report compares figures measured in the same run on the same machine.
 """
@@ -729,12 +730,133 @@ def percentile_of(samples: list[float], p: float) -> float:
     return ordered[min(max(rank, 1), len(ordered)) - 1]
 
 
+def flood_plot(path: Path, configurations: list[dict]) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for c in configurations:
+        series = c.get("workers_series") or []
+        if series:
+            a.step([t for t, _ in series], [n for _, n in series], where="post", label=c["name"])
+        done = sorted(s / 1e6 for s in c["time_to_session"].get("samples_us", []))
+        if done:
+            b.step([0] + done, range(len(done) + 1), where="post", label=c["name"])
+    a.set_xlabel("seconds since the flood started")
+    a.set_ylabel("live worker processes")
+    a.set_title("Workers alive (sampled every 50 ms)")
+    b.set_xlabel("seconds since the flood started")
+    b.set_ylabel("sessions created")
+    b.set_title("Sessions created so far")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def flood_section(out: list[str], plots: Path, flood: dict | None) -> None:
+    out.append("## 8. Create flood: admission for worker starts\n")
+    if not flood:
+        out.append("Not measured in this run.\n")
+        return
+    configurations = flood["configurations"]
+    n = flood["creates"]
+    out.append(
+        f"{n} CreateSessions sent at once, each on a gRPC connection of its own (connected before "
+        f"the flood), to a daemon with `[workers] pool_size = {flood['pool_size']}` and §1's step "
+        f"graph (a [4, 4] MatMul and a 256 KiB variable), on {flood['cores']} cores. **unbounded**: "
+        "`max_concurrent_starts = 256`, `max_waiting_creates = 100000`, what the daemon did before "
+        "it had admission for worker starts (every create that finds the pool empty starts a worker at once). **bounded**: the "
+        "defaults. Both configurations in one run, one daemon each, one after the other.\n")
+
+    def secs_text(value_us: float, count: int) -> str:
+        return secs(value_us) if count else "—"
+
+    def cell(c: dict, key: str) -> str:
+        t = c["time_to_session"]
+        h = c["health"]
+        failed = ", ".join(f"{count} {code}" for code, count in c["failed"].items()) or "0"
+        refusal = c.get("time_to_refusal") or {}
+        return {
+            "limits": (f"{c['max_concurrent_starts']} starts at once, {c['max_waiting_creates']:,} "
+                       f"creates may wait ({c['start_wait_s']:.0f} s)"),
+            "succeeded": f"{c['succeeded']} of {c['creates']}",
+            "refused": (f"{c['refused']}" + (f" (each answered within {ms(refusal['max_us'])})"
+                                             if c["refused"] and refusal.get("n") else "")),
+            "failed": failed,
+            "p50": secs_text(t["p50_us"], t["n"]),
+            "p90": secs_text(t["p90_us"], t["n"]),
+            "max": secs_text(t["max_us"], t["n"]),
+            "flood": f"{c['flood_s']:.1f} s",
+            "peak_workers": str(c["peak_workers"]),
+            "peak_not_serving": str(c.get("peak_workers_not_serving", "—")),
+            "workers_seen": str(c["workers_seen"]),
+            "load": f"{c['load_at_start']:.1f} → {c['peak_load1']:.1f}",
+            "runnable": str(c["peak_runnable"]),
+            "health": (f"{h['not_serving']} of {h['checks']} NOT_SERVING "
+                       f"({h['into_not_serving']} times into it)"),
+            "health_latency": (f"{ms(h['latency']['p50_us'])} / {ms(h['latency']['p99_us'])} / "
+                               f"{ms(h['latency']['max_us'])}" if h["latency"]["n"] else "—"),
+            "unanswered": f"{h['no_answer']}" + (f", {h['other']} other answers" if h["other"] else ""),
+            "after": (f"{c['workers_after_close']} ({c['pooled_after_close']} ready in the pool)"
+                      if "pooled_after_close" in c else str(c["workers_after_close"])),
+        }[key]
+
+    figures = [
+        ("worker starts", "limits"),
+        ("sessions created", "succeeded"),
+        ("refused (RESOURCE_EXHAUSTED)", "refused"),
+        ("failed otherwise", "failed"),
+        ("time to session p50", "p50"),
+        ("time to session p90", "p90"),
+        ("time to session max", "max"),
+        ("last answer after", "flood"),
+        ("peak live workers", "peak_workers"),
+        ("peak live workers not serving a session yet", "peak_not_serving"),
+        ("distinct workers seen", "workers_seen"),
+        ("1-min load average: at start → peak", "load"),
+        ("peak runnable threads (machine)", "runnable"),
+        ("health check answers", "health"),
+        ("health check p50 / p99 / max (answered)", "health_latency"),
+        (f"health checks unanswered in {flood['health_check_deadline_s']} s", "unanswered"),
+        ("workers alive after closing every session", "after"),
+    ]
+    out.append(table(["", *(c["name"] for c in configurations)],
+                     [[label, *(cell(c, key) for c in configurations)] for label, key in figures],
+                     "l" + "r" * len(configurations)))
+    out.append(
+        "\nTime to session: from each create's send to its answer, for those that succeeded. Live "
+        "workers: the daemon's children in `/proc` that are not zombies, sampled every "
+        f"{flood['process_sample_ms']} ms from the flood's start to its last answer (workers starting, "
+        "ready in the pool, or serving a session); not serving a session yet: live workers less the "
+        "sessions answered so far, so a worker starting, loading its graph or ready in the pool, "
+        "and a create's worker until its answer arrives (bounded by the starts at once, plus the "
+        "pool, plus the graphs loading); distinct workers seen counts each pid once, the "
+        "warm worker the flood began with included. Runnable threads: `procs_running` of the whole "
+        "machine, sampled with them. Health: grpc.health.v1 `Check` of `tfsd.v1.SessionService` every "
+        f"{flood['health_check_ms']} ms on a connection of its own while the flood ran. After the "
+        "flood every session ran one step, was closed, and the bench waited until no worker was left "
+        "but the warm pool's ready ones (the pool grows by one each time a take finds it empty, up "
+        f"to `workers.pool_max`, and shrinks back after a minute without takes). A create "
+        f"unanswered after {flood['create_deadline_s']} s would count as NO_ANSWER. "
+        f"{load_note(flood)}; the load average is a 1-minute mean, so the second configuration "
+        "starts with some of the first one's load.\n")
+    examples = [(c["name"], code, message) for c in configurations
+                for code, message in c.get("examples", {}).items()]
+    if examples:
+        out.append("What the creates that got no session were told (one per configuration and code):\n")
+        for name, code, message in examples:
+            out.append(f"- {name}, {code}: \"{message}\"")
+        out.append("")
+    flood_plot(plots / "flood.png", configurations)
+    out.append("![create flood](benches/plots/flood.png)\n")
+
+
 def write_only(args, machine: dict, trials: dict | None) -> None:
     """One part's section with the machine and load it ran on, in a file of its own."""
     if args.output == REPO_ROOT / "BENCHMARKS.md":
         raise SystemExit("--only writes a section of its own: give --output another file")
     out = ["# tfsd benchmarks: one part\n",
-           "Generated by `benches/report.py --only python_trials`; the section as it would appear "
+           f"Generated by `benches/report.py --only {args.only}`; the section as it would appear "
            "in BENCHMARKS.md, rendered alone.\n"]
     if trials and trials.get("quick"):
         out.append("> **Smoke run (BENCH_QUICK=1):** few repeats; the figures below only show that "
@@ -746,14 +868,19 @@ def write_only(args, machine: dict, trials: dict | None) -> None:
         if key in machine:
             out.append(f"- {label}: {machine[key]}")
     if trials:
+        duration_s = trials.get("duration_s", 0)
+        run_time = f"{duration_s / 60:.0f} min" if duration_s >= 120 else f"{duration_s:.0f} s"
         out.append(f"- load average: {trials['load_before']:.2f} at the start of this part, "
-                   f"{trials['load_after']:.2f} at its end; run time {trials.get('duration_s', 0) / 60:.0f} min")
+                   f"{trials['load_after']:.2f} at its end; run time {run_time}")
         if trials.get("python_runtime"):
             out.append(f"- tfsd's Python workers: {trials['python_runtime']}")
     out.append("- every TensorFlow process runs with `TF_ENABLE_ONEDNN_OPTS=0` (tfsd's worker default)")
     out.append("- the machine is shared with other engineers' builds and tests: compare the ratios "
                "(measured in the same run), not absolute times\n")
-    python_trials_section(out, trials)
+    if args.only == "flood":
+        flood_section(out, args.plots, trials)
+    else:
+        python_trials_section(out, trials)
     args.output.write_text("\n".join(out).rstrip() + "\n")
     print(f"report: wrote {args.output}")
 
@@ -764,7 +891,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--plots", type=Path, default=REPO_ROOT / "benches" / "plots")
     parser.add_argument("--command", default="scripts/bench")
-    parser.add_argument("--only", choices=["python_trials"],
+    parser.add_argument("--only", choices=["python_trials", "flood"],
                         help="render only this part's section into --output")
     args = parser.parse_args()
     args.plots.mkdir(parents=True, exist_ok=True)
@@ -777,11 +904,12 @@ def main() -> None:
     policy = load(args.results, "policy_reaction")
     scale = load(args.results, "scale")
     trials = load(args.results, "python_trials")
+    flood = load(args.results, "flood")
     quick = any(part and part.get("quick")
-                for part in (rust_steps, py, resets, mem, policy, scale, trials))
+                for part in (rust_steps, py, resets, mem, policy, scale, trials, flood))
 
     if args.only:
-        write_only(args, machine, trials)
+        write_only(args, machine, flood if args.only == "flood" else trials)
         return
 
     body: list[str] = []
@@ -793,6 +921,7 @@ def main() -> None:
     policy_section(body, policy)
     scale_section(body, args.plots, scale, targets)
     python_trials_section(body, trials)
+    flood_section(body, args.plots, flood)
 
     out: list[str] = ["# tfsd benchmarks\n"]
     out.append("tfsd side by side with what users would pick instead — TensorFlow in-process and "
