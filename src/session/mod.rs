@@ -43,7 +43,8 @@ pub enum SessionState {
     Ready,
     /// The worker died; a fresh one is being started with the session's graph.
     Restoring,
-    /// Restoring failed; RecycleSession tries again.
+    /// Restoring failed, or the worker keeps crashing (crash loop); RecycleSession tries
+    /// again.
     Broken,
     Closed,
 }

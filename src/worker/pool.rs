@@ -42,7 +42,10 @@ pub struct StartLimits {
 pub struct StartGate {
     limits: StartLimits,
     slots: Semaphore,
+    /// Everything waiting for a slot (creates, recycles, restores, the pools' refills).
     waiting: AtomicUsize,
+    /// The creates among them: what `max_waiting` bounds.
+    waiting_creates: AtomicUsize,
 }
 
 /// Whether a start may be refused because too many wait.
@@ -60,6 +63,7 @@ impl StartGate {
             limits,
             slots: Semaphore::new(limits.max_concurrent.max(1)),
             waiting: AtomicUsize::new(0),
+            waiting_creates: AtomicUsize::new(0),
         })
     }
 
@@ -78,11 +82,20 @@ impl StartGate {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);
         }
-        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let _counted = WaitCount(&self.waiting);
-        if urgency == Urgency::Create && waiting >= self.limits.max_waiting {
+        // Only creates count against the queue's length: background starts (the pools'
+        // refills, recycles, restores) must not take a new session's place.
+        let _create = (urgency == Urgency::Create).then(|| {
+            let waiting = self.waiting_creates.fetch_add(1, Ordering::SeqCst);
+            (waiting, WaitCount(&self.waiting_creates))
+        });
+        if let Some((waiting, _)) = &_create
+            && *waiting >= self.limits.max_waiting
+        {
+            let waiting = *waiting;
             return Err(WorkerError::Busy(format!(
-                "{waiting} requests already wait for a worker to start (at most {} start at \
+                "{waiting} creates already wait for a worker to start (at most {} start at \
                  once; workers.max_waiting_creates = {}); retry in a few seconds",
                 self.limits.max_concurrent, self.limits.max_waiting
             )));
