@@ -210,6 +210,7 @@ impl SessionManager {
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))
     }
 
+    /// The admission counts. Lock order: this lock before `sessions`, never the reverse.
     fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
         self.admission.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -835,15 +836,15 @@ impl SessionManager {
     /// against the session caps until that worker is reaped.
     pub async fn close_because(self: &Arc<Self>, id: &str, cause: Cause) -> Result<()> {
         let session = {
+            // Admission first, then the registry: the order `admit_as` takes them in (the
+            // other order deadlocks against a concurrent create). Both held, so the session is
+            // counted, in the registry or as closing, at every instant.
+            let mut admission = self.admission();
             let mut sessions = self.sessions.write().unwrap_or_else(|e| e.into_inner());
             let session = sessions
                 .remove(id)
                 .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
-            *self
-                .admission()
-                .closing
-                .entry(session.owner.clone())
-                .or_default() += 1;
+            *admission.closing.entry(session.owner.clone()).or_default() += 1;
             session
         };
         let closing = Closing {
