@@ -103,18 +103,57 @@ impl fmt::Display for Quoted<'_> {
 /// one would be lost.
 pub const MAX_STATUS_MESSAGE_BYTES: usize = 4096;
 
-/// Of a message cut to `MAX_STATUS_MESSAGE_BYTES`, how many bytes of its end are kept:
-/// TensorFlow puts the failing node (`[[{{node ...}}]]`) last.
+/// Of a message cut to `MAX_STATUS_MESSAGE_BYTES`, how many encoded bytes of its end are
+/// kept: TensorFlow puts the failing node (`[[{{node ...}}]]`) last.
 const KEPT_TAIL_BYTES: usize = 1024;
 
-/// `message` within `MAX_STATUS_MESSAGE_BYTES`: its beginning and its end, with what was cut
-/// between them said in words.
+/// How many bytes `byte` takes in the `grpc-message` trailer, which percent-encodes every
+/// byte outside printable ASCII (and `%` itself): a non-ASCII character costs three times
+/// its UTF-8 length there.
+fn encoded_len(byte: u8) -> usize {
+    if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+        1
+    } else {
+        3
+    }
+}
+
+/// What `character` costs in the trailer.
+fn encoded_char_len(character: char) -> usize {
+    character
+        .encode_utf8(&mut [0; 4])
+        .bytes()
+        .map(encoded_len)
+        .sum()
+}
+
+/// `message` within `MAX_STATUS_MESSAGE_BYTES` as it travels (percent-encoded): its
+/// beginning and its end, with what was cut between them said in words.
 pub fn clip_message(message: String) -> String {
-    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+    let encoded: usize = message.bytes().map(encoded_len).sum();
+    if encoded <= MAX_STATUS_MESSAGE_BYTES {
         return message;
     }
-    let head_end = floor_char_boundary(&message, MAX_STATUS_MESSAGE_BYTES - KEPT_TAIL_BYTES - 64);
-    let tail_start = ceil_char_boundary(&message, message.len() - KEPT_TAIL_BYTES);
+    // The note between head and tail takes well under the 96 bytes left for it.
+    let head_budget = MAX_STATUS_MESSAGE_BYTES - KEPT_TAIL_BYTES - 96;
+    let mut used = 0;
+    let mut head_end = 0;
+    for (at, character) in message.char_indices() {
+        used += encoded_char_len(character);
+        if used > head_budget {
+            break;
+        }
+        head_end = at + character.len_utf8();
+    }
+    let mut used = 0;
+    let mut tail_start = message.len();
+    for (at, character) in message.char_indices().rev() {
+        used += encoded_char_len(character);
+        if used > KEPT_TAIL_BYTES || at < head_end {
+            break;
+        }
+        tail_start = at;
+    }
     format!(
         "{} … [{} bytes cut; the message had {}] … {}",
         &message[..head_end],
@@ -122,20 +161,6 @@ pub fn clip_message(message: String) -> String {
         message.len(),
         &message[tail_start..]
     )
-}
-
-fn floor_char_boundary(text: &str, mut at: usize) -> usize {
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    at
-}
-
-fn ceil_char_boundary(text: &str, mut at: usize) -> usize {
-    while !text.is_char_boundary(at) {
-        at += 1;
-    }
-    at
 }
 
 #[cfg(test)]
@@ -169,11 +194,8 @@ mod tests {
         assert_eq!(clip_message(exact.clone()), exact);
         let long = format!("Fetch {} not found [[{{{{node y}}}}]]", "ü".repeat(1 << 20));
         let clipped = clip_message(long.clone());
-        assert!(
-            clipped.len() <= MAX_STATUS_MESSAGE_BYTES,
-            "{}",
-            clipped.len()
-        );
+        let encoded: usize = clipped.bytes().map(encoded_len).sum();
+        assert!(encoded <= MAX_STATUS_MESSAGE_BYTES, "{}", clipped.len());
         assert!(clipped.starts_with("Fetch üü"));
         assert!(
             clipped.ends_with("üü not found [[{{node y}}]]"),

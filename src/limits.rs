@@ -158,8 +158,9 @@ impl Limits {
 
     /// limits.max_sessions and max_sessions_per_principal, before a session is created:
     /// `sessions` is how many the daemon hosts, `own` how many of them belong to `principal`
-    /// (as messages name it). Checked before the worker is taken, so concurrent creates may
-    /// overshoot by the number in flight.
+    /// (as messages name it), creates and closes in progress included. Called by
+    /// `SessionManager::admit` under its lock, which reserves the slot when this passes, so
+    /// concurrent creates cannot overshoot.
     pub fn check_session_count(
         &self,
         sessions: usize,

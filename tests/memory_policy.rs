@@ -470,11 +470,12 @@ async fn a_hard_limit_is_enforced_while_another_session_recycles() {
     /// the test fails on the order of events.
     const HOLD_AT_MOST: Duration = Duration::from_secs(30);
     let held = HeldStart::new();
-    // No warm pool: every worker is started when needed, so the recycle's start is the one
-    // held. oneDNN keeps purged memory pooled, so A's gentle rung does not help and the
-    // ladder goes on to a recycle.
+    // No warm pool, and none that grows under demand (pool_max = 0): every worker is started
+    // when needed, so the recycle's start is the one held. oneDNN keeps purged memory pooled,
+    // so A's gentle rung does not help and the ladder goes on to a recycle.
     let daemon = daemon_with_env(
-        "[policy]\ninterval = \"100ms\"\n[workers.env]\nTF_ENABLE_ONEDNN_OPTS = \"1\"\n",
+        "[policy]\ninterval = \"100ms\"\n[workers]\npool_max = 0\n\
+         [workers.env]\nTF_ENABLE_ONEDNN_OPTS = \"1\"\n",
         &[
             ("TFSD_WORKER_BINARY", held.binary().as_os_str()),
             ("TFSD_POOL_SIZE", "0".as_ref()),

@@ -264,6 +264,30 @@ impl PolicyState {
 /// Decides what to do now. Deterministic: same inputs, same actions. Updates `state` only
 /// for what it observes (re-arming, PSI timing, forgetting closed sessions); what actions
 /// achieve is recorded by the caller through `PolicyState::record`.
+/// The hard limit's kill for a session whose step is running past it, or `None`: what the
+/// runner still starts for a session with another action in flight (a purge or recycle
+/// waiting behind that very step must not leave the step free to grow past the limit).
+pub fn hard_limit_kill(sample: &SessionSample, config: &PolicyConfig) -> Option<Action> {
+    let hard = sample.policy.hard_limit_bytes?;
+    if sample.private_bytes <= hard || sample.runs_in_flight == 0 {
+        return None;
+    }
+    Some(Action {
+        session_id: sample.session_id.clone(),
+        worker_pid: sample.worker_pid,
+        kind: ActionKind::KillAndRestore,
+        trigger: Trigger::HardLimit,
+        rung: 3,
+        reason: format!(
+            "private memory {} is over the hard limit {}: killing the worker under its running \
+             step",
+            mib(sample.private_bytes),
+            mib(hard)
+        ),
+        dry_run: config.dry_run,
+    })
+}
+
 pub fn decide(
     observation: &Observation,
     config: &PolicyConfig,

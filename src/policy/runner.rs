@@ -19,7 +19,9 @@ use std::time::Instant;
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::{Action, Observation, PolicyConfig, PolicyState, Trigger, decide};
+use super::{
+    Action, ActionKind, Observation, PolicyConfig, PolicyState, Trigger, decide, hard_limit_kill,
+};
 use crate::memory::MemoryUsage;
 
 /// What the policy watches and acts on: the sessions. `session::SessionManager` implements
@@ -29,7 +31,9 @@ pub trait Supervised: Send + Sync + 'static {
     fn observe(&self) -> Observation;
     /// Carries out one action (or, in dry run, reports it); the session's memory after it,
     /// where the action measured it. Called concurrently for different sessions, never for
-    /// one session while an earlier action on it still runs.
+    /// one session while an earlier action on it still runs — except a hard-limit kill
+    /// (`KillAndRestore`, which takes no lock) of a step that grows past the limit while
+    /// that earlier action waits behind it.
     fn apply(
         self: &Arc<Self>,
         action: &Action,
@@ -60,6 +64,13 @@ impl InFlight {
         self.actions
             .values()
             .any(|(_, trigger)| *trigger == Trigger::SystemPressure)
+    }
+
+    /// Whether a hard-limit kill is already on its way for the session.
+    fn killing(&self, session_id: &str) -> bool {
+        self.actions
+            .values()
+            .any(|(id, trigger)| id == session_id && *trigger == Trigger::HardLimit)
     }
 
     /// Whether `action` may start now (see the module doc for the two rules).
@@ -132,6 +143,15 @@ pub async fn run(manager: Arc<impl Supervised>, config: PolicyConfig, shutdown: 
         for sample in &mut observation.sessions {
             if in_flight.acting_on(&sample.session_id) {
                 sample.ready = false;
+                // The one exception to one action per session: an action waiting for a
+                // running step (a purge or recycle takes the session's lock) must not leave
+                // that step free to grow past the hard limit. The kill takes no lock.
+                if !in_flight.killing(&sample.session_id)
+                    && let Some(kill) = hard_limit_kill(sample, &config)
+                {
+                    debug_assert_eq!(kill.kind, ActionKind::KillAndRestore);
+                    in_flight.start(&manager, kill, sample.private_bytes);
+                }
             }
         }
         for action in decide(&observation, &config, &mut state, Instant::now()) {

@@ -552,7 +552,7 @@ mod runner {
     /// Made-up sessions: a fixed observation, and an `apply` that reports its start and
     /// then waits for a permit of its session's gate.
     struct MadeUpSessions {
-        observation: Observation,
+        observation: Mutex<Observation>,
         observations: watch::Sender<usize>,
         started: mpsc::UnboundedSender<Action>,
         gates: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -577,7 +577,10 @@ mod runner {
     impl Supervised for MadeUpSessions {
         fn observe(&self) -> Observation {
             self.observations.send_modify(|count| *count += 1);
-            self.observation.clone()
+            self.observation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
         }
 
         async fn apply(
@@ -619,7 +622,7 @@ mod runner {
     ) {
         let (started, receiver) = mpsc::unbounded_channel();
         let sessions = Arc::new(MadeUpSessions {
-            observation,
+            observation: Mutex::new(observation),
             observations: watch::channel(0).0,
             started,
             gates: Mutex::new(HashMap::new()),
@@ -703,6 +706,32 @@ mod runner {
             )
         );
         shutdown.cancel();
+        sessions.finish_one("a");
+    }
+
+    #[tokio::test]
+    async fn a_step_past_the_hard_limit_is_killed_while_an_action_waits_behind_it() {
+        let (sessions, mut started, shutdown) = start(observe(vec![session("a", 150)]), config());
+        let gentle = next_started(&mut started).await;
+        assert_eq!(
+            gentle.kind,
+            ActionKind::Gentle(GentleAction::PurgeVariables)
+        );
+        // The purge waits (for the session's lock) while the client's step grows past the
+        // hard limit: the kill must not wait for the purge.
+        let mut running = session("a", 250);
+        running.runs_in_flight = 1;
+        *sessions.observation.lock().expect("observation") = observe(vec![running]);
+        let kill = next_started(&mut started).await;
+        assert_eq!(
+            (kill.kind, kill.rung, kill.trigger),
+            (ActionKind::KillAndRestore, 3, Trigger::HardLimit)
+        );
+        // One kill, not one per observation.
+        observations_pass(&sessions, 20).await;
+        assert!(started.try_recv().is_err(), "a second kill");
+        shutdown.cancel();
+        sessions.finish_one("a");
         sessions.finish_one("a");
     }
 

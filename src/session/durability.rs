@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{
     Cause, EventKind, Runtime, Session, SessionDefinition, SessionManager, SessionState, Trigger,
 };
+use crate::error::Error;
 use crate::store::{SessionRecord, SessionStore};
 use crate::worker::{CarriedState, WorkerProcess};
 
@@ -90,10 +91,21 @@ impl SessionManager {
             }
         };
         let count = variables.len();
-        match worker
-            .import_state(CarriedState::Variables(variables))
+        let import = worker.import_state(CarriedState::Variables(variables));
+        let imported = tokio::time::timeout(self.deadlines.call, import)
             .await
-        {
+            .unwrap_or_else(|_| {
+                // A fresh worker that does not take its checkpoint in time is hung: the
+                // session goes on without the variables (as after a crash without one).
+                worker.kill_as_failure();
+                Err(Error::Unavailable(format!(
+                    "worker pid {} did not import the checkpoint within {:?} \
+                     (workers.call_timeout)",
+                    worker.pid(),
+                    self.deadlines.call
+                )))
+            });
+        match imported {
             Ok(()) => count,
             Err(error) => {
                 tracing::error!(session_id = %session.id, %error, "could not restore the checkpoint");
@@ -108,7 +120,14 @@ impl SessionManager {
         let Some(worker) = session.worker.get() else {
             return;
         };
-        let exported = worker.export_state().await;
+        let exported = self
+            .within(
+                session,
+                &worker,
+                "a checkpoint's export",
+                worker.export_state(),
+            )
+            .await;
         drop(core);
         match exported {
             Ok(state) => self.write_checkpoint(session, &state),

@@ -30,6 +30,8 @@ use crate::worker::{Deadlines, StepRequest, Urgency, WarmPool, WorkerError, Work
 
 pub use partial_run::PartialRunSpec;
 
+/// Durable sessions checkpointed at once during the drain.
+const DRAIN_CHECKPOINTS: usize = 2;
 /// Workers tried before creating, restoring or recycling a session gives up.
 const WORKER_START_ATTEMPTS: u32 = 3;
 
@@ -381,6 +383,12 @@ impl SessionManager {
                     Urgency::Create,
                 )
                 .await?;
+            if manager.shutdown.is_cancelled() {
+                // The drain has taken the registry: a session added now would never be
+                // closed, nor its worker reaped.
+                worker.stop().await;
+                return Err(Error::ShuttingDown);
+            }
             let session = Arc::new(Session::new(definition));
             let mut core = session.core.write().await;
             manager.replace_worker(&session, &mut core, Some(worker.clone()));
@@ -471,23 +479,26 @@ impl SessionManager {
         config: &Bytes,
         urgency: Urgency,
     ) -> Result<Arc<WorkerProcess>> {
-        let worker = self
-            .pools
-            .of(runtime)?
-            .take(urgency)
-            .await
-            .map_err(|error| match error {
-                WorkerError::Busy(message) => Error::ResourceExhausted(message),
-                WorkerError::StartWait(message) => Error::Unavailable(message),
-                other => Error::WorkerStart(other.to_string()),
-            })?;
+        let pool = self.pools.of(runtime)?;
+        // The drain does not wait for starts still queued at the gate.
+        let taken = tokio::select! {
+            taken = pool.take(urgency) => taken,
+            _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+        };
+        let worker = taken.map_err(|error| match error {
+            WorkerError::Busy(message) => Error::ResourceExhausted(message),
+            WorkerError::StartWait(message) => Error::Unavailable(message),
+            other => Error::WorkerStart(other.to_string()),
+        })?;
         if runtime == Runtime::Python {
             return Ok(worker);
         }
         let load = worker.load(graph_def, config);
         let loaded = match tokio::time::timeout(self.deadlines.call, load).await {
             Ok(loaded) => loaded.map_err(rejected_graph),
-            Err(_) => Err(Error::WorkerStart(format!(
+            // Not `WorkerStart`: that is retried, and a graph this slow would take as long in
+            // the next worker.
+            Err(_) => Err(Error::Unavailable(format!(
                 "worker pid {} did not load the graph within {:?} (workers.call_timeout)",
                 worker.pid(),
                 self.deadlines.call
@@ -500,6 +511,60 @@ impl SessionManager {
                 Err(error)
             }
         }
+    }
+
+    /// A step with a timeout: TensorFlow stops it at its timeout, but only between kernels.
+    /// A worker that has not answered `workers.run_grace` later is checked: one still using
+    /// CPU is inside a long kernel and gets another grace period (up to
+    /// `workers.call_timeout` in all, so its variables are not lost for a slow kernel); one
+    /// that is not is hung, and is killed (the session restored) with DEADLINE_EXCEEDED.
+    async fn step_within<T>(
+        &self,
+        session: &Session,
+        worker: &WorkerProcess,
+        timeout: Duration,
+        step: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let grace = self.deadlines.run_grace;
+        tokio::pin!(step);
+        if let Ok(answer) = tokio::time::timeout(timeout, &mut step).await {
+            return answer;
+        }
+        let give_up = tokio::time::Instant::now() + self.deadlines.call.max(grace);
+        let why = loop {
+            let cpu_before = worker.cpu_ticks();
+            if let Ok(answer) = tokio::time::timeout(grace, &mut step).await {
+                return answer;
+            }
+            let busy = matches!(
+                (cpu_before, worker.cpu_ticks()),
+                (Some(before), Some(after)) if after > before
+            );
+            if !busy {
+                break format!(
+                    "had no answer and used no CPU for {grace:?} after it (workers.run_grace)"
+                );
+            }
+            if tokio::time::Instant::now() >= give_up {
+                break format!(
+                    "was still running {:?} after it (workers.call_timeout)",
+                    self.deadlines.call
+                );
+            }
+        };
+        session.kill_worker(
+            worker,
+            Cause::daemon(
+                Trigger::Unresponsive,
+                format!("it stopped answering: a step with a timeout of {timeout:?} {why}"),
+            ),
+        );
+        Err(Error::DeadlineExceeded(format!(
+            "the step ran past its timeout of {timeout:?} and its worker (pid {}) stopped \
+             answering, so it was killed; the session is being restored in a fresh worker \
+             (variables are lost unless durable)",
+            worker.pid()
+        )))
     }
 
     /// Waits at most `deadline` for `operation`, a request to the session's `worker`. A
@@ -587,35 +652,9 @@ impl SessionManager {
         // Counted down even if the caller goes away mid-run.
         let in_flight = InFlight::enter(&session, spec.max_runs_in_flight)?;
         let result = match timeout {
-            // TensorFlow stops the step at its timeout; a worker that has not answered a
-            // grace period later is hung (or stopped) and is not waited for.
             Some(timeout) => {
-                let deadline = timeout + self.deadlines.run_grace;
-                match tokio::time::timeout(deadline, worker.run(step)).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        session.kill_worker(
-                            &worker,
-                            Cause::daemon(
-                                Trigger::Unresponsive,
-                                format!(
-                                    "it stopped answering: a step with a timeout of \
-                                     {timeout:?} had no answer {:?} later \
-                                     (workers.run_grace)",
-                                    self.deadlines.run_grace
-                                ),
-                            ),
-                        );
-                        Err(Error::DeadlineExceeded(format!(
-                            "the step ran past its timeout of {timeout:?} and its worker (pid \
-                             {}) did not answer within {:?} more, so it was killed; the \
-                             session is being restored in a fresh worker (variables are lost \
-                             unless durable)",
-                            worker.pid(),
-                            self.deadlines.run_grace
-                        )))
-                    }
-                }
+                self.step_within(&session, &worker, timeout, worker.run(step))
+                    .await
             }
             None => worker.run(step).await,
         };
@@ -721,17 +760,25 @@ impl SessionManager {
                 reason: "the session was recycled without preserving its variables".to_string(),
                 ..cause.clone()
             };
-            session.stop_worker(&worker, stopped);
+            // As a failure, not an expected stop: if the recycle then fails (no worker could
+            // be started), the watcher restores the session instead of leaving it on a dead
+            // worker; if it succeeds, the watcher finds the slot moved on and does nothing.
+            session.kill_worker(&worker, stopped);
         }
         let manager = self.clone();
         let deadline = self.deadlines.call;
         self.detached(async move {
             let started = Instant::now();
             let Ok(mut core) = tokio::time::timeout(deadline, session.core.write()).await else {
+                let hint = if preserve_variables {
+                    "so its variables could not be exported; recycle without \
+                     preserve_variables to stop that work, or retry later"
+                } else {
+                    "retry later"
+                };
                 return Err(Error::Unavailable(format!(
                     "session {} still had work in flight after {deadline:?} \
-                     (workers.call_timeout), so its variables could not be exported; recycle \
-                     without preserve_variables to stop that work, or retry later",
+                     (workers.call_timeout), {hint}",
                     session.id()
                 )));
             };
@@ -904,13 +951,19 @@ impl SessionManager {
             .map(|(_, session)| session)
             .collect();
         let cause = Cause::daemon(Trigger::Shutdown, "the daemon is shutting down");
+        // Each export copies a session's variables into the daemon: two at a time bounds that
+        // memory, while the closes themselves run all at once.
+        let checkpoints = Arc::new(tokio::sync::Semaphore::new(DRAIN_CHECKPOINTS));
         let closes = sessions.iter().map(|session| {
             let manager = self.clone();
             let session = session.clone();
             let cause = cause.clone();
+            let checkpoints = checkpoints.clone();
             async move {
-                // Variables of durable sessions go to disk before their workers go.
-                if session.durable_variables {
+                // Variables of durable sessions go to disk before their workers go (only
+                // where there is a store to keep them).
+                if session.durable_variables && manager.store.get().is_some() {
+                    let _turn = checkpoints.acquire().await;
                     manager.checkpoint(&session).await;
                 }
                 manager.close_session(session, cause).await;

@@ -100,6 +100,15 @@ impl StartGate {
                 self.limits.max_concurrent, self.limits.max_waiting
             )));
         }
+        // An existing session (a recycle, a restore) waits as long as it takes: refusing it
+        // would leave it broken. The drain stops such waits (the caller selects on it).
+        if urgency == Urgency::Existing {
+            return self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| WorkerError::StartWait("worker starts are closed".to_string()));
+        }
         match tokio::time::timeout(self.limits.wait, self.slots.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(WorkerError::StartWait(

@@ -523,11 +523,26 @@ impl WorkerProcess {
     /// The process's scheduling state from /proc/PID/stat (`R`, `S`, `D`, `T` stopped, `t`
     /// stopped by a tracer, `Z`...); `None` once it is gone.
     pub fn process_state(&self) -> Option<char> {
+        self.stat_fields()?.first()?.chars().next()
+    }
+
+    /// CPU time the process has used so far (user + system, in clock ticks); `None` once it
+    /// is gone. Whether it grows tells a worker busy inside a long kernel from a hung one.
+    pub fn cpu_ticks(&self) -> Option<u64> {
+        let fields = self.stat_fields()?;
+        // utime and stime are fields 14 and 15 of /proc/PID/stat; `fields` starts at 3.
+        let user: u64 = fields.get(11)?.parse().ok()?;
+        let system: u64 = fields.get(12)?.parse().ok()?;
+        Some(user + system)
+    }
+
+    /// The fields of /proc/PID/stat after the command name (the state first).
+    fn stat_fields(&self) -> Option<Vec<String>> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
         // The command name is in parentheses and may itself hold spaces or parentheses: the
         // state is the first field after the last ')'.
         let rest = &stat[stat.rfind(')')? + 1..];
-        rest.split_whitespace().next()?.chars().next()
+        Some(rest.split_whitespace().map(str::to_string).collect())
     }
 
     /// Kills the worker on purpose and waits until it is reaped.

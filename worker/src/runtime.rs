@@ -586,7 +586,6 @@ fn type_name(code: i32) -> String {
     }
 }
 
-/// Every variable in the graph, skipping the nodes tfsd added itself.
 /// An op answering whether `variable` is initialised (built once, kept in the graph under
 /// the internal prefix, like the export reads); `None` for a reference variable of a type
 /// the tensorflow crate cannot name (float8, int4: its read reports that type by name).
@@ -663,6 +662,7 @@ fn run_checks(state: &Loaded, checks: &[Option<Operation>]) -> Result<Vec<Option
         .collect())
 }
 
+/// Every variable in the graph, skipping the nodes tfsd added itself.
 fn variables(graph: &Graph) -> Vec<Variable> {
     graph
         .operation_iter()

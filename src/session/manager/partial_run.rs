@@ -27,8 +27,9 @@ impl SessionManager {
         session.expect_runtime(Runtime::Graph, "a partial run")?;
         let core = session.core.read().await;
         let worker = usable_worker(&session, &core)?;
-        let handle = worker
-            .partial_run_setup(spec.feeds, spec.fetches, spec.targets)
+        let setup = worker.partial_run_setup(spec.feeds, spec.fetches, spec.targets);
+        let handle = self
+            .within(&session, &worker, "PartialRunSetup", setup)
             .await?;
         Ok(format!("{}/{handle}", worker.pid()))
     }
