@@ -321,7 +321,9 @@ fn check_config_accepts_the_shipped_file_and_names_a_bad_key() {
         .expect("python is on");
     assert!(interpreter.ends_with(".venv/bin/python"), "{interpreter}");
     assert_eq!(json["policy"]["gentle_action"], "purge_variables");
-    assert_eq!(json["policy"]["idle"]["action"], "recycle");
+    // The shipped file closes sessions idle for a day, as the built-in default does.
+    assert_eq!(json["policy"]["idle"]["action"], "close");
+    assert_eq!(json["policy"]["idle"]["timeout"], "1day");
     assert_eq!(json["state"]["dir"], Value::Null);
 
     let bad = std::env::temp_dir().join(format!("tfsd-cli-test-{}.toml", std::process::id()));

@@ -1103,8 +1103,9 @@ mod tests {
         assert_eq!(policy["pressure"]["min_available"], null);
         assert_eq!(policy["pressure"]["psi_some_avg10"], null);
         assert_eq!(policy["pressure"]["psi_for"], "10s");
-        assert_eq!(policy["idle"]["timeout"], null);
-        assert_eq!(policy["idle"]["action"], "recycle");
+        // Abandoned sessions are closed after a day by default.
+        assert_eq!(policy["idle"]["timeout"], "1day");
+        assert_eq!(policy["idle"]["action"], "close");
         assert_eq!(
             json["auth"],
             serde_json::json!({"allow_unauthenticated": false, "tokens": [], "certificates": []})
