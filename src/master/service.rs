@@ -77,10 +77,13 @@ impl Master {
                 "master: (the MasterService clients of unknown address)".to_string(),
             ),
         };
-        let created = self.sessions.created_from(client_ip).len();
         self.manager
             // TensorFlow's client cannot authenticate: the session has no owner.
             .admit_as("", &key, |total, creating| {
+                // Counted under the admission lock, and the reservation is held until the
+                // session is in this map (see `create_session`): a create from the same
+                // address is counted in one place or the other at every instant.
+                let created = self.sessions.created_from(client_ip).len();
                 self.limits
                     .check_session_count(total, created + creating, &principal)
             })
@@ -157,7 +160,7 @@ impl tf::master_service_server::MasterService for MasterService {
             .master
             .manager
             .create_owned(
-                admitted,
+                admitted.clone(),
                 // With a state directory, the variables come back after a daemon restart:
                 // the client cannot know it should initialise them again.
                 true,
@@ -186,6 +189,8 @@ impl tf::master_service_server::MasterService for MasterService {
                 callables: callables::Callables::default(),
             },
         );
+        // Counted by `created_from` now: the reservation can go.
+        drop(admitted);
         Ok(Response::new(tf::CreateSessionResponse {
             session_handle: snapshot.id,
             graph_version: snapshot.graph_version as i64,

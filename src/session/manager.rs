@@ -133,9 +133,14 @@ fn count_down(counts: &mut HashMap<String, usize>, owner: &str) {
 }
 
 /// A session slot reserved by `SessionManager::admit`: counted against the session caps
-/// from the check until the session is in the registry (or the create fails).
+/// from the check until the session is in the registry (or the create fails) and every clone
+/// is dropped — a caller that counts the session somewhere of its own (the MasterService's
+/// map) holds a clone until it has.
+#[derive(Debug, Clone)]
+pub struct Admitted(Arc<Reservation>);
+
 #[derive(Debug)]
-pub struct Admitted {
+struct Reservation {
     manager: std::sync::Weak<SessionManager>,
     /// Whom the reservation is counted for (the owner, or for the MasterService the
     /// client's address).
@@ -144,7 +149,7 @@ pub struct Admitted {
     owner: String,
 }
 
-impl Drop for Admitted {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(manager) = self.manager.upgrade() {
             count_down(&mut manager.admission().creating, &self.key);
@@ -250,11 +255,11 @@ impl SessionManager {
         };
         check(hosted + admission.total(), hosted_own + admission.of(key))?;
         *admission.creating.entry(key.to_string()).or_default() += 1;
-        Ok(Admitted {
+        Ok(Admitted(Arc::new(Reservation {
             manager: Arc::downgrade(self),
             key: key.to_string(),
             owner: owner.to_string(),
-        })
+        })))
     }
 
     /// The principal that owns a session: what authorization needs on every call, without
@@ -335,7 +340,7 @@ impl SessionManager {
         let definition = SessionDefinition {
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Graph,
-            owner: admitted.owner.clone(),
+            owner: admitted.0.owner.clone(),
             durable_variables,
             labels,
             policy: self.policy.effective(policy),
@@ -358,7 +363,7 @@ impl SessionManager {
         let definition = SessionDefinition {
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Python,
-            owner: admitted.owner.clone(),
+            owner: admitted.0.owner.clone(),
             durable_variables: false,
             labels,
             policy: self.policy.effective(policy),
