@@ -371,10 +371,12 @@ impl Config {
         if pool_size > 64 {
             bail!("workers.pool_size = {pool_size} is too large (at most 64)");
         }
-        let pool_max = raw
-            .workers
-            .pool_max
-            .unwrap_or(DEFAULT_POOL_MAX.max(pool_size));
+        // pool_size = 0 means no warm pool: it does not grow either unless pool_max says so.
+        let pool_max = raw.workers.pool_max.unwrap_or(if pool_size == 0 {
+            0
+        } else {
+            DEFAULT_POOL_MAX.max(pool_size)
+        });
         if !(pool_size..=64).contains(&pool_max) {
             bail!(
                 "workers.pool_max = {pool_max} must be between workers.pool_size ({pool_size}) and 64"
@@ -454,10 +456,11 @@ impl Config {
                 if pool_size > 64 {
                     bail!("python.pool_size = {pool_size} is too large (at most 64)");
                 }
-                let pool_max = raw
-                    .python
-                    .pool_max
-                    .unwrap_or(DEFAULT_PYTHON_POOL_MAX.max(pool_size));
+                let pool_max = raw.python.pool_max.unwrap_or(if pool_size == 0 {
+                    0
+                } else {
+                    DEFAULT_PYTHON_POOL_MAX.max(pool_size)
+                });
                 if !(pool_size..=64).contains(&pool_max) {
                     bail!(
                         "python.pool_max = {pool_max} must be between python.pool_size \

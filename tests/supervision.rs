@@ -46,6 +46,28 @@ fn blocking_graph() -> Vec<u8> {
     graph.graph_def().expect("graph_def")
 }
 
+/// Waits (with a deadline) until the kernel shows `pid` stopped (state T).
+fn wait_until_stopped(pid: u32) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rfind(')').and_then(|end| {
+            stat[end + 1..]
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        });
+        if state.as_deref() == Some("T") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker {pid} never stopped: {stat}"
+        );
+        std::thread::yield_now();
+    }
+}
+
 async fn double(client: &mut Client, session_id: &str, value: f32) -> Result<f32, tonic::Status> {
     run(client, session_id, &[("x", scalar(value))], &["y"], &[])
         .await
@@ -164,6 +186,7 @@ async fn a_preserving_recycle_of_a_stopped_worker_does_not_wedge_the_session() {
     let session = create(&mut client, blocking_graph()).await;
     let mut events = watch(&mut client).await;
     signal(session.worker_pid, libc::SIGSTOP);
+    wait_until_stopped(session.worker_pid);
 
     let recycle = client.recycle_session(api::RecycleSessionRequest {
         session_id: session.session_id.clone(),
