@@ -46,6 +46,30 @@ fn blocking_graph() -> Vec<u8> {
     graph.graph_def().expect("graph_def")
 }
 
+/// `count` CreateSessions sent at once, each from its own task; their answers.
+async fn create_at_once(
+    client: &Client,
+    count: usize,
+) -> Vec<Result<tonic::Response<api::CreateSessionResponse>, tonic::Status>> {
+    let creates = (0..count).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .create_session(api::CreateSessionRequest {
+                    graph_def: blocking_graph(),
+                    ..Default::default()
+                })
+                .await
+        })
+    });
+    tokio::time::timeout(DEADLINE, futures::future::join_all(creates))
+        .await
+        .expect("creates never answered")
+        .into_iter()
+        .map(|answer| answer.expect("join"))
+        .collect()
+}
+
 /// Waits (with a deadline) until the kernel shows `pid` stopped (state T).
 fn wait_until_stopped(pid: u32) {
     let deadline = std::time::Instant::now() + DEADLINE;
@@ -300,23 +324,10 @@ async fn concurrent_creates_never_pass_max_sessions() {
     const CREATES: usize = 10;
     let daemon = daemon_with("admission", &format!("[limits]\nmax_sessions = {CAP}\n"));
     let client = daemon.client().await;
-    let creates = (0..CREATES).map(|_| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            client
-                .create_session(api::CreateSessionRequest {
-                    graph_def: blocking_graph(),
-                    ..Default::default()
-                })
-                .await
-        })
-    });
-    let answers = tokio::time::timeout(DEADLINE, futures::future::join_all(creates))
-        .await
-        .expect("creates never answered");
+    let answers = create_at_once(&client, CREATES).await;
     let mut made = 0;
     for answer in answers {
-        match answer.expect("join") {
+        match answer {
             Ok(_) => made += 1,
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -350,23 +361,10 @@ async fn a_create_flood_queues_within_bounds_and_refuses_the_rest() {
         "[workers]\npool_size = 0\nmax_concurrent_starts = 1\nmax_waiting_creates = 2\n",
     );
     let client = daemon.client().await;
-    let creates = (0..CREATES).map(|_| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            client
-                .create_session(api::CreateSessionRequest {
-                    graph_def: blocking_graph(),
-                    ..Default::default()
-                })
-                .await
-        })
-    });
-    let answers = tokio::time::timeout(DEADLINE, futures::future::join_all(creates))
-        .await
-        .expect("creates never answered");
+    let answers = create_at_once(&client, CREATES).await;
     let (mut made, mut refused) = (0, 0);
     for answer in answers {
-        match answer.expect("join") {
+        match answer {
             Ok(_) => made += 1,
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");

@@ -233,3 +233,44 @@ fn reference_types_map_to_their_base_type() {
         Err(TensorError::UnsupportedDtype(120))
     );
 }
+
+#[test]
+fn a_broadcast_value_counts_as_every_element_it_fills() {
+    let mut huge = shaped(DType::Float, &[1 << 28]);
+    huge.float_val = vec![1.0];
+    assert_eq!(decoded_size(&huge), Ok(1 << 30));
+    let mut content = shaped(DType::Int64, &[2, 3]);
+    content.tensor_content = Bytes::from(vec![0u8; 48]);
+    assert_eq!(decoded_size(&content), Ok(48));
+    assert_eq!(decoded_size(&shaped(DType::Bool, &[0, 1 << 40])), Ok(0));
+    assert_eq!(
+        decoded_size(&shaped(DType::Double, &[1 << 62])),
+        Ok(u64::MAX)
+    );
+}
+
+#[test]
+fn strings_count_their_bytes_and_a_header_each() {
+    let mut strings = shaped(DType::String, &[4]);
+    strings.string_val = vec![b"ab".to_vec(), b"xyz".to_vec()];
+    // "ab", "xyz", then "xyz" twice more.
+    assert_eq!(
+        decoded_size(&strings),
+        Ok(2 + 3 * 3 + 4 * STRING_ELEMENT_OVERHEAD)
+    );
+    let empty = shaped(DType::String, &[1 << 28]);
+    assert_eq!(
+        decoded_size(&empty),
+        Ok((1 << 28) * STRING_ELEMENT_OVERHEAD)
+    );
+}
+
+#[test]
+fn shapes_past_tensorflows_rank_are_refused() {
+    let deep = shaped(DType::Float, &vec![1; MAX_RANK + 1]);
+    assert_eq!(
+        validate(&deep),
+        Err(TensorError::TooManyDimensions { rank: MAX_RANK + 1 })
+    );
+    assert!(validate(&shaped(DType::Float, &vec![1; MAX_RANK])).is_ok());
+}
