@@ -369,3 +369,17 @@ async fn a_recycle_after_a_purge_logs_no_tensorflow_warnings() {
     }
     assert!(from_old_workers.is_empty(), "{from_old_workers:#?}");
 }
+
+/// The shipped config/tfsd.toml (what `scripts/serve` runs) starts the daemon as it is, with
+/// only the listen addresses moved to free ports, and serves a session.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_config_starts_the_daemon_and_serves_a_session() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tfsd.toml");
+    let daemon = Daemon::start_with(&["--config", shipped]);
+    let mut client = daemon.client().await;
+    let session = create(&mut client, model_graph()).await;
+    run(&mut client, &session.session_id, &[], &[], &["w_init"])
+        .await
+        .expect("init");
+    assert_eq!(fetch_f32(&mut client, &session.session_id, "w").await, 3.0);
+}
