@@ -9,8 +9,12 @@
 //! With no credential configured, authentication is off and every caller is the anonymous
 //! operator — acceptable only on loopback, which `Config` enforces unless the operator says
 //! otherwise explicitly.
+//!
+//! A token file other users could read is refused at start-up (`token_file_is_private`): a
+//! token anyone can read proves nothing about who sends it.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -123,6 +127,38 @@ fn parse_digest(key: &str, text: &str) -> anyhow::Result<[u8; 32]> {
     Ok(out)
 }
 
+/// Whether a token file with permission bits `mode`, owned by `owner`, is readable by
+/// nobody but its owner (and the group root chose for it).
+///
+/// No group or other bits, as OpenSSH asks of a private key, with the one exception
+/// PostgreSQL makes for its key file: a file root owns may also be readable by its group
+/// (0440, 0640), the administrator's deliberate choice of who reads it. That is how
+/// Kubernetes mounts a Secret for a pod that does not run as root: root-owned, group
+/// `fsGroup` (the pod's own), and the kubelet adds group read to the volume's files whatever
+/// `defaultMode` says; and the classic `root:tfsd 0440` of a host that keeps secrets
+/// root-owned.
+fn token_file_is_private(mode: u32, owner: u32) -> bool {
+    const GROUP_READ: u32 = 0o040;
+    let exposed = mode & 0o077;
+    exposed == 0 || (owner == 0 && exposed == GROUP_READ)
+}
+
+/// Refuses the token file at `path` if other users could read it (`token_file_is_private`).
+fn check_token_file(key: &str, path: &Path) -> anyhow::Result<()> {
+    let metadata = std::fs::metadata(path)
+        .with_context(|| format!("{key}.file: read the permissions of {}", path.display()))?;
+    let mode = metadata.mode() & 0o7777;
+    if token_file_is_private(mode, metadata.uid()) {
+        return Ok(());
+    }
+    bail!(
+        "{key}.file: {path} is readable by group or others (mode {mode:04o}): anyone they \
+         include could use the token. Run `chmod 600 {path}` (tfsd refuses to start until \
+         only its own user can read the file)",
+        path = path.display()
+    )
+}
+
 fn parse_role(key: &str, role: Option<&str>) -> anyhow::Result<Role> {
     match role {
         None | Some("client") => Ok(Role::Client),
@@ -156,6 +192,7 @@ impl AuthConfig {
                             path.display()
                         );
                     }
+                    check_token_file(&key, &path)?;
                     digest(token.as_bytes())
                 }
                 _ => bail!("{key} needs exactly one of sha256, file"),
@@ -309,6 +346,55 @@ mod tests {
             .authenticate(None, &[b"other".to_vec()])
             .expect_err("unknown cert");
         assert!(stranger.message().contains("certificate"));
+    }
+
+    #[test]
+    fn token_files_must_be_private() {
+        for (mode, owner, private) in [
+            (0o600, 1000, true),
+            (0o400, 0, true),
+            (0o644, 0, false),
+            (0o640, 1000, false),
+            (0o604, 1000, false),
+            (0o660, 1000, false),
+            (0o440, 1000, false),
+            // Root's, readable by the group root chose: Kubernetes' Secret files (0440,
+            // group fsGroup), a host's `root:tfsd 0440`.
+            (0o440, 0, true),
+            (0o640, 0, true),
+            // ... but never when the group may write, or others may read.
+            (0o460, 0, false),
+            (0o444, 0, false),
+            (0o644, 0, false),
+        ] {
+            assert_eq!(
+                token_file_is_private(mode, owner),
+                private,
+                "mode {mode:o}, owner {owner}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tfsd-auth-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("alice.token");
+        std::fs::write(&path, format!("{ALICE}\n")).expect("token");
+        let text = format!("[[tokens]]\nprincipal = \"alice\"\nfile = {:?}\n", path);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let error = format!("{:#}", config(&text).expect_err("0644"));
+        assert!(error.contains("auth.tokens[0].file"), "{error}");
+        assert!(error.contains("mode 0644"), "{error}");
+        assert!(
+            error.contains(&format!("chmod 600 {}", path.display())),
+            "{error}"
+        );
+        assert!(!error.contains(ALICE), "the token is never echoed: {error}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(config(&text).expect("0600").required());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

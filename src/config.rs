@@ -49,6 +49,10 @@ pub const DEFAULT_PYTHON_POOL_MAX: usize = 2;
 /// and Kubernetes' terminationGracePeriodSeconds, both 45 s), so that the daemon, not the
 /// service manager, ends the drain.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Tasks (processes and threads) one worker's cgroup may hold: TensorFlow starts two thread
+/// pools of one thread per core, Python sessions may start subprocesses; a fork bomb stops
+/// here instead of at the machine's limit.
+pub const DEFAULT_MAX_TASKS: u64 = 2048;
 /// How long a new worker may take to load TensorFlow and say it is ready.
 pub const DEFAULT_WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a worker may take to answer a control operation (load, extend, a reset, a
@@ -119,6 +123,8 @@ struct RawConfig {
     state: RawState,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    sandbox: RawSandbox,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +165,7 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 struct RawMaster {
     listen: Option<String>,
+    allow_unauthenticated: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +196,10 @@ struct RawWorkers {
     max_concurrent_starts: Option<usize>,
     max_waiting_creates: Option<usize>,
     start_wait: Option<String>,
+    /// A user name or uid (a string or an integer): see `sandbox::resolve_worker_user`.
+    user: Option<toml::Value>,
+    memory_enforcement: Option<String>,
+    max_tasks: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +211,63 @@ struct RawPython {
     pool_max: Option<usize>,
     start_timeout: Option<String>,
     env: Option<BTreeMap<String, String>>,
+}
+
+/// `[sandbox]`: what confines each worker (src/worker/sandbox.rs, docs/SANDBOX.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    /// `"auto"`, `true` or `false`: see `SandboxMode`.
+    enabled: Option<toml::Value>,
+    read_paths: Option<Vec<PathBuf>>,
+    write_paths: Option<Vec<PathBuf>>,
+    max_open_files: Option<u64>,
+    network: Option<bool>,
+}
+
+/// Open files a worker may hold (RLIMIT_NOFILE, soft and hard) when the config says nothing.
+/// TensorFlow and a Python interpreter with Keras loaded hold a few dozen; a tf.data
+/// pipeline over many files holds one per open file.
+pub const DEFAULT_MAX_OPEN_FILES: u64 = 4096;
+
+/// Whether workers run in the sandbox (`sandbox.enabled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// `"auto"` (the default): on, with Landlock where the kernel has it; on a kernel
+    /// without Landlock the rest of the sandbox applies and the log says so.
+    Auto,
+    /// `true`: on, and the daemon refuses to start on a kernel without Landlock.
+    Required,
+    /// `false`: workers run unconfined, in the daemon's directory, with no scratch
+    /// directory (`workers.user` still applies).
+    Off,
+}
+
+/// `[sandbox]`, validated. Paths are resolved against the config file's directory; that
+/// they exist is checked when the daemon starts (`Sandbox::new`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    pub mode: SandboxMode,
+    /// Read (and execute) access beyond what the runtimes need.
+    pub read_paths: Vec<PathBuf>,
+    /// Read-write access beyond the worker's own scratch directory (shared by every worker).
+    pub write_paths: Vec<PathBuf>,
+    /// RLIMIT_NOFILE, soft and hard (at most the daemon's own hard limit).
+    pub max_open_files: u64,
+    /// Whether workers may open network sockets (TCP, UDP, ...): false by default.
+    pub network: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> SandboxConfig {
+        SandboxConfig {
+            mode: SandboxMode::Auto,
+            read_paths: Vec::new(),
+            write_paths: Vec::new(),
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+            network: false,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -219,6 +287,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// TensorFlow's MasterService; `None` when switched off (`master.listen = ""`).
     pub master_listen: Option<SocketAddr>,
+    /// With `[auth]` credentials configured, whether TensorFlow clients without a token
+    /// may still create MasterService sessions (master.allow_unauthenticated; default no).
+    pub master_allow_unauthenticated: bool,
     pub workers: WorkerConfig,
     /// Python sessions; `None` when `python.interpreter` is not set (they are refused).
     pub python: Option<PythonConfig>,
@@ -230,6 +301,7 @@ pub struct Config {
     /// `None`: sessions live as long as the daemon (no state directory).
     pub state: Option<StateConfig>,
     pub log: LogConfig,
+    pub sandbox: SandboxConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +319,13 @@ pub struct WorkerConfig {
     pub deadlines: crate::worker::Deadlines,
     /// How many workers start at once, and how long and how many creates wait for one.
     pub starts: crate::worker::StartLimits,
+    /// The user workers run as (`workers.user`, resolved); `None`: the daemon's own.
+    pub user: Option<crate::worker::sandbox::WorkerUser>,
+    /// What holds a worker to its session's hard limit: a cgroup per worker, an rlimit, or
+    /// the policy's sampling alone.
+    pub memory_enforcement: crate::worker::EnforcementMode,
+    /// Tasks (processes and threads) a worker's cgroup may hold (cgroup v2 `pids.max`).
+    pub max_tasks: u64,
 }
 
 /// Python sessions' workers: `INTERPRETER -m tfsd_worker`, which imports `preload` and waits.
@@ -443,6 +522,28 @@ impl Config {
                 DEFAULT_START_WAIT,
             )?,
         };
+        let memory_enforcement = match raw.workers.memory_enforcement.as_deref() {
+            None => crate::worker::EnforcementMode::default(),
+            Some(text) => crate::worker::EnforcementMode::parse(text).with_context(|| {
+                format!(
+                    "workers.memory_enforcement = {} must be {}",
+                    crate::error::quoted(text),
+                    crate::worker::EnforcementMode::NAMES
+                )
+            })?,
+        };
+        let max_tasks = raw.workers.max_tasks.unwrap_or(DEFAULT_MAX_TASKS);
+        if max_tasks < 64 {
+            bail!(
+                "workers.max_tasks = {max_tasks} is too small (at least 64: TensorFlow runs a \
+                 thread pool per core)"
+            );
+        }
+        let user = raw
+            .workers
+            .user
+            .map(|value| crate::worker::sandbox::resolve_worker_user(&value))
+            .transpose()?;
         let python_tuned = raw.python.preload.is_some()
             || raw.python.pool_size.is_some()
             || raw.python.pool_max.is_some()
@@ -526,6 +627,7 @@ impl Config {
             }),
         };
 
+        let sandbox = sandbox_from_raw(raw.sandbox, base)?;
         let config = Config {
             listen,
             drain_timeout,
@@ -536,6 +638,7 @@ impl Config {
             limits,
             state,
             master_listen,
+            master_allow_unauthenticated: raw.master.allow_unauthenticated.unwrap_or(false),
             workers: WorkerConfig {
                 binary,
                 pool_size,
@@ -545,9 +648,13 @@ impl Config {
                 env,
                 deadlines,
                 starts,
+                user,
+                memory_enforcement,
+                max_tasks,
             },
             python,
             log: LogConfig { filter, format },
+            sandbox,
         };
         config.ensure_safe_exposure()?;
         Ok(config)
@@ -569,16 +676,18 @@ impl Config {
                 self.listen
             );
         }
-        // TensorFlow's client sends no credentials, so tokens cannot protect the
-        // MasterService: only loopback or an explicit yes.
+        // TensorFlow's client speaks plaintext gRPC only: a token it sends (and the session
+        // handle, the capability for every later call) would cross the network in the clear.
+        // So only loopback or an explicit yes, tokens or not.
         if let Some(master) = self.master_listen
             && !master.ip().is_loopback()
             && !self.auth.allow_unauthenticated
         {
             bail!(
                 "master.listen = {master} is not a loopback address, and TensorFlow's \
-                 MasterService client cannot authenticate: anyone who can reach it could run \
-                 code in tfsd's workers. Keep it on loopback, switch it off with \
+                 MasterService client speaks plaintext gRPC only: its token and session \
+                 handles would cross the network in the clear (and without a token anyone who \
+                 can reach it could run code in tfsd's workers). Keep it on loopback, switch it off with \
                  master.listen = \"\", or set auth.allow_unauthenticated = true to accept the \
                  risk"
             );
@@ -610,6 +719,35 @@ impl RawConfig {
         }
         Ok(())
     }
+}
+
+/// `[sandbox]`, validated: every key named on error.
+fn sandbox_from_raw(raw: RawSandbox, base: &Path) -> anyhow::Result<SandboxConfig> {
+    let mode = match raw.enabled {
+        None => SandboxMode::Auto,
+        Some(toml::Value::Boolean(true)) => SandboxMode::Required,
+        Some(toml::Value::Boolean(false)) => SandboxMode::Off,
+        Some(toml::Value::String(text)) if text == "auto" => SandboxMode::Auto,
+        Some(other) => bail!("sandbox.enabled = {other} is not one of \"auto\", true, false"),
+    };
+    let paths = |key: &str, paths: Option<Vec<PathBuf>>| -> anyhow::Result<Vec<PathBuf>> {
+        let paths = paths.unwrap_or_default();
+        if paths.iter().any(|path| path.as_os_str().is_empty()) {
+            bail!("sandbox.{key} has an empty path");
+        }
+        Ok(paths.into_iter().map(|path| base.join(path)).collect())
+    };
+    let max_open_files = raw.max_open_files.unwrap_or(DEFAULT_MAX_OPEN_FILES);
+    if !(64..=1 << 20).contains(&max_open_files) {
+        bail!("sandbox.max_open_files = {max_open_files} must be between 64 and 1048576");
+    }
+    Ok(SandboxConfig {
+        mode,
+        read_paths: paths("read_paths", raw.read_paths)?,
+        write_paths: paths("write_paths", raw.write_paths)?,
+        max_open_files,
+        network: raw.network.unwrap_or(false),
+    })
 }
 
 /// `tfsd-worker` in the directory of the running `tfsd` binary (cargo puts both in the same
@@ -659,6 +797,8 @@ mod tests {
             start_timeout = "5s"
             library_dir = "/opt/tf/lib"
             env = { TF_ENABLE_ONEDNN_OPTS = "1", OMP_NUM_THREADS = "2" }
+            memory_enforcement = "rlimit"
+            max_tasks = 512
             [log]
             filter = "debug"
             format = "json"
@@ -679,6 +819,11 @@ mod tests {
         );
         assert_eq!(config.workers.env["TF_ENABLE_ONEDNN_OPTS"], "1");
         assert_eq!(config.workers.env["OMP_NUM_THREADS"], "2");
+        assert_eq!(
+            config.workers.memory_enforcement,
+            crate::worker::EnforcementMode::Rlimit
+        );
+        assert_eq!(config.workers.max_tasks, 512);
         assert_eq!(config.log.filter, "debug");
         assert_eq!(config.log.format, LogFormat::Json);
     }
@@ -785,6 +930,41 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_table_is_read_and_checked() {
+        let defaults = Config::parse("", Path::new("/etc/tfsd"))
+            .expect("valid")
+            .sandbox;
+        assert_eq!(defaults, SandboxConfig::default());
+        assert_eq!(defaults.mode, SandboxMode::Auto);
+        let text = "[sandbox]\nenabled = true\nread_paths = [\"/data\", \"models\"]\n\
+                    write_paths = [\"out\"]\nmax_open_files = 1000\nnetwork = true\n";
+        let sandbox = Config::parse(text, Path::new("/etc/tfsd"))
+            .expect("valid")
+            .sandbox;
+        assert_eq!(
+            sandbox,
+            SandboxConfig {
+                mode: SandboxMode::Required,
+                read_paths: vec!["/data".into(), "/etc/tfsd/models".into()],
+                write_paths: vec!["/etc/tfsd/out".into()],
+                max_open_files: 1000,
+                network: true,
+            }
+        );
+        let off = Config::parse("[sandbox]\nenabled = false\n", Path::new(".")).expect("valid");
+        assert_eq!(off.sandbox.mode, SandboxMode::Off);
+        for (text, key) in [
+            ("[sandbox]\nenabled = \"yes\"", "sandbox.enabled"),
+            ("[sandbox]\nmax_open_files = 10", "sandbox.max_open_files"),
+            ("[sandbox]\nread_paths = [\"\"]", "sandbox.read_paths"),
+            ("[sandbox]\nwrite_path = []", "write_path"),
+        ] {
+            let error = Config::parse(text, Path::new(".")).expect_err(text);
+            assert!(format!("{error:#}").contains(key), "{text}: {error:#}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let error = Config::parse("[workers]\npool_sise = 2\n", Path::new(".")).expect_err("typo");
         assert!(format!("{error:#}").contains("pool_sise"), "{error:#}");
@@ -801,6 +981,11 @@ mod tests {
             ),
             ("[workers]\nstart_timeout = \"0s\"", "workers.start_timeout"),
             ("[workers]\npool_size = 1000", "workers.pool_size"),
+            (
+                "[workers]\nmemory_enforcement = \"kernel\"",
+                "workers.memory_enforcement",
+            ),
+            ("[workers]\nmax_tasks = 8", "workers.max_tasks"),
             ("[log]\nformat = \"xml\"", "log.format"),
         ] {
             let error = Config::parse(text, Path::new(".")).expect_err(text);

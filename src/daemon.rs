@@ -76,6 +76,35 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
+    // Before any worker starts: under cgroup v2 the daemon may move itself into a leaf.
+    let limiter = Arc::new(
+        crate::worker::MemoryLimiter::setup(
+            config.workers.memory_enforcement,
+            Some(config.workers.max_tasks),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    // Removes the daemon's cgroups however `serve` ends, an error included.
+    let _cgroups = RemoveOnExit(limiter.clone());
+    let memory_enforcement = limiter.describe();
+    match &*limiter {
+        crate::worker::MemoryLimiter::Cgroup(_) => {
+            tracing::info!(
+                enforcement = limiter.kind(),
+                "hard limits: {memory_enforcement}"
+            );
+        }
+        _ => tracing::warn!(
+            enforcement = limiter.kind(),
+            "hard limits: {memory_enforcement}"
+        ),
+    }
+    let sandbox = Arc::new(
+        crate::worker::sandbox::Sandbox::new(&config).context("set up the workers' sandbox")?,
+    );
+    let sandbox_description = sandbox.describe();
+    tracing::info!("worker sandbox: {sandbox_description}");
+    let sandbox = Some(sandbox);
 
     let shutdown = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
@@ -88,6 +117,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         library_dir: config.workers.library_dir.clone(),
         start_timeout: config.workers.start_timeout,
         metrics: metrics.clone(),
+        limiter: limiter.clone(),
+        sandbox: sandbox.clone(),
     };
     // One gate for both runtimes: every start competes for the same CPU.
     let gate = StartGate::new(config.workers.starts);
@@ -111,6 +142,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             library_dir: None,
             start_timeout: python.start_timeout,
             metrics: metrics.clone(),
+            limiter: limiter.clone(),
+            sandbox: sandbox.clone(),
         };
         WarmPool::start(
             spec,
@@ -137,6 +170,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracker.clone(),
         shutdown.clone(),
     );
+    manager.describe_confinement(memory_enforcement, sandbox_description);
     if let (Some(store), Some(state)) = (store, &config.state) {
         manager.attach_store(store);
         let restored = manager.restore_from_store().await;
@@ -185,6 +219,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             master_listener,
             manager.clone(),
             config.limits.clone(),
+            crate::master::MasterAccess::new(
+                Arc::new(config.auth.clone()),
+                config.master_allow_unauthenticated,
+            ),
             shutdown.clone(),
         ));
         println!("tfsd master on {master_address}");
@@ -206,6 +244,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // the drain waits for, so the drain may finish first, and the exit must still say 130.
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let forced_by_signal = forced.clone();
+    let limiter_on_signal = limiter.clone();
     tokio::spawn(async move {
         signals.recv().await;
         forced_by_signal.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -213,6 +252,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         for pool in pools.all() {
             pool.kill_all_workers().await;
         }
+        limiter_on_signal.remove();
         std::process::exit(130);
     });
     crate::notify::notify("STOPPING=1");
@@ -221,6 +261,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     shutdown.cancel();
     health.set_draining().await;
     drain(manager, tracker, config.drain_timeout).await;
+    // Every worker is reaped: their cgroups are gone, and now the daemon's subtree goes.
+    limiter.remove();
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         tracing::info!("tfsd stopped by a second signal; every worker reaped");
         std::process::exit(130);
@@ -235,6 +277,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("tfsd stopped; every worker reaped");
     Ok(())
+}
+
+/// Removes what the memory limiter made (the daemon's cgroups) when dropped.
+struct RemoveOnExit(Arc<crate::worker::MemoryLimiter>);
+
+impl Drop for RemoveOnExit {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
 }
 
 /// tfsd.v1 is SERVING while workers can be started, NOT_SERVING (with the reason in the
@@ -312,9 +363,10 @@ async fn serve_master(
     listener: tokio::net::TcpListener,
     manager: Arc<SessionManager>,
     limits: crate::limits::Limits,
+    access: crate::master::MasterAccess,
     shutdown: CancellationToken,
 ) {
-    if let Err(error) = crate::master::serve(listener, manager, limits, shutdown).await {
+    if let Err(error) = crate::master::serve(listener, manager, limits, access, shutdown).await {
         tracing::error!(%error, "the MasterService failed");
     }
 }

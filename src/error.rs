@@ -26,6 +26,8 @@ pub enum Error {
         pid: u32,
         /// How it ended, in words ("killed by signal 9 (SIGKILL)").
         how: String,
+        /// Set when the kernel killed it at its cgroup's memory limit: that limit.
+        memory_limit: Option<u64>,
     },
     #[error("could not start a worker process: {0}")]
     WorkerStart(String),

@@ -11,6 +11,9 @@ use std::io;
 pub struct MemoryUsage {
     pub rss_bytes: u64,
     pub private_bytes: u64,
+    /// Charged to the worker's cgroup: its whole process tree, page cache and shared memory
+    /// included (what the kernel holds to the hard limit); 0 without a cgroup.
+    pub cgroup_bytes: u64,
 }
 
 /// Reads a live process's memory. Fails when the process is gone.
@@ -53,7 +56,8 @@ mod tests {
             parse_status(status),
             MemoryUsage {
                 rss_bytes: 290_000 * 1024,
-                private_bytes: 12_000 * 1024
+                private_bytes: 12_000 * 1024,
+                cgroup_bytes: 0,
             }
         );
     }

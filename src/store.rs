@@ -7,9 +7,17 @@
 //! `sqlite3` tool. Checkpoints can be gigabytes, so they are files, written atomically (a
 //! temporary file, fsync, rename, fsync of the directory); the database names the one that
 //! is current.
+//!
+//! What tfsd keeps here is tfsd's alone: graphs, configs and variables are the clients' data.
+//! The directories are made (or tightened to) mode 0700 and every file written is 0600,
+//! whatever the process's umask: set explicitly on creation (`private_file`), and checked
+//! again after SQLite opens, since SQLite creates its `-wal` and `-shm` files with the
+//! database file's permissions.
 
 use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, Permissions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,6 +55,100 @@ fn seconds(time: SystemTime) -> i64 {
         .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
+/// Mode of the state directory and its `checkpoints` directory: the daemon's user only.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file in the state directory.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// The database, and the files SQLite keeps beside it (WAL mode's `-wal` and `-shm`; a
+/// `-journal` only if the journal mode was ever changed back).
+const DATABASE: &str = "sessions.sqlite3";
+const DATABASE_SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// Creates `dir` (and missing parents) with mode 0700, or tightens an existing one that
+/// group or others may enter, saying so in the log.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("create the directory {}", dir.display()))?;
+    // `mode` is filtered through the umask, and an existing directory keeps its own.
+    tighten(dir, PRIVATE_DIR_MODE)
+}
+
+/// Sets `path` to `mode` if group or others have any access to it, saying so in the log: a
+/// state directory made by an older tfsd, or by hand, is brought into line rather than
+/// refused. A mode without group or other bits is left as the operator set it.
+fn tighten(path: &Path, mode: u32) -> anyhow::Result<()> {
+    let metadata = std::fs::metadata(path)
+        .with_context(|| format!("read the permissions of {}", path.display()))?;
+    let current = metadata.permissions().mode() & 0o7777;
+    if current & 0o077 == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, Permissions::from_mode(mode)).with_context(|| {
+        format!(
+            "{} is open to group or others (mode {current:04o}) and could not be set to \
+             {mode:04o}: run `chmod {mode:o} {}` as its owner",
+            path.display(),
+            path.display()
+        )
+    })?;
+    tracing::warn!(
+        path = %path.display(),
+        was = %format!("{current:04o}"),
+        now = %format!("{mode:04o}"),
+        "a file or directory of the state directory was open to group or others: tightened"
+    );
+    Ok(())
+}
+
+/// Creates a new file only the daemon's user can read and write (0600, whatever the umask:
+/// `mode` at creation is filtered through it, so it is set once more on the open file).
+fn private_file(path: &Path) -> anyhow::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))
+        .with_context(|| format!("set the permissions of {}", path.display()))?;
+    Ok(file)
+}
+
+/// Makes sure the database file exists with mode 0600 before SQLite opens it: SQLite
+/// creates a new database 0644 (less the umask), and its `-wal` and `-shm` files with the
+/// database's own permissions.
+fn private_database(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        tighten(path, PRIVATE_FILE_MODE)
+    } else {
+        private_file(path).map(drop)
+    }
+}
+
+/// Every file SQLite has beside the database, and every checkpoint file, 0600: a state
+/// directory written by an older tfsd has them as the umask left them.
+fn tighten_files(dir: &Path, checkpoints: &Path) -> anyhow::Result<()> {
+    for suffix in DATABASE_SIDE_FILES {
+        let path = dir.join(format!("{DATABASE}{suffix}"));
+        if path.exists() {
+            tighten(&path, PRIVATE_FILE_MODE)?;
+        }
+    }
+    let entries = std::fs::read_dir(checkpoints)
+        .with_context(|| format!("list {}", checkpoints.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("list {}", checkpoints.display()))?;
+        if entry.file_type().is_ok_and(|kind| kind.is_file()) {
+            tighten(&entry.path(), PRIVATE_FILE_MODE)?;
+        }
+    }
+    Ok(())
+}
+
 fn gentle_name(action: Option<GentleAction>) -> Option<&'static str> {
     action.map(|action| match action {
         GentleAction::PurgeVariables => "purge_variables",
@@ -55,12 +157,13 @@ fn gentle_name(action: Option<GentleAction>) -> Option<&'static str> {
 }
 
 impl SessionStore {
-    /// Opens (creating if needed) the store in `dir`.
+    /// Opens (creating if needed) the store in `dir`: the directories 0700, the files 0600.
     pub fn open(dir: &Path) -> anyhow::Result<SessionStore> {
         let checkpoints = dir.join("checkpoints");
-        std::fs::create_dir_all(&checkpoints)
-            .with_context(|| format!("create the state directory {}", checkpoints.display()))?;
-        let path = dir.join("sessions.sqlite3");
+        private_dir(dir)?;
+        private_dir(&checkpoints)?;
+        let path = dir.join(DATABASE);
+        private_database(&path)?;
         let connection =
             Connection::open(&path).with_context(|| format!("open {}", path.display()))?;
         connection
@@ -85,6 +188,8 @@ impl SessionStore {
                  );",
             )
             .with_context(|| format!("set up {}", path.display()))?;
+        // The WAL mode above made SQLite create `-wal` and `-shm` (with the database's mode).
+        tighten_files(dir, &checkpoints)?;
         Ok(SessionStore {
             connection: Mutex::new(connection),
             checkpoints,
@@ -204,13 +309,12 @@ impl SessionStore {
         }
         .encode_to_vec();
         {
-            let mut file = std::fs::File::create(&temporary)
-                .with_context(|| format!("create {}", temporary.display()))?;
+            let mut file = private_file(&temporary)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
         }
         std::fs::rename(&temporary, &path)?;
-        std::fs::File::open(&self.checkpoints)?.sync_all()?;
+        File::open(&self.checkpoints)?.sync_all()?;
         self.connection()
             .execute(
                 "UPDATE sessions SET checkpoint = ?2, checkpoint_at = ?3 WHERE id = ?1",
@@ -299,6 +403,56 @@ mod tests {
             ..record("s-1")
         };
         assert_eq!(all[0], expected);
+    }
+
+    /// Every path under `dir` with its permission bits.
+    fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("list") {
+            let path = entry.expect("entry").path();
+            let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o7777;
+            found.push((path.clone(), mode));
+            if path.is_dir() {
+                found.extend(modes(&path));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_state_directory_is_the_daemons_alone() {
+        let dir = temp_dir();
+        // As an operator's `mkdir` under umask 022 leaves it, with a database file that
+        // an older tfsd left readable to all.
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o755)).expect("chmod");
+        let store = SessionStore::open(&dir).expect("open");
+        store.put(&record("s-1")).expect("put");
+        store.write_checkpoint("s-1", &[]).expect("checkpoint");
+        drop(store);
+        std::fs::set_permissions(dir.join(DATABASE), Permissions::from_mode(0o644)).expect("chmod");
+        let store = SessionStore::open(&dir).expect("reopen");
+        store.write_checkpoint("s-1", &[]).expect("checkpoint");
+
+        let dir_mode = std::fs::metadata(&dir).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(dir_mode, PRIVATE_DIR_MODE, "{}", dir.display());
+        let found = modes(&dir);
+        let names: Vec<String> = found
+            .iter()
+            .filter_map(|(path, _)| path.file_name())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
+        for expected in [DATABASE, "sessions.sqlite3-wal", "sessions.sqlite3-shm"] {
+            assert!(names.iter().any(|name| name == expected), "{names:?}");
+        }
+        assert!(names.iter().any(|name| name.ends_with(".pb")), "{names:?}");
+        for (path, mode) in found {
+            let expected = if path.is_dir() {
+                PRIVATE_DIR_MODE
+            } else {
+                PRIVATE_FILE_MODE
+            };
+            assert_eq!(mode, expected, "{} is {mode:04o}", path.display());
+        }
     }
 
     #[test]

@@ -224,3 +224,94 @@ async fn a_durable_session_gets_its_checkpoint_back_after_a_worker_crash() {
     );
     assert_eq!(fetch_f32(&mut client, &id, "w").await, 3.0);
 }
+
+/// Every path under `dir`, with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("list the state directory") {
+        let path = entry.expect("entry").path();
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o7777;
+        found.push((path.clone(), mode));
+        if path.is_dir() {
+            found.extend(modes_under(&path));
+        }
+    }
+    found
+}
+
+/// The state directory holds clients' graphs and variables: 0700, and every file in it 0600,
+/// whatever the umask (SQLite alone would make its database and its -wal and -shm 0644, a
+/// plain `File::create` a checkpoint 0644). A directory the operator made open to others is
+/// tightened, and the log says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_state_directory_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    // The usual umask, which leaves new files 0644 and directories 0755; the daemon inherits
+    // it. (Set for the whole test process: every test here is content with 022.)
+    // SAFETY: umask has no preconditions; it only changes this process's file mode mask.
+    unsafe { libc::umask(0o022) };
+    let dir = state_dir("modes");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (mut daemon, log) = Daemon::start_capturing_log(&[("TFSD_STATE_DIR", dir.as_os_str())]);
+    let mut client = daemon.client().await;
+    let id = create_durable(&mut client, true).await;
+    run(&mut client, &id, &[], &[], &["w_init"])
+        .await
+        .expect("init");
+    // A preserving recycle writes a checkpoint.
+    client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: id.clone(),
+            preserve_variables: true,
+        })
+        .await
+        .expect("recycle (checkpoint)");
+
+    // While the daemon runs: the database with its -wal and -shm, and the checkpoint.
+    let found = modes_under(&dir);
+    let names: Vec<String> = found
+        .iter()
+        .filter_map(|(path, _)| path.file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
+    for expected in [
+        "sessions.sqlite3",
+        "sessions.sqlite3-wal",
+        "sessions.sqlite3-shm",
+        "checkpoints",
+    ] {
+        assert!(names.iter().any(|name| name == expected), "{names:?}");
+    }
+    assert!(
+        names.iter().any(|name| name.ends_with(".pb")),
+        "a checkpoint: {names:?}"
+    );
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777
+    };
+    assert_eq!(mode(&dir), 0o700, "the state directory");
+    for (path, mode) in &found {
+        let expected = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(*mode, expected, "{} is {mode:04o}", path.display());
+    }
+    assert_eq!(daemon.stop(), 0);
+    // The checkpoint written at shutdown too.
+    for (path, mode) in modes_under(&dir) {
+        let expected = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, expected, "{} is {mode:04o}", path.display());
+    }
+    // Said at start-up, before the daemon listened: the line is in the channel already or on
+    // its way.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .expect("the log says the directory was tightened");
+        if line.contains("tightened") && line.contains("0755") {
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

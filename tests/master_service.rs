@@ -567,3 +567,350 @@ async fn concurrent_creates_from_one_address_never_pass_the_per_principal_cap() 
     assert_eq!(made, CAP);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Credentials: a token in the ConfigProto of CreateSession (docs/MASTER_SERVICE.md).
+
+const ALICE: &str = "alice-master-token-0001";
+const BOB: &str = "bob-master-token-0002";
+const OPS: &str = "ops-master-token-0003";
+
+/// `tensorflow.ConfigProto`, only `experimental.session_metadata`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ConfigProto {
+    #[prost(message, optional, tag = "16")]
+    experimental: Option<Experimental>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Experimental {
+    #[prost(message, optional, tag = "11")]
+    session_metadata: Option<SessionMetadata>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SessionMetadata {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(int64, tag = "2")]
+    version: i64,
+}
+
+/// The ConfigProto `tfsd_client.session_config(name, token=token)` makes (less the
+/// operation timeout).
+fn config_with(name: &str, token: Option<&str>) -> Vec<u8> {
+    let name = match token {
+        Some(token) => format!("{name}\n{}{token}", tfsd::master::TOKEN_PREFIX),
+        None => name.to_string(),
+    };
+    prost::Message::encode_to_vec(&ConfigProto {
+        experimental: Some(Experimental {
+            session_metadata: Some(SessionMetadata { name, version: 0 }),
+        }),
+    })
+}
+
+fn create_with(name: &str, token: Option<&str>) -> tf::CreateSessionRequest {
+    tf::CreateSessionRequest {
+        graph_def: model_graph(),
+        config: config_with(name, token),
+        ..Default::default()
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// A config directory with alice and bob (clients) and ops (operator), and `extra`.
+fn credentials_config(name: &str, extra: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "tfsd-master-auth-{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("tfsd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{extra}\n[[auth.tokens]]\nprincipal = \"alice\"\nsha256 = \"{}\"\n\
+             [[auth.tokens]]\nprincipal = \"bob\"\nsha256 = \"{}\"\n\
+             [[auth.tokens]]\nprincipal = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            sha256_hex(ALICE),
+            sha256_hex(BOB),
+            sha256_hex(OPS)
+        ),
+    )
+    .expect("config");
+    let path = path.to_string_lossy().into_owned();
+    (dir, path)
+}
+
+/// Adds a bearer token to every call.
+type AddToken =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+type AuthedClient = api::session_service_client::SessionServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, AddToken>,
+>;
+
+/// A tfsd.v1 client that sends `token` as its bearer token.
+async fn client_as(daemon: &Daemon, token: &'static str) -> AuthedClient {
+    let channel = Channel::from_shared(format!("http://{}", daemon.address))
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let add_token: AddToken = Box::new(move |mut request: tonic::Request<()>| {
+        let value = format!("Bearer {token}").parse().expect("header");
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    });
+    api::session_service_client::SessionServiceClient::with_interceptor(channel, add_token)
+}
+
+async fn listed(client: &mut AuthedClient) -> Vec<api::SessionInfo> {
+    client
+        .list_sessions(api::ListSessionsRequest {})
+        .await
+        .expect("ListSessions")
+        .into_inner()
+        .sessions
+}
+
+/// With `[auth]`, a TensorFlow client proves who it is with a token in its ConfigProto: the
+/// session is its principal's (tfsd.v1 shows it to them, to operators, to nobody else);
+/// without a token, or with a wrong one, CreateSession answers UNAUTHENTICATED saying how to
+/// send one; Reset, which carries no credentials, is refused; the token is never logged,
+/// echoed, or kept in a label.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_auth_a_master_session_belongs_to_the_tokens_principal() {
+    let (dir, config) = credentials_config("owned", "");
+    let debug = std::ffi::OsString::from("debug");
+    let (mut daemon, log) =
+        Daemon::start_capturing_log_with(&["--config", &config], &[("RUST_LOG", &debug)]);
+    let mut master = master(&daemon).await;
+
+    let refused = master
+        .create_session(create_request(model_graph()))
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("tfsd_client.session_config(NAME, token=TOKEN)"),
+        "{refused:?}"
+    );
+    let wrong_token = "wrong-master-token-9999";
+    let wrong = master
+        .create_session(create_with("exp-1", Some(wrong_token)))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+    assert!(!wrong.message().contains(wrong_token), "{wrong:?}");
+
+    let handle = master
+        .create_session(create_with("exp-1", Some(ALICE)))
+        .await
+        .expect("CreateSession with alice's token")
+        .into_inner()
+        .session_handle;
+    master
+        .run_step(step(&handle, "", &["w_init"]))
+        .await
+        .expect("init");
+    let answer = master
+        .run_step(step(&handle, "y:0", &[]))
+        .await
+        .expect("RunStep")
+        .into_inner();
+    assert_eq!(answer.status_code, 0, "{}", answer.status_error_message);
+
+    // Alice's, as a tfsd.v1 session of hers would be.
+    let mut alice = client_as(&daemon, ALICE).await;
+    let sessions = listed(&mut alice).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let session = &sessions[0];
+    assert_eq!(session.session_id, handle);
+    assert_eq!(session.owner, "alice");
+    assert_eq!(session.labels["tfsd.origin"], "master");
+    assert_eq!(session.labels["tfsd.master.name"], "exp-1");
+    assert_eq!(session.labels["tfsd.master.principal"], "alice");
+    assert!(
+        session.labels.values().all(|value| !value.contains(ALICE)),
+        "{:?}",
+        session.labels
+    );
+    let mut bob = client_as(&daemon, BOB).await;
+    assert!(listed(&mut bob).await.is_empty(), "not bob's");
+    let mut ops = client_as(&daemon, OPS).await;
+    assert_eq!(
+        listed(&mut ops).await.len(),
+        1,
+        "operators see every session"
+    );
+    // Alice may act on it through tfsd.v1; the TensorFlow client keeps its handle.
+    alice
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: handle.clone(),
+            preserve_variables: true,
+        })
+        .await
+        .expect("alice recycles her session");
+    let answer = master
+        .run_step(step(&handle, "y:0", &[]))
+        .await
+        .expect("RunStep after the recycle")
+        .into_inner();
+    assert_eq!(answer.status_code, 0, "{}", answer.status_error_message);
+
+    let reset = master
+        .reset(tf::ResetRequest::default())
+        .await
+        .expect_err("Reset carries no credentials");
+    assert_eq!(reset.code(), tonic::Code::Unauthenticated, "{reset:?}");
+
+    master
+        .close_session(tf::CloseSessionRequest {
+            session_handle: handle.clone(),
+        })
+        .await
+        .expect("CloseSession");
+    assert!(listed(&mut alice).await.is_empty(), "closed");
+
+    assert_eq!(daemon.stop(), 0);
+    let lines: Vec<String> = log.iter().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("MasterService session created")),
+        "the debug log was captured"
+    );
+    for line in &lines {
+        assert!(
+            !line.contains(ALICE) && !line.contains(wrong_token),
+            "a token in the log: {line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `master.allow_unauthenticated = true` lets a TensorFlow client without a token in, as
+/// before `[auth]`: its session has no owner (operators see it, clients do not), and Reset
+/// reaches it — never a session created with a token.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_may_let_master_clients_without_a_token_in() {
+    let (dir, config) = credentials_config("open", "[master]\nallow_unauthenticated = true\n");
+    let daemon = Daemon::start_with(&["--config", &config]);
+    let mut master = master(&daemon).await;
+    let anonymous = create_master_session(&mut master).await;
+    let owned = master
+        .create_session(create_with("", Some(ALICE)))
+        .await
+        .expect("with a token")
+        .into_inner()
+        .session_handle;
+    for handle in [&anonymous, &owned] {
+        master
+            .run_step(step(handle, "", &["w_init"]))
+            .await
+            .expect("init");
+    }
+    let mut ops = client_as(&daemon, OPS).await;
+    let all = listed(&mut ops).await;
+    let owner_of = |id: &str| {
+        all.iter()
+            .find(|session| session.session_id == id)
+            .map(|session| session.owner.clone())
+    };
+    assert_eq!(owner_of(&anonymous).as_deref(), Some(""));
+    assert_eq!(owner_of(&owned).as_deref(), Some("alice"));
+    let mut alice = client_as(&daemon, ALICE).await;
+    let ids: Vec<String> = listed(&mut alice)
+        .await
+        .into_iter()
+        .map(|session| session.session_id)
+        .collect();
+    assert_eq!(
+        ids,
+        std::slice::from_ref(&owned),
+        "alice sees her own session only"
+    );
+
+    master
+        .reset(tf::ResetRequest::default())
+        .await
+        .expect("Reset");
+    let cleared = master
+        .run_step(step(&anonymous, "y:0", &[]))
+        .await
+        .expect("body")
+        .into_inner();
+    assert_eq!(
+        cleared.status_code,
+        tonic::Code::FailedPrecondition as i32,
+        "the unauthenticated session was reset"
+    );
+    let kept = master
+        .run_step(step(&owned, "y:0", &[]))
+        .await
+        .expect("body")
+        .into_inner();
+    assert_eq!(
+        kept.status_code, 0,
+        "alice's session is out of Reset's reach"
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A session created with a token comes back after a restart still its principal's, and
+/// its TensorFlow client's handle goes on working.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owned_master_session_outlives_a_restart_still_owned() {
+    let (dir, config) = credentials_config("durable", "");
+    let state = dir.join("state");
+    let env = [("TFSD_STATE_DIR", state.as_os_str())];
+    let mut first = Daemon::start_with_env(&["--config", &config], &env);
+    let mut master_client = master(&first).await;
+    let handle = master_client
+        .create_session(create_with("exp-1", Some(ALICE)))
+        .await
+        .expect("CreateSession")
+        .into_inner()
+        .session_handle;
+    master_client
+        .run_step(step(&handle, "", &["w_init"]))
+        .await
+        .expect("init");
+    drop(master_client);
+    assert_eq!(first.stop(), 0);
+    let stored = std::fs::read(state.join("sessions.sqlite3")).expect("the database");
+    assert!(
+        !stored
+            .windows(ALICE.len())
+            .any(|window| window == ALICE.as_bytes()),
+        "the token is not stored"
+    );
+
+    let second = Daemon::start_with_env(&["--config", &config], &env);
+    let mut master_client = master(&second).await;
+    let answer = master_client
+        .run_step(step(&handle, "w:0", &[]))
+        .await
+        .expect("RunStep")
+        .into_inner();
+    assert_eq!(answer.status_code, 0, "{}", answer.status_error_message);
+    let mut alice = client_as(&second, ALICE).await;
+    let sessions = listed(&mut alice).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0].owner, "alice");
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -473,9 +473,15 @@ async fn a_hard_limit_is_enforced_while_another_session_recycles() {
     // No warm pool, and none that grows under demand (pool_max = 0): every worker is started
     // when needed, so the recycle's start is the one held. oneDNN keeps purged memory pooled,
     // so A's gentle rung does not help and the ladder goes on to a recycle.
+    // The held start's script moves its arming file and writes to its FIFOs: the worker
+    // sandbox lets it write there.
     let daemon = daemon_with_env(
-        "[policy]\ninterval = \"100ms\"\n[workers]\npool_max = 0\n\
-         [workers.env]\nTF_ENABLE_ONEDNN_OPTS = \"1\"\n",
+        &format!(
+            "[policy]\ninterval = \"100ms\"\n[workers]\npool_max = 0\n\
+             [workers.env]\nTF_ENABLE_ONEDNN_OPTS = \"1\"\n\
+             [sandbox]\nwrite_paths = [\"{}\"]\n",
+            held.dir.display()
+        ),
         &[
             ("TFSD_WORKER_BINARY", held.binary().as_os_str()),
             ("TFSD_POOL_SIZE", "0".as_ref()),

@@ -45,9 +45,16 @@ fn write_config(dir: &Path, text: &str) -> String {
     path.to_string_lossy().to_string()
 }
 
+/// Writes a token file only its owner can read, as tfsd requires.
+fn write_token_file(path: &Path, token: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{token}\n")).expect("token file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}
+
 /// Tokens: alice and bob are clients (alice's token from a file), ops is an operator.
 fn token_config(dir: &Path, extra: &str) -> String {
-    std::fs::write(dir.join("alice.token"), format!("{ALICE}\n")).expect("token file");
+    write_token_file(&dir.join("alice.token"), ALICE);
     write_config(
         dir,
         &format!(
@@ -256,6 +263,46 @@ fn a_non_loopback_address_without_auth_refuses_to_start() {
         !String::from_utf8_lossy(&output.stdout).contains("listening"),
         "nothing may be bound"
     );
+}
+
+/// A token file group or others could read is no secret: the daemon refuses to start, naming
+/// the file, its mode and the fix; once only its owner can read it, the daemon starts.
+#[test]
+fn a_token_file_others_can_read_refuses_to_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("token-mode");
+    let token_file = dir.join("alice.token");
+    std::fs::write(&token_file, format!("{ALICE}\n")).expect("token file");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = write_config(
+        &dir,
+        "[[auth.tokens]]\nprincipal = \"alice\"\nfile = \"alice.token\"\n",
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tfsd"))
+        .args(["serve", "--config", &config, "--listen", "127.0.0.1:0"])
+        .env("TFSD_METRICS_LISTEN", "")
+        .env("TFSD_MASTER_LISTEN", "")
+        .output()
+        .expect("run tfsd");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let path = token_file.display().to_string();
+    assert!(stderr.contains("auth.tokens[0].file"), "{stderr}");
+    assert!(stderr.contains("mode 0644"), "{stderr}");
+    assert!(stderr.contains(&format!("chmod 600 {path}")), "{stderr}");
+    assert!(
+        !stderr.contains(ALICE),
+        "the token is never printed: {stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("listening"),
+        "nothing may be bound"
+    );
+
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut daemon = Daemon::start_with(&["--config", &config]);
+    assert_eq!(daemon.stop(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

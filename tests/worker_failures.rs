@@ -49,6 +49,18 @@ fn flaky_worker(name: &str, fail_on: &[u32]) -> (PathBuf, PathBuf) {
     (dir, script)
 }
 
+/// A config that lets the flaky worker's script keep its start count in `dir` (the worker
+/// sandbox allows writes only to a worker's scratch directory and to these paths).
+fn sandbox_config(dir: &std::path::Path) -> String {
+    let path = dir.join("tfsd.toml");
+    std::fs::write(
+        &path,
+        format!("[sandbox]\nwrite_paths = [\"{}\"]\n", dir.display()),
+    )
+    .expect("config");
+    path.to_string_lossy().to_string()
+}
+
 fn failed_starts(daemon: &Daemon) -> f64 {
     daemon
         .scrape_metrics()
@@ -77,8 +89,11 @@ async fn sessions_serving(daemon: &Daemon) -> i32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_failed_start_does_not_turn_health_off() {
-    let (_dir, script) = flaky_worker("health", &[2]);
-    let daemon = Daemon::start_with_env(&[], &[("TFSD_WORKER_BINARY", script.as_os_str())]);
+    let (dir, script) = flaky_worker("health", &[2]);
+    let daemon = Daemon::start_with_env(
+        &["--config", &sandbox_config(&dir)],
+        &[("TFSD_WORKER_BINARY", script.as_os_str())],
+    );
     let mut client = daemon.client().await;
     // Start 1 is the warm worker; the session takes it and the refill (start 2) fails.
     create(&mut client, model_graph()).await;
@@ -94,9 +109,9 @@ async fn one_failed_start_does_not_turn_health_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_tries_another_worker_when_one_fails_to_start() {
     // No warm pool: the restore starts its own worker, and that start (number 2) fails.
-    let (_dir, script) = flaky_worker("restore", &[2]);
+    let (dir, script) = flaky_worker("restore", &[2]);
     let daemon = Daemon::start_with_env(
-        &[],
+        &["--config", &sandbox_config(&dir)],
         &[
             ("TFSD_WORKER_BINARY", script.as_os_str()),
             ("TFSD_POOL_SIZE", "0".as_ref()),

@@ -222,13 +222,18 @@ def daemon():
 
 def python_config(path: Path, interpreter: str | None = None) -> Path:
     """A config file (at `path`) that turns Python sessions on: `[python]` with the test
-    interpreter, one warm worker, TensorFlow and Keras preloaded."""
+    interpreter, one warm worker, TensorFlow and Keras preloaded. Workers may read the
+    directory `shared` beside it (the worker sandbox keeps them out of the rest)."""
     interpreter = interpreter or os.environ.get("TFSD_TEST_PYTHON") or sys.executable
+    shared = path.parent / "shared"
+    shared.mkdir(exist_ok=True)
     path.write_text(
         "[python]\n"
         f"interpreter = {json.dumps(interpreter)}\n"
         "pool_size = 1\n"
         'preload = ["tensorflow", "keras"]\n'
+        "[sandbox]\n"
+        f"read_paths = [{json.dumps(str(shared))}]\n"
     )
     return path
 

@@ -545,6 +545,9 @@ def test_host_config_leaves_loopback_only_with_its_tokens(tmp_path):
     for path in files:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(32) + "\n")
+        # As systemd hands credentials over: readable by the service's user alone (tfsd
+        # refuses a token file group or others could read).
+        path.chmod(0o400)
     check_shipped_exposure(str(with_tokens), env)
 
 

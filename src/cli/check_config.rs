@@ -15,7 +15,7 @@ use super::CliError;
 use super::format::fields;
 use super::human::Human;
 use super::output::Output;
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, SandboxMode};
 use crate::policy::{GentleAction, IdleAction};
 
 pub fn run(path: &Path, output: &mut Output) -> Result<(), CliError> {
@@ -50,6 +50,7 @@ pub struct ConfigReport {
     pub limits: LimitsReport,
     pub state: StateReport,
     pub log: LogReport,
+    pub sandbox: SandboxReport,
     /// Things that would stop `serve` although the file itself is valid.
     pub warnings: Vec<String>,
 }
@@ -71,6 +72,8 @@ pub struct MetricsReport {
 pub struct MasterReport {
     /// `None` when TensorFlow's MasterService is switched off.
     pub listen: Option<String>,
+    /// With `[auth]`: whether TensorFlow clients without a token may still create sessions.
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +91,12 @@ pub struct WorkersReport {
     pub max_concurrent_starts: usize,
     pub max_waiting_creates: usize,
     pub start_wait: String,
+    /// The user workers run as (`workers.user`): "NAME (uid U, gid G)"; `None`: the daemon's.
+    pub user: Option<String>,
+    /// "auto", "cgroup", "rlimit" or "sampling": what the daemon will try (which one is in
+    /// force is known only where it runs: its log and `tfsd status` say).
+    pub memory_enforcement: &'static str,
+    pub max_tasks: u64,
 }
 
 /// Python sessions; every key `None` when they are off (no `python.interpreter`).
@@ -203,6 +212,19 @@ pub struct LimitsReport {
 pub struct StateReport {
     pub dir: Option<String>,
     pub checkpoint_interval: Option<String>,
+}
+
+/// `[sandbox]`, and what the kernel where check-config runs offers.
+#[derive(Debug, Serialize)]
+pub struct SandboxReport {
+    /// "auto", "true" or "false".
+    pub enabled: &'static str,
+    pub read_paths: Vec<String>,
+    pub write_paths: Vec<String>,
+    pub max_open_files: u64,
+    pub network: bool,
+    /// The Landlock ABI of this machine's kernel; `None`: no Landlock here.
+    pub landlock_abi: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -343,6 +365,25 @@ impl ConfigReport {
                 state.dir.display()
             ));
         }
+        let landlock_abi = crate::worker::sandbox::landlock_abi();
+        if config.sandbox.mode == SandboxMode::Required && landlock_abi.is_none() {
+            warnings.push(
+                "sandbox.enabled = true, but this kernel has no Landlock: `tfsd serve` would \
+                 refuse to start here"
+                    .to_string(),
+            );
+        }
+        for (key, paths) in [
+            ("sandbox.read_paths", &config.sandbox.read_paths),
+            ("sandbox.write_paths", &config.sandbox.write_paths),
+        ] {
+            for path in paths.iter().filter(|path| !path.exists()) {
+                warnings.push(format!(
+                    "{key}: {} does not exist: `tfsd serve` would refuse to start",
+                    path.display()
+                ));
+            }
+        }
         let role = |role: &Option<String>| role.clone().unwrap_or_else(|| "client".into());
         let policy = &config.policy;
         let budget = crate::system::memory_budget();
@@ -358,6 +399,7 @@ impl ConfigReport {
             },
             master: MasterReport {
                 listen: config.master_listen.map(|address| address.to_string()),
+                allow_unauthenticated: config.master_allow_unauthenticated,
             },
             workers: WorkersReport {
                 binary: display(&config.workers.binary),
@@ -372,6 +414,13 @@ impl ConfigReport {
                 max_concurrent_starts: config.workers.starts.max_concurrent,
                 max_waiting_creates: config.workers.starts.max_waiting,
                 start_wait: toml_duration(config.workers.starts.wait),
+                user: config
+                    .workers
+                    .user
+                    .as_ref()
+                    .map(|user| format!("{} (uid {}, gid {})", user.name, user.uid, user.gid)),
+                memory_enforcement: config.workers.memory_enforcement.as_str(),
+                max_tasks: config.workers.max_tasks,
             },
             python: PythonReport {
                 interpreter: config.python.as_ref().map(|p| display(&p.interpreter)),
@@ -491,6 +540,28 @@ impl ConfigReport {
                     LogFormat::Json => "json",
                 },
             },
+            sandbox: SandboxReport {
+                enabled: match config.sandbox.mode {
+                    SandboxMode::Auto => "auto",
+                    SandboxMode::Required => "true",
+                    SandboxMode::Off => "false",
+                },
+                read_paths: config
+                    .sandbox
+                    .read_paths
+                    .iter()
+                    .map(|p| display(p))
+                    .collect(),
+                write_paths: config
+                    .sandbox
+                    .write_paths
+                    .iter()
+                    .map(|p| display(p))
+                    .collect(),
+                max_open_files: config.sandbox.max_open_files,
+                network: config.sandbox.network,
+                landlock_abi,
+            },
             warnings,
         })
     }
@@ -530,7 +601,13 @@ impl ConfigReport {
                 "metrics.listen",
                 or_text(&self.metrics.listen, "(off)"),
             )],
-            vec![line("master.listen", or_text(&self.master.listen, "(off)"))],
+            vec![
+                line("master.listen", or_text(&self.master.listen, "(off)")),
+                line(
+                    "master.allow_unauthenticated",
+                    self.master.allow_unauthenticated.to_string(),
+                ),
+            ],
             vec![
                 line("workers.binary", self.workers.binary.clone()),
                 line("workers.pool_size", self.workers.pool_size.to_string()),
@@ -556,6 +633,15 @@ impl ConfigReport {
                     self.workers.max_waiting_creates.to_string(),
                 ),
                 line("workers.start_wait", self.workers.start_wait.clone()),
+                line(
+                    "workers.user",
+                    or_text(&self.workers.user, "(none: the daemon's user)"),
+                ),
+                line(
+                    "workers.memory_enforcement",
+                    self.workers.memory_enforcement.to_string(),
+                ),
+                line("workers.max_tasks", self.workers.max_tasks.to_string()),
             ],
         ];
         let python = &self.python;
@@ -745,6 +831,32 @@ impl ConfigReport {
                 ),
             ],
         });
+        let sandbox = &self.sandbox;
+        let paths = |paths: &[String]| match paths {
+            [] => "(none)".to_string(),
+            paths => paths.join(", "),
+        };
+        blocks.push(vec![
+            line(
+                "sandbox.enabled",
+                match (sandbox.enabled, sandbox.landlock_abi) {
+                    ("false", _) => "false (workers run unconfined)".to_string(),
+                    (enabled, Some(abi)) => format!("{enabled} (landlock ABI {abi} here)"),
+                    (enabled, None) => format!("{enabled} (no landlock here)"),
+                },
+            ),
+            line("sandbox.read_paths", paths(&sandbox.read_paths)),
+            line("sandbox.write_paths", paths(&sandbox.write_paths)),
+            line("sandbox.max_open_files", sandbox.max_open_files.to_string()),
+            line(
+                "sandbox.network",
+                if sandbox.network {
+                    "true (workers may open sockets)".to_string()
+                } else {
+                    "false (no sockets but AF_UNIX)".to_string()
+                },
+            ),
+        ]);
         blocks.push(vec![
             line("log.filter", self.log.filter.clone()),
             line("log.format", self.log.format.into()),
@@ -809,6 +921,9 @@ mod tests {
     /// A config that sets every key of every table, with a token file in `dir`.
     fn every_key(dir: &Path) -> String {
         std::fs::write(dir.join("ops.token"), format!("{FILE_TOKEN}\n")).expect("token file");
+        // Only the daemon's user may read a token file (auth.rs refuses it otherwise).
+        let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+        std::fs::set_permissions(dir.join("ops.token"), private).expect("chmod the token file");
         format!(
             r#"
             [server]
@@ -1187,6 +1302,58 @@ mod tests {
             ),
             "{raised}"
         );
+    }
+
+    #[test]
+    fn the_sandbox_is_shown_with_what_this_kernel_offers() {
+        let dir = TempDir::new();
+        let defaults = report(&dir.0, "");
+        let json = serde_json::to_value(&defaults).expect("json");
+        assert_eq!(json["sandbox"]["enabled"], "auto");
+        assert_eq!(json["sandbox"]["max_open_files"], 4096);
+        assert_eq!(json["sandbox"]["network"], false);
+        assert_eq!(json["workers"]["user"], serde_json::Value::Null);
+        let abi = crate::worker::sandbox::landlock_abi();
+        assert_eq!(json["sandbox"]["landlock_abi"], serde_json::json!(abi));
+        let text = defaults.human(SystemTime::now());
+        let enabled = match abi {
+            Some(abi) => format!("sandbox.enabled         auto (landlock ABI {abi} here)\n"),
+            None => "sandbox.enabled         auto (no landlock here)\n".to_string(),
+        };
+        for line in [
+            enabled.as_str(),
+            "sandbox.network         false (no sockets but AF_UNIX)\n",
+            "workers.user                   (none: the daemon's user)\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+
+        let text = "[sandbox]\nenabled = false\nread_paths = [\"/usr/share\", \"data\"]\n\
+                    write_paths = [\"out\"]\nmax_open_files = 1000\nnetwork = true\n";
+        let report = report(&dir.0, text);
+        let json = serde_json::to_value(&report).expect("json");
+        let at = |path: &str| dir.0.join(path).display().to_string();
+        assert_eq!(
+            json["sandbox"],
+            serde_json::json!({
+                "enabled": "false",
+                "read_paths": ["/usr/share", at("data")],
+                "write_paths": [at("out")],
+                "max_open_files": 1000,
+                "network": true,
+                "landlock_abi": abi,
+            })
+        );
+        for missing in ["sandbox.read_paths", "sandbox.write_paths"] {
+            assert!(
+                report
+                    .warnings
+                    .iter()
+                    .any(|warning| warning.starts_with(missing)),
+                "{missing}: {:?}",
+                report.warnings
+            );
+        }
     }
 
     fn report_human(dir: &Path, text: &str) -> String {

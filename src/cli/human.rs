@@ -70,6 +70,8 @@ impl Human for DaemonStatusReport {
             ),
             ("system memory", system),
             ("cgroup limit", cgroup_limit),
+            ("hard limits held by", self.memory_enforcement.clone()),
+            ("worker sandbox", self.sandbox.clone()),
             ("draining", yes_no(self.draining).into()),
         ]));
         text
@@ -306,10 +308,12 @@ mod tests {
             memory_before: Some(MemoryReport {
                 rss_bytes: 310 * MIB,
                 private_bytes: 40 * MIB,
+                cgroup_bytes: None,
             }),
             memory_after: Some(MemoryReport {
                 rss_bytes: 290 * MIB,
                 private_bytes: 10 * MIB,
+                cgroup_bytes: None,
             }),
             variables_preserved: 2,
             session: None,
@@ -336,10 +340,12 @@ mod tests {
             memory_before: Some(MemoryReport {
                 rss_bytes: 2 * MIB,
                 private_bytes: MIB,
+                cgroup_bytes: None,
             }),
             memory_after: Some(MemoryReport {
                 rss_bytes: MIB,
                 private_bytes: 0,
+                cgroup_bytes: None,
             }),
             trigger: Some("client".into()),
             rung: 0,

@@ -39,6 +39,8 @@ impl Serialize for Time {
 pub struct MemoryReport {
     pub rss_bytes: u64,
     pub private_bytes: u64,
+    /// Charged to the worker's cgroup; `None` without one.
+    pub cgroup_bytes: Option<u64>,
 }
 
 impl MemoryReport {
@@ -46,6 +48,7 @@ impl MemoryReport {
         memory.map(|memory| MemoryReport {
             rss_bytes: memory.rss_bytes,
             private_bytes: memory.private_bytes,
+            cgroup_bytes: Some(memory.cgroup_bytes).filter(|bytes| *bytes > 0),
         })
     }
 }
@@ -69,6 +72,10 @@ pub struct DaemonStatusReport {
     pub python: Option<PythonPoolReport>,
     pub system: Option<SystemMemoryReport>,
     pub draining: bool,
+    /// What holds workers to their hard limits ("cgroup v1: …", "rlimit: …").
+    pub memory_enforcement: String,
+    /// The workers' sandbox, or "off".
+    pub sandbox: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,6 +121,8 @@ impl DaemonStatusReport {
                 cgroup_limit_bytes: Some(system.cgroup_limit_bytes).filter(|limit| *limit > 0),
             }),
             draining: status.draining,
+            memory_enforcement: status.memory_enforcement.clone(),
+            sandbox: status.sandbox.clone(),
         }
     }
 }
@@ -360,6 +369,7 @@ mod tests {
             memory: Some(api::MemoryUsage {
                 rss_bytes: 2048,
                 private_bytes: 1024,
+                cgroup_bytes: 0,
             }),
             last_used_at: Some(prost_types::Timestamp {
                 seconds: 1_700_000_000,

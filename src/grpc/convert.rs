@@ -16,6 +16,7 @@ pub fn memory(usage: MemoryUsage) -> api::MemoryUsage {
     api::MemoryUsage {
         rss_bytes: usage.rss_bytes,
         private_bytes: usage.private_bytes,
+        cgroup_bytes: usage.cgroup_bytes,
     }
 }
 
@@ -218,5 +219,7 @@ pub fn daemon_status(status: DaemonStatus) -> api::DaemonStatus {
             cgroup_limit_bytes: status.system.cgroup_limit_bytes,
         }),
         draining: status.draining,
+        memory_enforcement: status.memory_enforcement,
+        sandbox: status.sandbox,
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use prost::Message;
 use tonic::Status;
 
+use super::credentials::{self, Token};
 use super::sessions::NAME_LABEL;
 use crate::error::quoted;
 use crate::limits;
@@ -73,9 +74,11 @@ pub struct SessionConfig {
     pub operation_timeout: Option<Duration>,
     /// `experimental.session_metadata.name`: how the client names its session.
     pub name: Option<String>,
+    /// The token on the name field's second line (`credentials.rs`), if any.
+    pub token: Option<Token>,
     /// The ConfigProto for the worker, without `session_metadata` (TensorFlow refuses two
     /// sessions with the same metadata in one process, and a purge opens the new session
-    /// before it closes the old one).
+    /// before it closes the old one; and it may hold a token, which goes no further).
     pub worker_config: Vec<u8>,
 }
 
@@ -83,14 +86,21 @@ pub fn session_config(config: &[u8]) -> Result<SessionConfig, Status> {
     let view = ConfigView::decode(config).map_err(|error| {
         Status::invalid_argument(format!("config is not a ConfigProto: {error}"))
     })?;
-    let name = view
+    let metadata = view
         .experimental
-        .and_then(|experimental| experimental.session_metadata)
-        .map(|metadata| match metadata.version {
-            0 => metadata.name,
-            version => format!("{}/{version}", metadata.name),
-        })
-        .filter(|name| !name.is_empty());
+        .and_then(|experimental| experimental.session_metadata);
+    let has_metadata = metadata.is_some();
+    let (name, token) = match &metadata {
+        None => (None, None),
+        Some(metadata) => {
+            let (name, token) = credentials::split_name(&metadata.name)?;
+            let name = match metadata.version {
+                0 => name.to_string(),
+                version => format!("{name}/{version}"),
+            };
+            (Some(name).filter(|name| !name.is_empty()), token)
+        }
+    };
     if let Some(name) = &name {
         // It becomes the session's `tfsd.master.name` label, within the labels' bounds.
         crate::limits::check_labels([(&NAME_LABEL.to_string(), name)]).map_err(|error| {
@@ -99,7 +109,7 @@ pub fn session_config(config: &[u8]) -> Result<SessionConfig, Status> {
             ))
         })?;
     }
-    let worker_config = if name.is_some() {
+    let worker_config = if has_metadata {
         strip_session_metadata(config).map_err(|error| {
             Status::invalid_argument(format!("config is not a ConfigProto: {error}"))
         })?
@@ -109,6 +119,7 @@ pub fn session_config(config: &[u8]) -> Result<SessionConfig, Status> {
     Ok(SessionConfig {
         operation_timeout: millis(view.operation_timeout_in_ms),
         name,
+        token,
         worker_config,
     })
 }
@@ -393,6 +404,44 @@ mod tests {
         assert_eq!(parsed.operation_timeout, Some(Duration::from_millis(1500)));
         // Everything else survives byte for byte.
         assert_eq!(parsed.worker_config, config(false));
+    }
+
+    #[test]
+    fn a_token_is_split_off_the_name_and_never_reaches_the_worker() {
+        #[derive(Clone, PartialEq, Message)]
+        struct Config {
+            #[prost(int64, tag = "11")]
+            operation_timeout_in_ms: i64,
+            #[prost(message, optional, tag = "16")]
+            experimental: Option<ExperimentalView>,
+        }
+        let token = "alice-master-token-0123";
+        let with = |name: &str, version: i64| {
+            Config {
+                operation_timeout_in_ms: 1500,
+                experimental: Some(ExperimentalView {
+                    session_metadata: Some(SessionMetadataView {
+                        name: name.to_string(),
+                        version,
+                    }),
+                }),
+            }
+            .encode_to_vec()
+        };
+        let parsed =
+            session_config(&with(&format!("exp-1\ntfsd-token={token}"), 2)).expect("valid");
+        assert_eq!(parsed.name.as_deref(), Some("exp-1/2"));
+        assert!(parsed.token.is_some());
+        assert!(!format!("{parsed:?}").contains(token), "{parsed:?}");
+        let worker = String::from_utf8_lossy(&parsed.worker_config).into_owned();
+        assert!(!worker.contains(token), "the worker never sees the token");
+        assert_eq!(parsed.operation_timeout, Some(Duration::from_millis(1500)));
+
+        // A token without a name: no name label, and the metadata still goes.
+        let parsed = session_config(&with(&format!("\ntfsd-token={token}"), 0)).expect("valid");
+        assert_eq!(parsed.name, None);
+        assert!(parsed.token.is_some());
+        assert!(!String::from_utf8_lossy(&parsed.worker_config).contains(token));
     }
 
     #[test]

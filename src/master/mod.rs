@@ -8,10 +8,12 @@
 //! session handle the client gets *is* the tfsd session id, so a recycle (same id) is
 //! invisible to the client. This module owns only what TensorFlow's protocol adds on top:
 //! - `service.rs`: the handlers, thin over the manager;
+//! - `credentials.rs`: who creates a session: a token in the ConfigProto, or a client
+//!   without credentials where that is allowed;
 //! - `convert.rs`: the fields tfsd reads from ConfigProto / RunOptions / CallableOptions,
 //!   named tensors, the device list;
-//! - `sessions.rs`: which sessions are MasterService sessions, their client address (the
-//!   scope of Reset), their operation timeout and callables;
+//! - `sessions.rs`: which sessions are MasterService sessions, their client address and
+//!   owner (the scope of Reset), their operation timeout and callables;
 //! - `callables.rs`: MakeCallable / RunCallable / ReleaseCallable as ordinary runs;
 //! - `dedup.rs`: `request_id` de-duplication, so a retried step never runs twice;
 //! - `errors.rs`: errors in the response body (`store_errors_in_response_body`).
@@ -19,11 +21,12 @@
 //! It must not touch sessions created through tfsd.v1: their handles are unknown here.
 //!
 //! The operator's `[limits]` apply here as over tfsd.v1, through the same checks
-//! (`limits.rs`); TensorFlow's client cannot authenticate, so for
-//! `max_sessions_per_principal` every client address is one principal, `master:IP`.
+//! (`limits.rs`): a client with a token counts as its principal; for clients without
+//! credentials every client address is one principal, `master:IP`.
 
 mod callables;
 mod convert;
+mod credentials;
 mod dedup;
 mod errors;
 mod service;
@@ -35,20 +38,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
+pub use credentials::{MasterAccess, TOKEN_PREFIX};
 pub use sessions::{
-    CLIENT_LABEL, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER,
+    CLIENT_LABEL, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL, ORIGIN_MASTER, PRINCIPAL_LABEL,
 };
 
 use crate::limits::Limits;
 use crate::proto::tensorflow::master_service_server::MasterServiceServer;
 use crate::session::SessionManager;
 
-/// Serves MasterService on `listener`, within the operator's `limits`, until `shutdown` is
-/// cancelled.
+/// Serves MasterService on `listener`, within the operator's `limits`, to the clients
+/// `access` lets in, until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<SessionManager>,
     limits: Limits,
+    access: MasterAccess,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let sessions = Arc::new(sessions::MasterSessions::default());
@@ -67,7 +72,7 @@ pub async fn serve(
     );
     let max_message = limits.max_message_bytes;
     let service = MasterServiceServer::new(service::MasterService::new(service::Master::new(
-        manager, sessions, limits,
+        manager, sessions, limits, access,
     )))
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);

@@ -1,6 +1,8 @@
 //! The MasterService handlers: validate, check the operator's limits, convert
 //! (`convert.rs`), call the `SessionManager`, convert back. Requests that carry a
 //! `request_id` go through `RecentRequests`, so a client's retry never runs a step twice.
+//! CreateSession establishes who the client is (`credentials.rs`); every other call names a
+//! session by its handle, the capability.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -10,12 +12,14 @@ use tonic::{Request, Response, Status};
 
 use super::callables;
 use super::convert;
+use super::credentials::MasterAccess;
 use super::dedup::RecentRequests;
 use super::errors;
 use super::sessions::{
     CLIENT_LABEL, MasterSession, MasterSessions, NAME_LABEL, OPERATION_TIMEOUT_LABEL, ORIGIN_LABEL,
-    ORIGIN_MASTER,
+    ORIGIN_MASTER, PRINCIPAL_LABEL,
 };
+use crate::auth::Caller;
 use crate::error::Error;
 use crate::limits::{self, Limits};
 use crate::policy::SessionPolicy;
@@ -38,6 +42,7 @@ pub struct Master {
     manager: Arc<SessionManager>,
     sessions: Arc<MasterSessions>,
     limits: Limits,
+    access: MasterAccess,
     run_steps: Arc<RecentRequests<Answer<tf::RunStepResponse>>>,
     partial_run_setups: Arc<RecentRequests<Answer<tf::PartialRunSetupResponse>>>,
     make_callables: Arc<RecentRequests<Answer<tf::MakeCallableResponse>>>,
@@ -49,11 +54,13 @@ impl Master {
         manager: Arc<SessionManager>,
         sessions: Arc<MasterSessions>,
         limits: Limits,
+        access: MasterAccess,
     ) -> Arc<Master> {
         Arc::new(Master {
             manager,
             sessions,
             limits,
+            access,
             run_steps: Arc::new(RecentRequests::new(answer_size)),
             partial_run_setups: Arc::new(RecentRequests::new(answer_size)),
             make_callables: Arc::new(RecentRequests::new(answer_size)),
@@ -61,12 +68,25 @@ impl Master {
         })
     }
 
-    /// limits.max_sessions, and max_sessions_per_principal with every MasterService client
-    /// address as one principal, `master:IP`: TensorFlow's client cannot authenticate, and
-    /// its address is what the MasterService knows a client by (as for Reset).
-    /// The slot is reserved atomically (`SessionManager::admit`), under the client's address
-    /// as its admission key, so that concurrent creates cannot all pass the check.
-    fn admit(&self, client_ip: Option<IpAddr>) -> Result<crate::session::Admitted, Status> {
+    /// limits.max_sessions, and max_sessions_per_principal: a client with a token counts as
+    /// its principal, exactly as over tfsd.v1; every address of clients without credentials
+    /// as one principal, `master:IP`, since the address is all the MasterService knows them
+    /// by (as for Reset). The slot is reserved atomically (`SessionManager::admit`), so that
+    /// concurrent creates cannot all pass the check.
+    fn admit(
+        &self,
+        client_ip: Option<IpAddr>,
+        caller: Option<&Caller>,
+    ) -> Result<crate::session::Admitted, Status> {
+        if let Some(caller) = caller {
+            let actor = caller.actor();
+            return self
+                .manager
+                .admit(&caller.principal, |total, own| {
+                    self.limits.check_session_count(total, own, &actor)
+                })
+                .map_err(errors::status);
+        }
         let (key, principal) = match client_ip {
             Some(ip) => (
                 format!("master:{ip}"),
@@ -78,12 +98,12 @@ impl Master {
             ),
         };
         self.manager
-            // TensorFlow's client cannot authenticate: the session has no owner.
+            // A client without credentials: the session has no owner.
             .admit_as("", &key, |total, creating| {
                 // Counted under the admission lock, and the reservation is held until the
                 // session is in this map (see `create_session`): a create from the same
                 // address is counted in one place or the other at every instant.
-                let created = self.sessions.created_from(client_ip).len();
+                let created = self.sessions.anonymous_from(client_ip).len();
                 self.limits
                     .check_session_count(total, created + creating, &principal)
             })
@@ -134,18 +154,22 @@ impl tf::master_service_server::MasterService for MasterService {
         let client = request.remote_addr();
         let request = request.into_inner();
         let config = convert::session_config(&request.config)?;
+        let caller = self.master.access.caller(config.token.as_ref())?;
         let client_ip = client.map(|address| address.ip());
         self.master
             .limits
             .check_graph_def_size(request.graph_def.len())
             .map_err(errors::status)?;
-        let admitted = self.master.admit(client_ip)?;
+        let admitted = self.master.admit(client_ip, caller.as_ref())?;
         let mut labels = std::collections::BTreeMap::from([(
             ORIGIN_LABEL.to_string(),
             ORIGIN_MASTER.to_string(),
         )]);
         if let Some(client) = client {
             labels.insert(CLIENT_LABEL.to_string(), client.to_string());
+        }
+        if let Some(caller) = &caller {
+            labels.insert(PRINCIPAL_LABEL.to_string(), caller.principal.clone());
         }
         if let Some(name) = &config.name {
             labels.insert(NAME_LABEL.to_string(), name.clone());
@@ -179,17 +203,19 @@ impl tf::master_service_server::MasterService for MasterService {
         tracing::info!(
             session_id = %snapshot.id,
             client = %client.map_or_else(|| "unknown".to_string(), |client| client.to_string()),
+            principal = %caller.as_ref().map_or("none", |caller| caller.principal.as_str()),
             "MasterService session created"
         );
         self.master.sessions.insert(
             snapshot.id.clone(),
             MasterSession {
                 client_ip,
+                owner: snapshot.owner.clone(),
                 operation_timeout: config.operation_timeout,
                 callables: callables::Callables::default(),
             },
         );
-        // Counted by `created_from` now: the reservation can go.
+        // Counted by `anonymous_from` (or as the principal's) now: the reservation can go.
         drop(admitted);
         Ok(Response::new(tf::CreateSessionResponse {
             session_handle: snapshot.id,
@@ -311,6 +337,7 @@ impl tf::master_service_server::MasterService for MasterService {
         &self,
         request: Request<tf::ResetRequest>,
     ) -> Result<Response<tf::ResetResponse>, Status> {
+        self.master.access.check_reset()?;
         let client_ip = request.remote_addr().map(|address| address.ip());
         let containers = request.into_inner().container;
         // Only logged, but bounded like every name a client sends.
@@ -450,16 +477,17 @@ fn within_message_size<T: Message>(limits: &Limits, answer: T) -> Answer<T> {
     Ok(answer)
 }
 
-/// Reset: clears the state of every MasterService session created from the caller's address
-/// (a purge: the same graph in a fresh TensorFlow session, so every container is cleared).
-/// Unlike TensorFlow's server, the sessions stay open and sessions of other clients and of
-/// tfsd.v1 are not touched.
+/// Reset: clears the state of every MasterService session that clients without credentials
+/// created from the caller's address (a purge: the same graph in a fresh TensorFlow session,
+/// so every container is cleared). Unlike TensorFlow's server, the sessions stay open and
+/// sessions of other clients, of principals (created with a token) and of tfsd.v1 are not
+/// touched.
 async fn reset(
     master: &Master,
     client_ip: Option<IpAddr>,
     containers: &[String],
 ) -> Result<(), Status> {
-    let handles = master.sessions.created_from(client_ip);
+    let handles = master.sessions.anonymous_from(client_ip);
     let mut failures = Vec::new();
     for handle in &handles {
         match master.manager.purge_variables(handle).await {

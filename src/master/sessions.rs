@@ -1,6 +1,7 @@
 //! The MasterService's own view of its sessions: which tfsd sessions it created (the
-//! session handle *is* the tfsd session id), the client address each came from (the scope of
-//! Reset), the ConfigProto's `operation_timeout_in_ms`, and the session's callables.
+//! session handle *is* the tfsd session id), the client address each came from and whether
+//! the client proved who it is (the scope of Reset and of the per-address session count),
+//! the ConfigProto's `operation_timeout_in_ms`, and the session's callables.
 //!
 //! Handles of sessions created through tfsd.v1 are not here, so a TensorFlow client can
 //! neither run nor reset them. Entries go when the MasterService closes the session, or when
@@ -31,11 +32,17 @@ pub const NAME_LABEL: &str = "tfsd.master.name";
 /// Label with the ConfigProto's `operation_timeout_in_ms`, when set: the session's default
 /// step timeout, kept where a restart (durable sessions) finds it again.
 pub const OPERATION_TIMEOUT_LABEL: &str = "tfsd.master.operation_timeout_ms";
+/// Label with the principal whose token created the session (`credentials.rs`), the
+/// session's owner: how `adopt_restored` tells such a session from a tfsd.v1 one.
+pub const PRINCIPAL_LABEL: &str = "tfsd.master.principal";
 
 #[derive(Debug)]
 pub struct MasterSession {
     /// The address the client that created the session connected from.
     pub client_ip: Option<IpAddr>,
+    /// The principal whose token created the session; empty for a client without
+    /// credentials.
+    pub owner: String,
     pub operation_timeout: Option<Duration>,
     pub callables: Callables,
 }
@@ -72,28 +79,33 @@ impl MasterSessions {
         }
     }
 
-    /// The handles of the sessions a Reset from `client_ip` reaches: those created from the
-    /// same address.
-    pub fn created_from(&self, client_ip: Option<IpAddr>) -> Vec<String> {
+    /// The handles of the sessions clients without credentials created from `client_ip`:
+    /// those a Reset from that address reaches, and those counted as the principal
+    /// `master:IP`. A session created with a token is its principal's, counted as theirs,
+    /// and out of reach of a Reset, which carries no credentials.
+    pub fn anonymous_from(&self, client_ip: Option<IpAddr>) -> Vec<String> {
         self.lock()
             .iter()
-            .filter(|(_, session)| session.client_ip == client_ip)
+            .filter(|(_, session)| session.owner.is_empty() && session.client_ip == client_ip)
             .map(|(handle, _)| handle.clone())
             .collect()
     }
 
     /// Takes over the MasterService sessions the daemon restored from its state directory,
     /// with what their labels say (client address, operation timeout); their callables were
-    /// not kept. Returns how many. A session with an owner came through tfsd.v1 (the
-    /// MasterService's have none), whatever its labels say: a state directory written before
-    /// `tfsd.` labels were reserved may hold a client's forged `tfsd.origin=master`.
+    /// not kept. Returns how many. A session with an owner is the MasterService's only if
+    /// its `tfsd.master.principal` label names that owner (a client with a token created
+    /// it); any other came through tfsd.v1, whatever its labels say: a state directory
+    /// written before `tfsd.` labels were reserved may hold a client's forged
+    /// `tfsd.origin=master`.
     pub fn adopt_restored(&self, snapshots: &[SessionSnapshot]) -> usize {
         let mut adopted = 0;
         for snapshot in snapshots {
             if snapshot.labels.get(ORIGIN_LABEL).map(String::as_str) != Some(ORIGIN_MASTER) {
                 continue;
             }
-            if !snapshot.owner.is_empty() {
+            let authenticated = snapshot.labels.get(PRINCIPAL_LABEL) == Some(&snapshot.owner);
+            if !snapshot.owner.is_empty() && !authenticated {
                 tracing::warn!(
                     session_id = %snapshot.id,
                     owner = %snapshot.owner,
@@ -116,6 +128,7 @@ impl MasterSessions {
                 snapshot.id.clone(),
                 MasterSession {
                     client_ip,
+                    owner: snapshot.owner.clone(),
                     operation_timeout,
                     callables: Callables::default(),
                 },
@@ -165,8 +178,13 @@ mod tests {
     use super::*;
 
     fn session(ip: Option<&str>) -> MasterSession {
+        owned_session(ip, "")
+    }
+
+    fn owned_session(ip: Option<&str>, owner: &str) -> MasterSession {
         MasterSession {
             client_ip: ip.map(|ip| ip.parse().expect("ip")),
+            owner: owner.to_string(),
             operation_timeout: None,
             callables: Callables::default(),
         }
@@ -211,10 +229,23 @@ mod tests {
             // A tfsd.v1 session with a forged label, from a state directory written before
             // `tfsd.` labels were reserved.
             snapshot("s-forged", "alice", &[origin]),
+            snapshot(
+                "s-forged-principal",
+                "alice",
+                &[origin, (PRINCIPAL_LABEL, "bob")],
+            ),
             snapshot("s-v1", "", &[("run", "1")]),
+            // Created with alice's token.
+            snapshot("s-alice", "alice", &[origin, (PRINCIPAL_LABEL, "alice")]),
         ]);
-        assert_eq!(adopted, 1);
+        assert_eq!(adopted, 2);
         assert!(sessions.with("s-master", |_| Ok(())).is_ok());
+        assert!(
+            sessions
+                .with("s-alice", |s| Ok(s.owner == "alice"))
+                .expect("adopted")
+        );
+        assert!(sessions.with("s-forged-principal", |_| Ok(())).is_err());
         assert!(sessions.with("s-forged", |_| Ok(())).is_err());
         assert!(sessions.with("s-v1", |_| Ok(())).is_err());
         let status = sessions
@@ -224,17 +255,18 @@ mod tests {
     }
 
     #[test]
-    fn reset_reaches_only_sessions_created_from_the_same_address() {
+    fn reset_reaches_only_sessions_created_from_the_same_address_without_credentials() {
         let sessions = MasterSessions::default();
         sessions.insert("s-a".into(), session(Some("127.0.0.1")));
         sessions.insert("s-b".into(), session(Some("127.0.0.1")));
         sessions.insert("s-c".into(), session(Some("10.1.2.3")));
         sessions.insert("s-d".into(), session(None));
-        let mut local = sessions.created_from(Some("127.0.0.1".parse().expect("ip")));
+        sessions.insert("s-alice".into(), owned_session(Some("127.0.0.1"), "alice"));
+        let mut local = sessions.anonymous_from(Some("127.0.0.1".parse().expect("ip")));
         local.sort();
         assert_eq!(local, ["s-a", "s-b"]);
         assert_eq!(
-            sessions.created_from(Some("10.1.2.3".parse().expect("ip"))),
+            sessions.anonymous_from(Some("10.1.2.3".parse().expect("ip"))),
             ["s-c"]
         );
         assert!(sessions.remove("s-a"));

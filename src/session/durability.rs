@@ -176,6 +176,7 @@ impl SessionManager {
                     Runtime::Graph,
                     &record.graph_def,
                     &record.config.clone().into(),
+                    record.policy.hard_limit_bytes,
                 )
                 .await
             {

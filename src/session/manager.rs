@@ -103,6 +103,9 @@ pub struct SessionManager {
     /// reserved before the worker is taken) or being closed (until their worker is reaped),
     /// per owner. See `admit`.
     admission: std::sync::Mutex<Admission>,
+    /// What holds workers to their hard limits, and their sandbox, in words (set once at
+    /// start-up; GetDaemonStatus reports them).
+    confinement: std::sync::OnceLock<(String, String)>,
 }
 
 /// Sessions admission counts beyond the registry, per owner.
@@ -181,6 +184,7 @@ impl SessionManager {
         Arc::new(SessionManager {
             deadlines,
             admission: std::sync::Mutex::new(Admission::default()),
+            confinement: std::sync::OnceLock::new(),
             store: std::sync::OnceLock::new(),
             policy,
             oom_kills_seen: AtomicU64::new(crate::system::oom_kill_count().unwrap_or(0)),
@@ -192,6 +196,12 @@ impl SessionManager {
             tracker,
             shutdown,
         })
+    }
+
+    /// Records how workers are confined, for GetDaemonStatus: the memory enforcement and
+    /// the sandbox, each in one line.
+    pub fn describe_confinement(&self, memory_enforcement: String, sandbox: String) {
+        let _ = self.confinement.set((memory_enforcement, sandbox));
     }
 
     pub fn pools(&self) -> &Pools {
@@ -296,6 +306,14 @@ impl SessionManager {
                 .map_or_else(String::new, |p| p.runtime_description()),
             system: crate::system::memory(),
             draining: self.shutdown.is_cancelled(),
+            memory_enforcement: self
+                .confinement
+                .get()
+                .map_or_else(String::new, |(memory, _)| memory.clone()),
+            sandbox: self
+                .confinement
+                .get()
+                .map_or_else(String::new, |(_, sandbox)| sandbox.clone()),
         }
     }
 
@@ -385,6 +403,7 @@ impl SessionManager {
                     definition.runtime,
                     &definition.graph_def,
                     &definition.config,
+                    definition.policy.hard_limit_bytes,
                     Urgency::Create,
                 )
                 .await?;
@@ -436,15 +455,17 @@ impl SessionManager {
         session.worker.replace(fresh)
     }
 
-    /// A worker of `runtime` from its pool with the graph loaded (graph sessions); the
-    /// worker is stopped if loading fails.
+    /// A worker of `runtime` from its pool, held by the kernel to `hard_limit` (the
+    /// session's), with the graph loaded (graph sessions); the worker is stopped if loading
+    /// fails.
     pub(super) async fn start_worker(
         &self,
         runtime: Runtime,
         graph_def: &[u8],
         config: &Bytes,
+        hard_limit: Option<u64>,
     ) -> Result<Arc<WorkerProcess>> {
-        self.start_worker_for(runtime, graph_def, config, Urgency::Existing)
+        self.start_worker_for(runtime, graph_def, config, hard_limit, Urgency::Existing)
             .await
     }
 
@@ -455,6 +476,7 @@ impl SessionManager {
         runtime: Runtime,
         graph_def: &[u8],
         config: &Bytes,
+        hard_limit: Option<u64>,
         urgency: Urgency,
     ) -> Result<Arc<WorkerProcess>> {
         // A worker killed while it starts or loads (the OOM killer, an operator, chaos) is
@@ -463,7 +485,7 @@ impl SessionManager {
         let mut attempt = 1;
         loop {
             match self
-                .start_worker_once(runtime, graph_def, config, urgency)
+                .start_worker_once(runtime, graph_def, config, hard_limit, urgency)
                 .await
             {
                 Err(error @ (Error::WorkerDied { .. } | Error::WorkerStart(_)))
@@ -482,6 +504,7 @@ impl SessionManager {
         runtime: Runtime,
         graph_def: &[u8],
         config: &Bytes,
+        hard_limit: Option<u64>,
         urgency: Urgency,
     ) -> Result<Arc<WorkerProcess>> {
         let pool = self.pools.of(runtime)?;
@@ -495,6 +518,22 @@ impl SessionManager {
             WorkerError::StartWait(message) => Error::Unavailable(message),
             other => Error::WorkerStart(other.to_string()),
         })?;
+        // The kernel holds the worker to the session's hard limit before anything of the
+        // session is loaded into it (graph, restored variables, a recycle's state): a limit
+        // set later, below what the worker then holds, is refused (cgroup v1) or kills it
+        // at once (v2). Off the async threads: the write may make the kernel reclaim.
+        let confined = worker.clone();
+        let result = tokio::task::spawn_blocking(move || confined.confine_memory(hard_limit))
+            .await
+            .unwrap_or_else(|join| Err(std::io::Error::other(join)));
+        if let Err(error) = result {
+            tracing::warn!(
+                worker_pid = worker.pid(),
+                %error,
+                "could not set the kernel's memory limit for the worker; the memory policy's \
+                 sampling still applies"
+            );
+        }
         if runtime == Runtime::Python {
             return Ok(worker);
         }
@@ -815,7 +854,12 @@ impl SessionManager {
                 manager.write_checkpoint(&session, state);
             }
             let fresh = manager
-                .start_worker(session.runtime, &core.graph_def, &core.config)
+                .start_worker(
+                    session.runtime,
+                    &core.graph_def,
+                    &core.config,
+                    session.policy.hard_limit_bytes,
+                )
                 .await?;
             if let Some(state) = carried.filter(|state| !state.is_empty()) {
                 let import =
@@ -1032,15 +1076,32 @@ impl Session {
     /// A request that failed because tfsd killed the worker under it (the memory policy, a
     /// missed deadline, a close, the shutdown) says so, instead of "the worker died".
     pub(super) fn explain_kill(&self, error: Error) -> Error {
-        let Error::WorkerDied { pid, how } = error else {
+        let Error::WorkerDied {
+            pid,
+            how,
+            memory_limit,
+        } = error
+        else {
             return error;
-        };
-        let Some(cause) = self.kill_cause(pid) else {
-            return Error::WorkerDied { pid, how };
         };
         let (request, fresh, lost) = match self.runtime {
             Runtime::Python => ("call", "a fresh Python process", "its state is lost"),
             Runtime::Graph => ("step", "a fresh worker", "variables are lost"),
+        };
+        let Some(cause) = self.kill_cause(pid) else {
+            if let Some(limit) = memory_limit {
+                return Error::ResourceExhausted(format!(
+                    "the {request} was stopped by the kernel at the session's hard limit of \
+                     {:.1} MiB (its worker's cgroup limit); the session is being restored in \
+                     {fresh} ({lost})",
+                    limit as f64 / (1024.0 * 1024.0)
+                ));
+            }
+            return Error::WorkerDied {
+                pid,
+                how,
+                memory_limit,
+            };
         };
         match cause.trigger {
             Trigger::Policy(_) => Error::ResourceExhausted(format!(
@@ -1062,7 +1123,11 @@ impl Session {
                 cause.reason,
                 cause.actor.as_str()
             )),
-            _ => Error::WorkerDied { pid, how },
+            _ => Error::WorkerDied {
+                pid,
+                how,
+                memory_limit,
+            },
         }
     }
 }

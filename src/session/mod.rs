@@ -106,6 +106,10 @@ pub struct DaemonStatus {
     pub python_runtime: String,
     pub system: crate::system::SystemMemory,
     pub draining: bool,
+    /// What holds workers to their hard limits ("cgroup v1: …", "rlimit: …").
+    pub memory_enforcement: String,
+    /// The workers' sandbox, or "off".
+    pub sandbox: String,
 }
 
 /// One step's inputs, as the client sent them.
@@ -144,11 +148,6 @@ impl WorkerSlot {
 
     fn get(&self) -> Option<Arc<WorkerProcess>> {
         self.lock().clone()
-    }
-
-    /// The current worker's pid; 0 when there is none.
-    fn pid(&self) -> u32 {
-        self.lock().as_ref().map_or(0, |worker| worker.pid())
     }
 
     /// Whether `worker` is the current worker.
@@ -315,12 +314,9 @@ impl Session {
     }
 
     pub fn snapshot(&self) -> SessionSnapshot {
-        let worker_pid = self.worker.pid();
-        let memory = if worker_pid == 0 {
-            MemoryUsage::default()
-        } else {
-            crate::memory::process_memory(worker_pid).unwrap_or_default()
-        };
+        let worker = self.worker.get();
+        let worker_pid = worker.as_ref().map_or(0, |worker| worker.pid());
+        let memory = worker.map_or_else(MemoryUsage::default, |worker| worker.memory());
         let mut stats = self.stats();
         stats.peak_private_bytes = stats.peak_private_bytes.max(memory.private_bytes);
         if memory.private_bytes > 0 {

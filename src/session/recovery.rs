@@ -59,6 +59,11 @@ pub(super) enum ExitOrigin {
     /// SIGKILL from outside tfsd and not the OOM killer: an operator or a chaos tool decided
     /// it. Not counted: the session did nothing wrong.
     KilledFromOutside,
+    /// The kernel killed it at its cgroup's memory limit, the session's hard limit.
+    /// Counted, unlike the policy's own hard-limit kill: the kernel also kills a worker
+    /// that goes over while its session is being restored into it (a checkpoint bigger than
+    /// the limit), and such a session must end up crash-looping, not restored forever.
+    AtMemoryLimit,
 }
 
 /// What to do after a failure.
@@ -204,7 +209,16 @@ impl SessionManager {
             Some(cause) => (cause, ExitOrigin::KilledByTfsd),
             None => {
                 let (reason, origin) = self.describe_unexpected_exit(&how, last_private);
-                (Cause::daemon(Trigger::WorkerExit, reason), origin)
+                let cause = match origin {
+                    ExitOrigin::AtMemoryLimit => Cause {
+                        trigger: Trigger::Policy(crate::policy::Trigger::HardLimit),
+                        rung: 3,
+                        reason,
+                        actor: super::Actor::Daemon,
+                    },
+                    _ => Cause::daemon(Trigger::WorkerExit, reason),
+                };
+                (cause, origin)
             }
         };
         self.events.publish(
@@ -214,7 +228,9 @@ impl SessionManager {
                 .cause(&cause),
         );
         let restart = match origin {
-            ExitOrigin::Failed => session.stats().crash_history.record_failure(Instant::now()),
+            ExitOrigin::Failed | ExitOrigin::AtMemoryLimit => {
+                session.stats().crash_history.record_failure(Instant::now())
+            }
             ExitOrigin::KilledByTfsd | ExitOrigin::KilledFromOutside => Restart::Now,
         };
         let backoff = match restart {
@@ -241,7 +257,12 @@ impl SessionManager {
             }
         }
         match self
-            .start_worker(session.runtime, &core.graph_def, &core.config)
+            .start_worker(
+                session.runtime,
+                &core.graph_def,
+                &core.config,
+                session.policy.hard_limit_bytes,
+            )
             .await
         {
             Ok(worker) => {

@@ -66,6 +66,20 @@ impl SessionManager {
         how: &ExitDescription,
         last_private_bytes: u64,
     ) -> (String, ExitOrigin) {
+        if let Some(limit) = how.memory_limit() {
+            // The kernel's global counter moved for this kill too: take it as seen, so that
+            // it is not blamed on the next SIGKILL from outside.
+            if let Some(count) = crate::system::oom_kill_count() {
+                self.oom_kills_seen.store(count, Ordering::SeqCst);
+            }
+            let reason = format!(
+                "killed by the kernel at the hard limit {} (the worker's cgroup limit; last \
+                 measured private memory {})",
+                mib(limit),
+                mib(last_private_bytes)
+            );
+            return (reason, ExitOrigin::AtMemoryLimit);
+        }
         let seen = self.oom_kills_seen.load(Ordering::SeqCst);
         let now = crate::system::oom_kill_count().unwrap_or(seen);
         if how.was_killed() && now > seen {

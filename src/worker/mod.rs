@@ -11,10 +11,14 @@
 //! the supervisor (`PR_SET_PDEATHSIG`, and the worker exits when its socket closes); dropping
 //! the last handle to a worker kills it.
 
+pub mod cgroup;
+pub mod limiter;
 mod operations;
 mod pool;
 mod process;
+pub mod sandbox;
 
+pub use limiter::{EnforcementMode, MemoryLimiter};
 pub use operations::{
     CallOutcome, CallOutput, CallTarget, CarriedState, OutputStream, RemoteException, Runtime,
     StepRequest,

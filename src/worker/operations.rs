@@ -350,6 +350,7 @@ impl WorkerProcess {
             Err(WorkerError::Died { pid, how }) => Error::WorkerDied {
                 pid,
                 how: how.to_string(),
+                memory_limit: how.memory_limit(),
             },
             Err(error @ WorkerError::Start { .. }) => Error::WorkerStart(error.to_string()),
             Err(WorkerError::Protocol(message)) => Error::Protocol(message),

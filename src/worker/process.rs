@@ -21,6 +21,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::Runtime;
+use super::cgroup::WorkerCgroup;
+use super::limiter::MemoryLimiter;
+use super::sandbox::{PreparedWorker, Sandbox};
 use crate::memory::{self, MemoryUsage};
 use crate::metrics::Metrics;
 use crate::proto::tfsd::worker::v1::{
@@ -45,6 +48,11 @@ pub struct WorkerSpec {
     pub start_timeout: Duration,
     /// Where worker starts and exits are counted.
     pub metrics: Arc<Metrics>,
+    /// What holds each worker to its session's hard limit (a cgroup, an rlimit, or only
+    /// the policy's sampling).
+    pub limiter: Arc<MemoryLimiter>,
+    /// The sandbox each worker starts in; `None` when it is off.
+    pub sandbox: Option<Arc<Sandbox>>,
 }
 
 /// How a worker process ended, in words a user can act on.
@@ -52,6 +60,8 @@ pub struct WorkerSpec {
 pub struct ExitDescription {
     text: String,
     how: ExitKind,
+    /// Set when the kernel killed the worker at its cgroup's memory limit: that limit.
+    memory_limit: Option<u64>,
 }
 
 /// How a process ended, as the supervisor branches on it.
@@ -75,12 +85,14 @@ impl ExitDescription {
             ExitDescription {
                 text: format!("killed by signal {signal} ({name}{core})"),
                 how: ExitKind::Signal(signal),
+                memory_limit: None,
             }
         } else {
             let code = status.code().unwrap_or_default();
             ExitDescription {
                 text: format!("exited with code {code}"),
                 how: ExitKind::Code(code),
+                memory_limit: None,
             }
         }
     }
@@ -89,7 +101,26 @@ impl ExitDescription {
         ExitDescription {
             text,
             how: ExitKind::Unknown,
+            memory_limit: None,
         }
+    }
+
+    /// This SIGKILL came from the kernel, at the worker's cgroup memory limit of `limit`.
+    fn at_memory_limit(self, limit: u64) -> ExitDescription {
+        ExitDescription {
+            text: format!(
+                "killed by the kernel at its memory limit ({:.1} MiB, the session's hard \
+                 limit, enforced by its cgroup)",
+                limit as f64 / (1024.0 * 1024.0)
+            ),
+            memory_limit: Some(limit),
+            ..self
+        }
+    }
+
+    /// The cgroup memory limit the kernel killed the worker at, if that is how it died.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.memory_limit
     }
 
     pub fn kind(&self) -> ExitKind {
@@ -179,6 +210,11 @@ pub struct WorkerProcess {
     expected_exit: Arc<AtomicBool>,
     /// The session this worker serves, for tagging its stderr lines in the log.
     session_id: Arc<Mutex<Option<String>>>,
+    /// Its cgroup, under cgroup enforcement. Owned by the exit watcher, which removes it
+    /// once the worker is reaped (off the async threads); gone after that.
+    cgroup: Option<std::sync::Weak<WorkerCgroup>>,
+    /// Whether its hard limit is an RLIMIT_DATA (the backstop without cgroups).
+    rlimit_backstop: bool,
 }
 
 impl fmt::Debug for WorkerProcess {
@@ -201,7 +237,23 @@ impl WorkerProcess {
         let theirs = OwnedFd::from(theirs);
         let their_fd = theirs.as_raw_fd();
 
+        let cgroup = spec
+            .limiter
+            .worker_cgroup()
+            .map_err(|error| start_error(format!("could not make the worker's cgroup: {error}")))?
+            .map(Arc::new);
+        let sandbox = match &spec.sandbox {
+            Some(sandbox) => Some(Arc::new(sandbox.prepare(&spec.binary).map_err(
+                |error| start_error(format!("could not prepare the worker's sandbox: {error}")),
+            )?)),
+            None => None,
+        };
+
         let mut command = Command::new(&spec.binary);
+        if let Some(sandbox) = &sandbox {
+            // First, so that the operator's own env (workers.env, python.env) wins.
+            command.envs(sandbox.env());
+        }
         command
             .args(&spec.args)
             .envs(&spec.env)
@@ -220,9 +272,11 @@ impl WorkerProcess {
             command.env("LD_LIBRARY_PATH", path);
         }
         // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (dup2, fcntl, prctl, setpgid, getppid, kill).
+        // async-signal-safe functions (dup2, fcntl, prctl, setpgid, getppid, kill; the
+        // cgroup join and the sandbox are single system calls on what was prepared above).
         unsafe {
             let parent = libc::getpid();
+            let (cgroup, sandbox) = (cgroup.clone(), sandbox.clone());
             command.pre_exec(move || {
                 if their_fd == WORKER_FD {
                     // dup2 onto itself would keep FD_CLOEXEC; clear it by hand.
@@ -241,12 +295,21 @@ impl WorkerProcess {
                 // Own process group: a Ctrl-C at the daemon's terminal reaches the supervisor,
                 // which then stops workers in order, instead of killing them mid-step.
                 libc::setpgid(0, 0);
+                // Into its cgroup before it allocates anything, then into its sandbox (which
+                // would forbid writing to the cgroup file system).
+                if let Some(cgroup) = &cgroup {
+                    cgroup.join_in_child()?;
+                }
+                if let Some(sandbox) = &sandbox {
+                    sandbox.apply_in_child()?;
+                }
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .map_err(|error| start_error(error.to_string()))?;
+        let spawned = command.spawn();
+        // The pre_exec closure holds the cgroup too: only the exit watcher may keep it.
+        drop(command);
+        let mut child = spawned.map_err(|error| start_error(error.to_string()))?;
         drop(theirs);
         let pid = child.id().unwrap_or_default();
 
@@ -280,6 +343,8 @@ impl WorkerProcess {
             ExitAccounting {
                 expected: expected_exit.clone(),
                 metrics: spec.metrics.clone(),
+                cgroup: cgroup.clone(),
+                sandbox,
             },
         ));
 
@@ -342,7 +407,31 @@ impl WorkerProcess {
             kill,
             expected_exit,
             session_id,
+            cgroup: cgroup.as_ref().map(Arc::downgrade),
+            rlimit_backstop: spec.limiter.uses_rlimit(),
         }))
+    }
+
+    /// Has the kernel hold this worker to `hard_limit` (its session's; `None` for none): its
+    /// cgroup's memory limit, or under the rlimit backstop its RLIMIT_DATA. Under sampling
+    /// only, nothing.
+    pub fn confine_memory(&self, hard_limit: Option<u64>) -> std::io::Result<()> {
+        if let Some(cgroup) = &self.cgroup {
+            let Some(cgroup) = cgroup.upgrade() else {
+                return Err(std::io::Error::other("the worker has exited"));
+            };
+            cgroup.set_memory_limit(hard_limit)
+        } else if self.rlimit_backstop {
+            super::limiter::set_data_rlimit(self.pid, hard_limit)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Memory charged to the worker's cgroup (page cache and kernel memory included), under
+    /// cgroup enforcement.
+    pub fn cgroup_memory(&self) -> Option<u64> {
+        self.cgroup.as_ref()?.upgrade()?.memory_current()
     }
 
     pub fn pid(&self) -> u32 {
@@ -369,7 +458,11 @@ impl WorkerProcess {
 
     /// The worker's memory now; zeros once it is gone.
     pub fn memory(&self) -> MemoryUsage {
-        memory::process_memory(self.pid).unwrap_or_default()
+        let Ok(mut usage) = memory::process_memory(self.pid) else {
+            return MemoryUsage::default();
+        };
+        usage.cgroup_bytes = self.cgroup_memory().unwrap_or(0);
+        usage
     }
 
     /// How the worker ended, if it has.
@@ -576,6 +669,10 @@ fn unknown_exit() -> ExitDescription {
 struct ExitAccounting {
     expected: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// Read for OOM kills, then removed, once the worker is reaped.
+    cgroup: Option<Arc<WorkerCgroup>>,
+    /// Its scratch directory is removed once the worker is reaped.
+    sandbox: Option<Arc<PreparedWorker>>,
 }
 
 /// Owns the child: reaps it when it exits on its own, or kills then reaps it when asked.
@@ -586,7 +683,7 @@ async fn watch_exit(
     kill: oneshot::Receiver<()>,
     pending: Arc<Pending>,
     exit: watch::Sender<Option<ExitDescription>>,
-    accounting: ExitAccounting,
+    mut accounting: ExitAccounting,
 ) {
     let status = tokio::select! {
         status = child.wait() => status,
@@ -608,10 +705,24 @@ async fn watch_exit(
             child.wait().await
         }
     };
-    let description = match status {
+    let mut description = match status {
         Ok(status) => ExitDescription::from_status(status),
         Err(error) => ExitDescription::other(format!("could not be waited for: {error}")),
     };
+    if let Some(cgroup) = &accounting.cgroup
+        && description.was_killed()
+        && !accounting.expected.load(Ordering::SeqCst)
+        && cgroup.killed_at_own_limit()
+        && let Some(limit) = cgroup.memory_limit()
+    {
+        description = description.at_memory_limit(limit);
+    }
+    // The cgroup and the scratch directory go with the worker (off the async threads: a
+    // leftover process in the cgroup is killed and waited for).
+    let (cgroup, sandbox) = (accounting.cgroup.take(), accounting.sandbox.take());
+    if cgroup.is_some() || sandbox.is_some() {
+        tokio::task::spawn_blocking(move || drop((cgroup, sandbox)));
+    }
     tracing::debug!(worker_pid = pid, how = %description, "worker reaped");
     if accounting.expected.load(Ordering::SeqCst) {
         accounting.metrics.record_worker_exit("stopped");

@@ -32,6 +32,37 @@ pub struct Daemon {
     pub master_address: String,
 }
 
+/// A fresh directory for one test's files (a config, a state directory), removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "tfsd-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("time")
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    /// Writes `text` as `tfsd.toml` in the directory; answers its path.
+    pub fn config(&self, text: &str) -> String {
+        let path = self.0.join("tfsd.toml");
+        std::fs::write(&path, text).expect("config");
+        path.to_string_lossy().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Daemon {
     pub fn start() -> Daemon {
         Daemon::start_with(&[])

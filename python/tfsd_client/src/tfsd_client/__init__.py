@@ -18,7 +18,9 @@
 
 A TensorFlow client that trains through `tf.compat.v1.Session("grpc://127.0.0.1:2222")` gets a
 tfsd session of its own at its first run; give it `config=session_config("exp-1")` to find it
-again by that name (and an operation timeout, so that it never waits forever on a dead daemon).
+again by that name (and an operation timeout, so that it never waits forever on a dead daemon);
+where the daemon requires credentials, `session_config("exp-1", token=TOKEN)` also carries the
+client's token, and the session is that token's principal's.
 
 Neither TensorFlow nor Keras is imported by this package (only `session_config` imports
 TensorFlow), so a client that runs Python sessions and control calls needs neither.
@@ -31,6 +33,7 @@ from tfsd_client.client import (
     NAME_LABEL,
     ORIGIN_LABEL,
     ORIGIN_MASTER,
+    PRINCIPAL_LABEL,
     DaemonStatus,
     Event,
     Events,
@@ -53,6 +56,7 @@ __all__ = [
     "NAME_LABEL",
     "ORIGIN_LABEL",
     "ORIGIN_MASTER",
+    "PRINCIPAL_LABEL",
     "DaemonStatus",
     "Event",
     "Events",

@@ -34,6 +34,10 @@ ORIGIN_LABEL = "tfsd.origin"
 ORIGIN_MASTER = "master"
 NAME_LABEL = "tfsd.master.name"
 CLIENT_LABEL = "tfsd.master.client"
+# The principal whose token created a MasterService session (`session_config(token=...)`).
+PRINCIPAL_LABEL = "tfsd.master.principal"
+# What starts the second line of `session_metadata.name` that carries a token.
+TOKEN_PREFIX = "tfsd-token="
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -197,6 +201,10 @@ class SessionInfo:
     """Python sessions: calls made."""
     memory_policy: MemoryPolicy | None = None
     """The effective memory policy (limits 0 = none)."""
+    owner: str = ""
+    """The principal that owns the session: whose token created it (through tfsd.v1, or a
+    TensorFlow client's `session_config(token=...)`); "" when nobody's (no `[auth]`, or a
+    TensorFlow client without a token)."""
 
     @property
     def is_master_session(self) -> bool:
@@ -341,6 +349,7 @@ class Tfsd:
             memory_policy=self._memory_policy(info.memory_policy)
             if info.HasField("memory_policy")
             else None,
+            owner=info.owner,
         )
 
     def _memory_policy(self, policy) -> MemoryPolicy:
@@ -775,17 +784,28 @@ def connect(
 
 
 def session_config(
-    name: str,
+    name: str | None = None,
     config: "config_pb2.ConfigProto | None" = None,
     *,
     operation_timeout_ms: int | None = None,
+    token: str | None = None,
 ) -> "config_pb2.ConfigProto":
     """A ConfigProto for a `tf.compat.v1.Session("grpc://…")` on tfsd: named, so that
-    `Tfsd.master_session(name)` finds it, and with an operation timeout, so that the client
-    never waits forever. `config` (copied, never changed) carries any other settings.
+    `Tfsd.master_session(name)` finds it, with an operation timeout, so that the client never
+    waits forever, and with the client's token where the daemon requires credentials.
+    `config` (copied, never changed) carries any other settings.
 
     The name goes in TensorFlow's own field for it, `experimental.session_metadata.name`;
-    tfsd records it as the label `tfsd.master.name`.
+    tfsd records it as the label `tfsd.master.name`. `name=None` leaves the session unnamed.
+
+    `token` is one of the daemon's `[[auth.tokens]]`, the same a tfsd.v1 client sends
+    (`connect(address, token=...)`): the session is then owned by that token's principal, who
+    sees it in `Tfsd.sessions()`. TensorFlow's client sends no credentials of its own, only
+    this ConfigProto with the session's creation, so the token travels there, on a second line
+    of `session_metadata.name` (`NAME\ntfsd-token=TOKEN`); tfsd takes it off before anything
+    else sees the config. Keep the returned config as private as the token. Later calls name
+    the session by its handle, which TensorFlow's client keeps (docs/MASTER_SERVICE.md,
+    "Credentials").
 
     `operation_timeout_ms` sets `operation_timeout_in_ms`: None (the default) keeps the one
     `config` sets, and otherwise uses `DEFAULT_OPERATION_TIMEOUT_MS` (10 minutes); 0 sets
@@ -815,10 +835,23 @@ def session_config(
             "operation_timeout_ms must be a non-negative int or None, "
             f"not {operation_timeout_ms!r}"
         )
+    if name is not None and (not isinstance(name, str) or "\n" in name):
+        raise ValueError(f"name must be a str without a newline, not {name!r}")
+    if token is not None and (
+        not isinstance(token, str) or not token.strip() or any(c in token for c in "\r\n")
+    ):
+        # Never quoted: it may be a real token with a stray newline.
+        raise ValueError("token must be a non-empty str on one line")
     named = tf.compat.v1.ConfigProto()
     if config is not None:
         named.CopyFrom(config)
-    named.experimental.session_metadata.name = name
+    metadata = named.experimental.session_metadata
+    if name is not None:
+        metadata.name = name
+    if token is not None:
+        # A name `config` brought along keeps its place on the first line.
+        own_name = metadata.name.split("\n", 1)[0]
+        metadata.name = f"{own_name}\n{TOKEN_PREFIX}{token.strip()}"
     if operation_timeout_ms is not None:
         named.operation_timeout_in_ms = operation_timeout_ms
     elif named.operation_timeout_in_ms <= 0:

@@ -1,0 +1,244 @@
+//! Scratch directories: one per worker (mode 0700, named `DAEMONPID-N`), the only place it
+//! may write, under a root that is `<state.dir>/scratch` or, without a state directory, a
+//! directory of this daemon's own in the system's temporary directory
+//! (`tfsd-scratch-PID`, removed at exit). What a daemon killed with SIGKILL left behind is
+//! removed by the next one: directories named after a process that no longer runs.
+
+use std::fs::DirBuilder;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, bail};
+
+use super::WorkerUser;
+
+/// Prefix of a daemon's private scratch root in the temporary directory.
+const TEMP_ROOT_PREFIX: &str = "tfsd-scratch-";
+
+#[derive(Debug)]
+pub struct ScratchRoot {
+    path: PathBuf,
+    /// A private root in the temporary directory, removed when the daemon ends.
+    private: bool,
+    /// Who owns the workers' directories (`workers.user`), if not the daemon's user.
+    owner: Option<(u32, u32)>,
+    next: AtomicU64,
+}
+
+impl ScratchRoot {
+    /// Makes the root (`state_dir/scratch`, or a private one in the temporary directory)
+    /// and removes what dead daemons left there. With `user`, the root is traversable
+    /// (0711) so that the user reaches its own directory in it, and so must its ancestors be.
+    pub fn new(state_dir: Option<&Path>, user: Option<&WorkerUser>) -> anyhow::Result<ScratchRoot> {
+        let mode = if user.is_some() { 0o711 } else { 0o700 };
+        let (path, private) = match state_dir {
+            Some(dir) => {
+                let path = dir.join("scratch");
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&path)
+                    .with_context(|| format!("make the scratch directory {}", path.display()))?;
+                remove_stale_workers(&path);
+                (path, false)
+            }
+            None => {
+                let temp = std::env::temp_dir();
+                remove_stale_roots(&temp);
+                let path = temp.join(format!("{TEMP_ROOT_PREFIX}{}", std::process::id()));
+                make_private_root(&path)?;
+                (path, true)
+            }
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("set the mode of {}", path.display()))?;
+        if let Some(user) = user {
+            ensure_traversable(&path, user)?;
+        }
+        Ok(ScratchRoot {
+            path,
+            private,
+            owner: user.map(|user| (user.uid, user.gid)),
+            next: AtomicU64::new(1),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes a new worker's directory (0700, owned by the workers' user).
+    pub fn make_worker_dir(&self) -> io::Result<ScratchDir> {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = self.path.join(format!("{}-{number}", std::process::id()));
+        DirBuilder::new().mode(0o700).create(&path)?;
+        let dir = ScratchDir { path };
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&dir.path, Some(uid), Some(gid))?;
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for ScratchRoot {
+    fn drop(&mut self) {
+        if self.private {
+            remove_tree(&self.path);
+        }
+    }
+}
+
+/// One worker's scratch directory, removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        remove_tree(&self.path);
+    }
+}
+
+/// Makes `path` (mode 0700). One left by an earlier daemon of the same pid is ours to
+/// replace if it is a directory we own; anything else there (someone else's, a link) is
+/// refused.
+fn make_private_root(path: &Path) -> anyhow::Result<()> {
+    match DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => return Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("make the scratch directory {}", path.display()));
+        }
+    }
+    let metadata =
+        std::fs::symlink_metadata(path).with_context(|| format!("inspect {}", path.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    if !metadata.is_dir() || metadata.uid() != unsafe { libc::geteuid() } {
+        bail!(
+            "{} exists and is not a directory of this user's: remove it, or set state.dir",
+            path.display()
+        );
+    }
+    remove_tree(path);
+    DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("make the scratch directory {}", path.display()))
+}
+
+/// Removes the private roots of daemons that no longer run (owned by this user).
+fn remove_stale_roots(temp: &Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(TEMP_ROOT_PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = std::fs::symlink_metadata(entry.path())
+            .is_ok_and(|metadata| metadata.is_dir() && metadata.uid() == me);
+        if ours && pid != std::process::id() && !process_exists(pid) {
+            tracing::info!(dir = %entry.path().display(), "removing a dead daemon's scratch directory");
+            remove_tree(&entry.path());
+        }
+    }
+}
+
+/// Removes the workers' directories of daemons that no longer run (`PID-N`).
+fn remove_stale_workers(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_exists(pid) {
+            remove_tree(&entry.path());
+        }
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Every directory from `/` to `path` must let `user` through (search permission), or the
+/// worker could not reach its own directory.
+fn ensure_traversable(path: &Path, user: &WorkerUser) -> anyhow::Result<()> {
+    for dir in path.ancestors() {
+        let metadata =
+            std::fs::metadata(dir).with_context(|| format!("inspect {}", dir.display()))?;
+        let mode = metadata.mode();
+        let allowed = if metadata.uid() == user.uid {
+            mode & 0o100 != 0
+        } else if metadata.gid() == user.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !allowed {
+            bail!(
+                "workers.user = {} cannot reach the scratch directory {}: {} is not \
+                 searchable by it (chmod o+x, or choose another state.dir)",
+                user.name,
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes a tree, even one whose directories the worker made unwritable (chmod 0500):
+/// on failure, give every directory back its owner's rights and try again.
+pub fn remove_tree(path: &Path) {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => return,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return,
+        Err(_) => {}
+    }
+    restore_dir_modes(path, 0);
+    if let Err(error) = std::fs::remove_dir_all(path)
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %path.display(), %error, "could not remove a worker's scratch directory");
+    }
+}
+
+fn restore_dir_modes(dir: &Path, depth: usize) {
+    if depth > 256 {
+        return;
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            restore_dir_modes(&entry.path(), depth + 1);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `workers.user`: the user workers run as, looked up in the system's user database when
+//! the config is read (never in the forked child, where the lookup could allocate or lock).
+
+use std::ffi::CString;
+use std::io;
+
+use anyhow::{Context, bail};
+
+/// The user workers run as (`workers.user`), looked up when the config is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Resolves `workers.user` (a user name, or a uid as a number or a string) with the
+/// system's user database. Root is refused: the point is to not run workers as root.
+pub fn resolve_worker_user(value: &toml::Value) -> anyhow::Result<WorkerUser> {
+    let found = match value {
+        toml::Value::Integer(uid) => {
+            let uid = u32::try_from(*uid)
+                .with_context(|| format!("workers.user = {uid} is not a valid uid"))?;
+            lookup_user(UserKey::Uid(uid))
+        }
+        toml::Value::String(text) if !text.is_empty() => match text.parse::<u32>() {
+            Ok(uid) => lookup_user(UserKey::Uid(uid)),
+            Err(_) => lookup_user(UserKey::Name(text)),
+        },
+        other => bail!("workers.user = {other} is not a user name or uid"),
+    }
+    .with_context(|| format!("look up workers.user = {value}"))?;
+    let Some(user) = found else {
+        bail!("workers.user = {value} is not a user on this machine (getent passwd)");
+    };
+    if user.uid == 0 {
+        bail!(
+            "workers.user = {value} is root (uid 0): workers would keep every privilege. \
+             Name an unprivileged user (e.g. a dedicated `tfsd-worker` user), or leave \
+             workers.user unset"
+        );
+    }
+    Ok(user)
+}
+
+enum UserKey<'a> {
+    Name(&'a str),
+    Uid(u32),
+}
+
+/// getpwnam_r / getpwuid_r, growing the buffer on ERANGE.
+fn lookup_user(key: UserKey<'_>) -> io::Result<Option<WorkerUser>> {
+    let name = match key {
+        UserKey::Name(name) => {
+            Some(CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?)
+        }
+        UserKey::Uid(_) => None,
+    };
+    let mut buffer = vec![0 as libc::c_char; 4096];
+    loop {
+        // SAFETY: an all-zero passwd is a valid value for getpw*_r to fill.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; the buffer's length is passed.
+        let status = unsafe {
+            match (&name, &key) {
+                (Some(name), _) => libc::getpwnam_r(
+                    name.as_ptr(),
+                    &mut entry,
+                    buffer.as_mut_ptr(),
+                    buffer.len(),
+                    &mut result,
+                ),
+                (None, UserKey::Uid(uid)) => libc::getpwuid_r(
+                    *uid,
+                    &mut entry,
+                    buffer.as_mut_ptr(),
+                    buffer.len(),
+                    &mut result,
+                ),
+                (None, UserKey::Name(_)) => unreachable!("a name lookup has its CString"),
+            }
+        };
+        if status == libc::ERANGE && buffer.len() < (1 << 20) {
+            buffer.resize(buffer.len() * 2, 0);
+            continue;
+        }
+        if status != 0 {
+            return Err(io::Error::from_raw_os_error(status));
+        }
+        if result.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: on success pw_name points at a NUL-terminated string inside `buffer`.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }
+            .to_string_lossy()
+            .to_string();
+        return Ok(Some(WorkerUser {
+            name,
+            uid: entry.pw_uid,
+            gid: entry.pw_gid,
+        }));
+    }
+}
