@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -109,6 +109,8 @@ struct RawCertificate {
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
     pub allow_unauthenticated: bool,
+    /// The token files read at start-up: secrets the workers' sandbox must never reach.
+    pub token_files: Vec<PathBuf>,
     tokens: HashMap<[u8; 32], Caller>,
     certificates: HashMap<[u8; 32], Caller>,
 }
@@ -144,8 +146,9 @@ fn token_file_is_private(mode: u32, owner: u32) -> bool {
 }
 
 /// Refuses the token file at `path` if other users could read it (`token_file_is_private`).
-fn check_token_file(key: &str, path: &Path) -> anyhow::Result<()> {
-    let metadata = std::fs::metadata(path)
+fn check_token_file(key: &str, path: &Path, file: &std::fs::File) -> anyhow::Result<()> {
+    let metadata = file
+        .metadata()
         .with_context(|| format!("{key}.file: read the permissions of {}", path.display()))?;
     let mode = metadata.mode() & 0o7777;
     if token_file_is_private(mode, metadata.uid()) {
@@ -183,7 +186,12 @@ impl AuthConfig {
                 (Some(text), None) => parse_digest(&format!("{key}.sha256"), text)?,
                 (None, Some(file)) => {
                     let path = base.join(file);
-                    let text = std::fs::read_to_string(&path)
+                    // One open: the mode checked is that of the file read.
+                    let mut opened = std::fs::File::open(&path)
+                        .with_context(|| format!("{key}.file: read {}", path.display()))?;
+                    check_token_file(&key, &path, &opened)?;
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut opened, &mut text)
                         .with_context(|| format!("{key}.file: read {}", path.display()))?;
                     let token = text.trim();
                     if token.len() < 16 {
@@ -192,7 +200,7 @@ impl AuthConfig {
                             path.display()
                         );
                     }
-                    check_token_file(&key, &path)?;
+                    config.token_files.push(path.clone());
                     digest(token.as_bytes())
                 }
                 _ => bail!("{key} needs exactly one of sha256, file"),

@@ -347,7 +347,7 @@ async fn serve_metrics(
             sessions: manager
                 .list()
                 .into_iter()
-                .map(|session| (session.id, session.memory))
+                .map(|session| (metrics_session_label(&session), session.memory))
                 .collect(),
             warm_workers: status.warm_workers + status.warm_python_workers,
             supervisor: status.memory,
@@ -411,4 +411,21 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         LogFormat::Json => builder.json().try_init(),
     };
     result.map_err(|error| anyhow::anyhow!("start logging: {error}"))
+}
+
+/// A session's `session_id` label on the unauthenticated metrics endpoint. A MasterService
+/// session's id is its handle, the capability for every later call on it: it appears there
+/// only as a digest (`master-` and 12 hex digits of its SHA-256), stable for dashboards,
+/// useless as a handle.
+fn metrics_session_label(session: &crate::session::SessionSnapshot) -> String {
+    use sha2::Digest;
+    let from_master = session
+        .labels
+        .get(crate::master::ORIGIN_LABEL)
+        .is_some_and(|origin| origin == crate::master::ORIGIN_MASTER);
+    if !from_master {
+        return session.id.clone();
+    }
+    let digest = hex::encode(sha2::Sha256::digest(session.id.as_bytes()));
+    format!("master-{}", &digest[..12])
 }

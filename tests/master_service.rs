@@ -731,6 +731,14 @@ async fn with_auth_a_master_session_belongs_to_the_tokens_principal() {
         .expect("RunStep")
         .into_inner();
     assert_eq!(answer.status_code, 0, "{}", answer.status_error_message);
+    // The handle is the capability: the unauthenticated metrics endpoint names the session
+    // by a digest only.
+    let metrics = daemon.scrape_metrics();
+    assert!(!metrics.contains(&handle), "the handle is on /metrics");
+    assert!(
+        metrics.contains("tfsd_session_private_bytes{session_id=\"master-"),
+        "{metrics}"
+    );
 
     // Alice's, as a tfsd.v1 session of hers would be.
     let mut alice = client_as(&daemon, ALICE).await;

@@ -185,11 +185,33 @@ async fn a_graph_session_reaches_its_scratch_directory_and_nothing_private() {
         b"kept"
     );
 
+    // The scratch directory is the session's: a recycle carries its files into the fresh
+    // worker's, and the old worker's goes with the old worker.
+    let recycled = client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("recycle")
+        .into_inner();
+    let fresh_pid = recycled.session.expect("session").worker_pid;
+    let fresh_scratch = scratch_of(fresh_pid);
+    assert_ne!(fresh_scratch, scratch);
+    wait_until_removed(&scratch);
+    assert_eq!(
+        read_file(&mut client, &id, &fresh_scratch.join("notes.txt"))
+            .await
+            .expect("carried over"),
+        b"kept"
+    );
+    assert!(!own_file.exists(), "the old worker's copy is gone with it");
+
     client
         .close_session(api::CloseSessionRequest { session_id: id })
         .await
         .expect("close");
-    wait_until_removed(&scratch);
+    wait_until_removed(&fresh_scratch);
 }
 
 /// The interpreter Python workers run: `$TFSD_TEST_PYTHON`, or the project's `.venv`.

@@ -43,6 +43,15 @@ impl std::fmt::Debug for Token {
 /// one.
 pub fn split_name(field: &str) -> Result<(&str, Option<Token>), Status> {
     let Some((name, credential)) = field.split_once('\n') else {
+        // A token on the first line (the newline lost) would otherwise be kept as the
+        // session's name, in a label anyone who lists the session sees.
+        if field.starts_with(TOKEN_PREFIX) {
+            return Err(Status::invalid_argument(format!(
+                "config.experimental.session_metadata.name starts with `{TOKEN_PREFIX}` on its \
+                 first line; the token goes on a second line: write the config with \
+                 tfsd_client.session_config(name, token=...)"
+            )));
+        }
         return Ok((field, None));
     };
     match credential.strip_prefix(TOKEN_PREFIX) {

@@ -879,6 +879,9 @@ impl SessionManager {
             }
             let old = manager.replace_worker(&session, &mut core, Some(fresh.clone()));
             if let Some(old) = &old {
+                // The scratch directory is the session's: its files go with it (before the
+                // old worker's is removed with the old worker).
+                carry_scratch(old, &fresh).await;
                 old.stop().await;
             }
             let after = fresh.memory();
@@ -1178,5 +1181,50 @@ fn rejected_graph(error: Error) -> Error {
     match error {
         Error::Tensorflow { message, .. } => Error::InvalidArgument(message),
         other => other,
+    }
+}
+
+/// Moves what a session's old worker left in its scratch directory into the fresh worker's
+/// (renames within one file system: no copy). Runs while the old worker still lives but no
+/// longer serves (the session's lock is held exclusively), so nothing of the session writes
+/// there meanwhile. What cannot be moved is logged and left to go with the old worker.
+async fn carry_scratch(old: &WorkerProcess, fresh: &WorkerProcess) {
+    let (Some(from), Some(to)) = (old.scratch_dir(), fresh.scratch_dir()) else {
+        return;
+    };
+    let (from, to) = (from.to_path_buf(), to.to_path_buf());
+    let moved = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
+        let mut moved = 0;
+        let mut failed = None;
+        for entry in std::fs::read_dir(&from)? {
+            // One that cannot be moved (a directory of the same name the fresh worker
+            // made) does not keep the others back.
+            match entry.and_then(|entry| std::fs::rename(entry.path(), to.join(entry.file_name())))
+            {
+                Ok(()) => moved += 1,
+                Err(error) => failed = Some(error),
+            }
+        }
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(moved),
+        }
+    })
+    .await
+    .unwrap_or_else(|join| Err(std::io::Error::other(join)));
+    match moved {
+        Ok(0) => {}
+        Ok(count) => tracing::debug!(
+            old_pid = old.pid(),
+            fresh_pid = fresh.pid(),
+            count,
+            "scratch files carried into the fresh worker"
+        ),
+        Err(error) => tracing::warn!(
+            old_pid = old.pid(),
+            fresh_pid = fresh.pid(),
+            %error,
+            "could not carry the session's scratch files into the fresh worker"
+        ),
     }
 }

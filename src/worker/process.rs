@@ -215,6 +215,8 @@ pub struct WorkerProcess {
     cgroup: Option<std::sync::Weak<WorkerCgroup>>,
     /// Whether its hard limit is an RLIMIT_DATA (the backstop without cgroups).
     rlimit_backstop: bool,
+    /// Its sandbox's scratch directory (removed once it is reaped).
+    scratch: Option<PathBuf>,
 }
 
 impl fmt::Debug for WorkerProcess {
@@ -249,6 +251,9 @@ impl WorkerProcess {
             None => None,
         };
 
+        let scratch = sandbox
+            .as_ref()
+            .and_then(|sandbox| sandbox.scratch_dir().map(PathBuf::from));
         let mut command = Command::new(&spec.binary);
         if let Some(sandbox) = &sandbox {
             // First, so that the operator's own env (workers.env, python.env) wins.
@@ -409,6 +414,7 @@ impl WorkerProcess {
             session_id,
             cgroup: cgroup.as_ref().map(Arc::downgrade),
             rlimit_backstop: spec.limiter.uses_rlimit(),
+            scratch,
         }))
     }
 
@@ -426,6 +432,11 @@ impl WorkerProcess {
         } else {
             Ok(())
         }
+    }
+
+    /// The worker's scratch directory, the one place its sandbox lets it write.
+    pub fn scratch_dir(&self) -> Option<&std::path::Path> {
+        self.scratch.as_deref()
     }
 
     /// Memory charged to the worker's cgroup (page cache and kernel memory included), under

@@ -207,6 +207,15 @@ impl Sandbox {
                 &config.workers.env,
             ));
         }
+        // Fail closed: a grant that covers `/` or a secret of the daemon's (a program or
+        // read path placed beside the state directory or a token file) refuses to start.
+        let mut secrets: Vec<PathBuf> = config.auth.token_files.clone();
+        secrets.extend(config.state.as_ref().map(|state| state.dir.clone()));
+        secrets.extend(config.tls.as_ref().map(|tls| tls.key.clone()));
+        check_grants(
+            common_rules.iter().chain(program_rules.values().flatten()),
+            &secrets,
+        )?;
         let seccomp = Filter::new(!settings.network).map(Arc::new);
         if seccomp.is_none() {
             tracing::warn!("no seccomp filter for this architecture: workers may open sockets");
@@ -500,4 +509,34 @@ fn current_open_files_hard_limit() -> libc::rlim_t {
         return libc::rlim_t::MAX;
     }
     limit.rlim_max
+}
+
+/// Refuses a set of rules that would let a worker reach all of `/` or one of `secrets`.
+fn check_grants<'a>(
+    rules: impl Iterator<Item = &'a Rule>,
+    secrets: &[PathBuf],
+) -> anyhow::Result<()> {
+    let resolve = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let secrets: Vec<(PathBuf, &PathBuf)> = secrets.iter().map(|s| (resolve(s), s)).collect();
+    for (path, _) in rules {
+        let granted = resolve(path);
+        if granted.parent().is_none() {
+            bail!(
+                "the workers' sandbox would grant all of / (from {}): check workers.binary, \
+                 python.interpreter and sandbox.read_paths / write_paths",
+                path.display()
+            );
+        }
+        if let Some((_, secret)) = secrets.iter().find(|(real, _)| real.starts_with(&granted)) {
+            bail!(
+                "the workers' sandbox would let every worker read {} (it is inside {}, which \
+                 workers need or were given): keep the state directory, token files and TLS \
+                 key out of the worker's program directories and sandbox.read_paths / \
+                 write_paths",
+                secret.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }

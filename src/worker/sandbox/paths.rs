@@ -32,7 +32,7 @@ const SYSTEM_READ_EXECUTE: [&str; 8] = [
 /// and fontconfig (matplotlib, imported by Keras' plotting utilities) read, and
 /// fontconfig's cache. Not /etc as a whole: /etc/shadow, /etc/ssh and the daemon's own
 /// config stay out of reach.
-const SYSTEM_ETC: [&str; 24] = [
+const SYSTEM_ETC: [&str; 27] = [
     "/etc/ld.so.cache",
     "/etc/ld.so.conf",
     "/etc/ld.so.conf.d",
@@ -48,9 +48,13 @@ const SYSTEM_ETC: [&str; 24] = [
     "/etc/gai.conf",
     "/etc/services",
     "/etc/protocols",
-    "/etc/ssl",
+    // Certificates and OpenSSL's config, never /etc/ssl/private or /etc/pki/tls/private.
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
     "/etc/ca-certificates",
-    "/etc/pki",
+    "/etc/pki/tls/certs",
+    "/etc/pki/tls/openssl.cnf",
+    "/etc/pki/ca-trust",
     "/etc/alternatives",
     "/etc/os-release",
     "/etc/lsb-release",
@@ -180,13 +184,18 @@ fn python_dirs(program: &Path, canonical: &Path) -> Vec<PathBuf> {
             let (key, value) = line.split_once('=')?;
             (key.trim() == "home").then(|| PathBuf::from(value.trim()))
         });
-        if let Some(prefix) = home.as_deref().and_then(Path::parent) {
+        // Not `/` (a venv made from /bin/python3): /usr is granted anyway.
+        if let Some(prefix) = home.as_deref().and_then(Path::parent)
+            && prefix.parent().is_some()
+        {
             prefixes.push(prefix.to_path_buf());
         }
     }
+    // The interpreter's own prefix, never `/` (merged-/usr systems have /lib/python3*).
     if let Some(prefix) = canonical
         .ancestors()
         .skip(1)
+        .take_while(|dir| dir.parent().is_some())
         .find(|dir| !python_lib_dirs(dir).is_empty())
     {
         prefixes.push(prefix.to_path_buf());

@@ -33,7 +33,9 @@ impl ScratchRoot {
     /// (0711) so that the user reaches its own directory in it, and so must its ancestors be.
     pub fn new(state_dir: Option<&Path>, user: Option<&WorkerUser>) -> anyhow::Result<ScratchRoot> {
         let mode = if user.is_some() { 0o711 } else { 0o700 };
-        let (path, private) = match state_dir {
+        // With workers.user, not in the state directory: that one is 0700, the daemon's
+        // alone, and must stay so.
+        let (path, private) = match state_dir.filter(|_| user.is_none()) {
             Some(dir) => {
                 let path = dir.join("scratch");
                 DirBuilder::new()
@@ -175,14 +177,22 @@ fn remove_stale_workers(root: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !process_exists(pid) {
+        // Our own pid too: this daemon has made none yet, so one with its pid was left by an
+        // earlier daemon that had the same pid (a container's daemon is pid 1 every time).
+        if pid == std::process::id() || !process_exists(pid) {
             remove_tree(&entry.path());
         }
     }
 }
 
+/// Asked of the kernel (kill with signal 0), not of /proc, which hidepid can hide.
 fn process_exists(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let result = unsafe { libc::kill(pid, 0) };
+    result == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Every directory from `/` to `path` must let `user` through (search permission), or the
@@ -228,17 +238,31 @@ pub fn remove_tree(path: &Path) {
     }
 }
 
+/// Gives every directory of the tree its owner's rights back, never following a link: each
+/// directory is opened with O_NOFOLLOW, changed through its fd, and listed and descended
+/// through that fd (`/proc/self/fd/N/...`), never through its path again (a worker's
+/// leftover process could swap a directory for a link to /etc in between).
 fn restore_dir_modes(dir: &Path, depth: usize) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     if depth > 256 {
         return;
     }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(opened) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)
+    else {
+        return;
+    };
+    let _ = opened.set_permissions(std::fs::Permissions::from_mode(0o700));
+    let here = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
+    let Ok(entries) = std::fs::read_dir(&here) else {
         return;
     };
     for entry in entries.flatten() {
         if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-            restore_dir_modes(&entry.path(), depth + 1);
+            restore_dir_modes(&here.join(entry.file_name()), depth + 1);
         }
     }
 }

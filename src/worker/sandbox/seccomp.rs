@@ -6,7 +6,9 @@
 //! an address: Landlock (up to ABI 7) does not confine unix sockets that have a path, and
 //! a worker that could connect to /var/run/docker.sock or the system bus could escape; the
 //! worker's own socket to the supervisor is connected before it starts. io_uring fails with
-//! ENOSYS (it can open sockets without `socket(2)`). Everything else is allowed.
+//! ENOSYS (it can open sockets without `socket(2)`). `ptrace`, `process_vm_readv`/`writev`
+//! and `pidfd_getfd` fail with EACCES: no reaching into the supervisor or another worker.
+//! Everything else is allowed.
 
 use std::fmt;
 use std::io;
@@ -126,6 +128,17 @@ impl Filter {
             libc::SYS_io_uring_register,
         ] {
             steps.push(Step::Jump(JEQ_K, nr as u32, Target::Enosys, Target::Next));
+        }
+        // Reaching into another process: a worker shares the daemon's uid unless
+        // workers.user is set, and without Landlock (or where Yama allows it) nothing else
+        // would stop it reading the supervisor's memory (its tokens, every session).
+        for nr in [
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_pidfd_getfd,
+        ] {
+            steps.push(Step::Jump(JEQ_K, nr as u32, Target::Eacces, Target::Next));
         }
         steps.push(Step::Return(RET_ALLOW));
         if deny_sockets {

@@ -202,6 +202,12 @@ try:
     results.append("shadow read")
 except PermissionError:
     results.append("shadow refused")
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(16, os.getppid(), 0, 0) == -1:  # PTRACE_ATTACH to the test process
+    results.append("ptrace refused %d" % ctypes.get_errno())
+else:
+    results.append("ptrace attached")
 results.append("home " + os.environ["HOME"])
 results.append("tmp " + tempfile.gettempdir())
 results.append("cwd " + os.getcwd())
@@ -221,6 +227,7 @@ print("\n".join(results))
         "unix refused".to_string(),
         "unix sendto refused".to_string(),
         "shadow refused".to_string(),
+        "ptrace refused 13".to_string(),
         format!("home {dir}"),
         format!("tmp {dir}"),
         format!("cwd {dir}"),
@@ -278,6 +285,8 @@ fn workers_user_runs_the_worker_as_that_user() {
     assert!(sandbox.describe().contains("workers run as nobody"));
     let prepared = sandbox.prepare(Path::new("/usr/bin/id")).expect("prepare");
     let scratch = prepared.scratch_dir().expect("scratch");
+    // Not in the state directory, which is the daemon's alone (0700).
+    assert!(!scratch.starts_with(&state.0), "{}", scratch.display());
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(scratch).expect("dir"));
     assert_eq!(owner, nobody.uid);
     let uid = run(&prepared, Path::new("/usr/bin/id"), &["-u"]);
@@ -420,4 +429,24 @@ fn operator_paths_must_exist() {
         format!("{error:#}").contains("sandbox.read_paths"),
         "{error:#}"
     );
+}
+
+#[test]
+fn a_grant_over_root_or_a_secret_refuses_to_start() {
+    let dir = TempDir::new("grants");
+    let state = dir.0.join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let token = dir.0.join("ops.token");
+    std::fs::write(&token, "t").expect("token");
+    let secrets = [state.clone(), token];
+    let rule = |path: &Path| (path.to_path_buf(), READ_EXECUTE);
+
+    let error = check_grants([rule(Path::new("/"))].iter(), &secrets).expect_err("all of /");
+    assert!(error.to_string().contains("all of /"), "{error}");
+    let error = check_grants([rule(&dir.0)].iter(), &secrets).expect_err("holds the state");
+    assert!(error.to_string().contains("state"), "{error}");
+    let beside = dir.0.join("bin");
+    std::fs::create_dir_all(&beside).expect("bin");
+    check_grants([rule(&beside), rule(Path::new("/usr"))].iter(), &secrets)
+        .expect("neither covers a secret");
 }
