@@ -851,6 +851,46 @@ def flood_section(out: list[str], plots: Path, flood: dict | None) -> None:
     out.append("![create flood](benches/plots/flood.png)\n")
 
 
+def overshoot_section(out: list[str], overshoot: dict | None) -> None:
+    out.append("## 9. Hard limit: how far one step gets past it\n")
+    if not overshoot:
+        out.append("Not measured in this run.\n")
+        return
+    limit = overshoot["hard_limit_bytes"] / MIB
+    step = overshoot["step_bytes"] / MIB
+    labels = {"sampling": "sampling only (before per-worker cgroups)",
+              "cgroup": "cgroup per worker (the kernel)",
+              "rlimit": "RLIMIT_DATA backstop"}
+    rows = []
+    for mode in overshoot["modes"]:
+        trials = mode["trials"]
+        dips = sorted(t["available_dip_mib"] for t in trials)
+        peaks = sorted(t["peak_private_mib"] for t in trials)
+        answered = sorted(t["answered_ms"] for t in trials)
+        back = sorted(t["serving_again_ms"] for t in trials)
+        codes = sorted({t["code"] for t in trials})
+        worker = "kept" if all("OOM when allocating" in t["message"] for t in trials) else "killed, restored"
+        rows.append([labels.get(mode["mode"], mode["mode"]), "/".join(codes),
+                     f"{peaks[len(peaks) // 2]:,.0f} MiB (max {peaks[-1]:,.0f})",
+                     f"{dips[len(dips) // 2]:,.0f} MiB (max {dips[-1]:,.0f})",
+                     f"{answered[len(answered) // 2]:,.0f} ms", f"{back[len(back) // 2]:,.0f} ms", worker])
+    out.append(table(["workers.memory_enforcement", "step answered", "worker's peak private: median",
+                      "machine's memory taken: median", "answer", "serving again", "worker"], rows,
+                     "llrrrrl"))
+    reasons = [t["exit_reason"] for m in overshoot["modes"] if m["mode"] == "sampling"
+               for t in m["trials"] if t["exit_reason"]]
+    seen = f" The policy's kill reason in one sampling trial: “{reasons[0]}”." if reasons else ""
+    out.append(f"\nOne step fills a {step:,.0f} MiB variable in a session whose hard limit is "
+               f"{limit:,.0f} MiB, {len(overshoot['modes'][0]['trials'])} trials per mode, side by side "
+               "in one run (policy.interval 250 ms in every mode). The worker's private memory (RssAnon) "
+               "and MemAvailable are sampled every millisecond from before the step until its answer: "
+               "the highest private figure, and the lowest MemAvailable against the figure before. Sampling stops the step only at its next tick, after the worker went "
+               "past the limit by however much it allocated meanwhile (more, the faster it allocates); "
+               "the cgroup stops the allocation at the limit itself; the rlimit refuses it inside "
+               "TensorFlow (ResourceExhausted \"OOM when allocating\", the worker and its session "
+               f"untouched).{seen} " + load_note(overshoot) + ".\n")
+
+
 def write_only(args, machine: dict, trials: dict | None) -> None:
     """One part's section with the machine and load it ran on, in a file of its own."""
     if args.output == REPO_ROOT / "BENCHMARKS.md":
@@ -879,6 +919,8 @@ def write_only(args, machine: dict, trials: dict | None) -> None:
                "(measured in the same run), not absolute times\n")
     if args.only == "flood":
         flood_section(out, args.plots, trials)
+    elif args.only == "overshoot":
+        overshoot_section(out, trials)
     else:
         python_trials_section(out, trials)
     args.output.write_text("\n".join(out).rstrip() + "\n")
@@ -891,7 +933,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--plots", type=Path, default=REPO_ROOT / "benches" / "plots")
     parser.add_argument("--command", default="scripts/bench")
-    parser.add_argument("--only", choices=["python_trials", "flood"],
+    parser.add_argument("--only", choices=["python_trials", "flood", "overshoot"],
                         help="render only this part's section into --output")
     args = parser.parse_args()
     args.plots.mkdir(parents=True, exist_ok=True)
@@ -905,11 +947,12 @@ def main() -> None:
     scale = load(args.results, "scale")
     trials = load(args.results, "python_trials")
     flood = load(args.results, "flood")
+    overshoot = load(args.results, "overshoot")
     quick = any(part and part.get("quick")
-                for part in (rust_steps, py, resets, mem, policy, scale, trials, flood))
+                for part in (rust_steps, py, resets, mem, policy, scale, trials, flood, overshoot))
 
     if args.only:
-        write_only(args, machine, flood if args.only == "flood" else trials)
+        write_only(args, machine, {"flood": flood, "overshoot": overshoot}.get(args.only, trials))
         return
 
     body: list[str] = []
@@ -922,6 +965,7 @@ def main() -> None:
     scale_section(body, args.plots, scale, targets)
     python_trials_section(body, trials)
     flood_section(body, args.plots, flood)
+    overshoot_section(body, overshoot)
 
     out: list[str] = ["# tfsd benchmarks\n"]
     out.append("tfsd side by side with what users would pick instead — TensorFlow in-process and "

@@ -189,7 +189,6 @@ impl AuthConfig {
                     // One open: the mode checked is that of the file read.
                     let mut opened = std::fs::File::open(&path)
                         .with_context(|| format!("{key}.file: read {}", path.display()))?;
-                    check_token_file(&key, &path, &opened)?;
                     let mut text = String::new();
                     std::io::Read::read_to_string(&mut opened, &mut text)
                         .with_context(|| format!("{key}.file: read {}", path.display()))?;
@@ -200,6 +199,7 @@ impl AuthConfig {
                             path.display()
                         );
                     }
+                    check_token_file(&key, &path, &opened)?;
                     config.token_files.push(path.clone());
                     digest(token.as_bytes())
                 }
