@@ -6,7 +6,9 @@
 //! Bounded twice over: answers are kept for the most recent `ANSWERS_KEPT` requests and
 //! `ANSWER_BYTES_KEPT` bytes, ids for the most recent `IDS_KEPT`. A duplicate whose answer is
 //! no longer kept is refused with ABORTED (what TensorFlow's own server answers to every
-//! duplicate), never run again. `request_id` 0 means the client sent none.
+//! duplicate), never run again. `request_id` 0 means the client sent none. Ids are kept per
+//! session handle: a request names its session, and another session's answer to the same id
+//! is never given out.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -23,6 +25,8 @@ pub const ANSWER_BYTES_KEPT: usize = 64 << 20;
 pub const IDS_KEPT: usize = 65_536;
 
 type Slot<T> = watch::Receiver<Option<Arc<T>>>;
+/// A request: the session handle it names and its `request_id`.
+type Key = (String, i64);
 
 /// The answers to recent requests of one method, by request id.
 #[derive(Debug)]
@@ -35,11 +39,11 @@ pub struct RecentRequests<T> {
 #[derive(Debug)]
 struct State<T> {
     /// Every remembered id; `None` once its answer was dropped.
-    slots: HashMap<i64, Option<Slot<T>>>,
+    slots: HashMap<Key, Option<Slot<T>>>,
     /// Ids in arrival order, for forgetting the oldest.
-    ids: VecDeque<i64>,
+    ids: VecDeque<Key>,
     /// Ids whose answers are kept, oldest first, with the answers' sizes once known.
-    answers: VecDeque<(i64, usize)>,
+    answers: VecDeque<(Key, usize)>,
     answer_bytes: usize,
 }
 
@@ -56,18 +60,25 @@ impl<T: Send + Sync + 'static> RecentRequests<T> {
         }
     }
 
-    /// Runs `work` once per `request_id` and gives every caller with that id its answer.
-    /// The work runs as its own task, so a caller that goes away does not cancel it.
-    pub async fn run<F>(self: &Arc<Self>, request_id: i64, work: F) -> Result<Arc<T>, Status>
+    /// Runs `work` once per `request_id` of session `handle` and gives every caller with
+    /// that id its answer. The work runs as its own task, so a caller that goes away does not
+    /// cancel it.
+    pub async fn run<F>(
+        self: &Arc<Self>,
+        handle: &str,
+        request_id: i64,
+        work: F,
+    ) -> Result<Arc<T>, Status>
     where
         F: Future<Output = T> + Send + 'static,
     {
         if request_id == 0 {
             return Ok(Arc::new(work.await));
         }
+        let key: Key = (handle.to_string(), request_id);
         let mut slot = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            match state.slots.get(&request_id) {
+            match state.slots.get(&key) {
                 Some(Some(slot)) => slot.clone(),
                 Some(None) => {
                     return Err(Status::aborted(format!(
@@ -77,13 +88,13 @@ impl<T: Send + Sync + 'static> RecentRequests<T> {
                 }
                 None => {
                     let (sender, slot) = watch::channel(None);
-                    state.remember(request_id, slot.clone());
+                    state.remember(key.clone(), slot.clone());
                     let recent = self.clone();
                     tokio::spawn(async move {
                         let answer = Arc::new(work.await);
                         let size = (recent.size)(&answer);
                         let _ = sender.send(Some(answer));
-                        recent.answered(request_id, size);
+                        recent.answered(&key, size);
                     });
                     slot
                 }
@@ -96,9 +107,9 @@ impl<T: Send + Sync + 'static> RecentRequests<T> {
         Ok(answer.clone().expect("wait_for returned a value"))
     }
 
-    fn answered(&self, request_id: i64, size: usize) {
+    fn answered(&self, key: &Key, size: usize) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = state.answers.iter_mut().find(|(id, _)| *id == request_id) {
+        if let Some(entry) = state.answers.iter_mut().find(|(id, _)| id == key) {
             entry.1 = size;
             state.answer_bytes += size;
         }
@@ -107,10 +118,10 @@ impl<T: Send + Sync + 'static> RecentRequests<T> {
 }
 
 impl<T> State<T> {
-    fn remember(&mut self, request_id: i64, slot: Slot<T>) {
-        self.slots.insert(request_id, Some(slot));
-        self.ids.push_back(request_id);
-        self.answers.push_back((request_id, 0));
+    fn remember(&mut self, key: Key, slot: Slot<T>) {
+        self.slots.insert(key.clone(), Some(slot));
+        self.ids.push_back(key.clone());
+        self.answers.push_back((key, 0));
         self.trim();
     }
 
@@ -159,9 +170,28 @@ mod tests {
     async fn a_duplicate_gets_the_first_answer_without_running_again() {
         let recent = Arc::new(RecentRequests::new(|_: &u32| 4));
         let (runs, work) = counter();
-        assert_eq!(*recent.run(7, work()).await.expect("first"), 1);
-        assert_eq!(*recent.run(7, work()).await.expect("duplicate"), 1);
-        assert_eq!(*recent.run(8, work()).await.expect("another"), 2);
+        assert_eq!(*recent.run("s-1", 7, work()).await.expect("first"), 1);
+        assert_eq!(*recent.run("s-1", 7, work()).await.expect("duplicate"), 1);
+        assert_eq!(*recent.run("s-1", 8, work()).await.expect("another"), 2);
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn another_sessions_answer_to_the_same_id_is_never_given_out() {
+        let recent = Arc::new(RecentRequests::new(|_: &u32| 4));
+        let (runs, work) = counter();
+        assert_eq!(*recent.run("s-1", 7, work()).await.expect("s-1"), 1);
+        assert_eq!(
+            *recent
+                .run("s-2", 7, work())
+                .await
+                .expect("s-2 runs its own"),
+            2
+        );
+        assert_eq!(
+            *recent.run("s-1", 7, work()).await.expect("s-1 replayed"),
+            1
+        );
         assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 
@@ -169,8 +199,8 @@ mod tests {
     async fn requests_without_an_id_always_run() {
         let recent = Arc::new(RecentRequests::new(|_: &u32| 4));
         let (runs, work) = counter();
-        recent.run(0, work()).await.expect("first");
-        recent.run(0, work()).await.expect("second");
+        recent.run("s-1", 0, work()).await.expect("first");
+        recent.run("s-1", 0, work()).await.expect("second");
         assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 
@@ -182,7 +212,7 @@ mod tests {
             let recent = recent.clone();
             async move {
                 recent
-                    .run(9, async move {
+                    .run("s-1", 9, async move {
                         let _ = released.await;
                         42
                     })
@@ -191,7 +221,7 @@ mod tests {
         });
         let duplicate = tokio::spawn({
             let recent = recent.clone();
-            async move { recent.run(9, async { 0 }).await }
+            async move { recent.run("s-1", 9, async { 0 }).await }
         });
         release.send(()).expect("first is waiting");
         assert_eq!(*first.await.expect("join").expect("first"), 42);
@@ -203,11 +233,14 @@ mod tests {
         let recent = Arc::new(RecentRequests::new(|_: &u32| 4));
         let (runs, work) = counter();
         for id in 1..=(ANSWERS_KEPT as i64 + 1) {
-            recent.run(id, work()).await.expect("run");
+            recent.run("s-1", id, work()).await.expect("run");
         }
-        let status = recent.run(1, work()).await.expect_err("answer dropped");
+        let status = recent
+            .run("s-1", 1, work())
+            .await
+            .expect_err("answer dropped");
         assert_eq!(status.code(), tonic::Code::Aborted);
-        assert_eq!(*recent.run(2, work()).await.expect("still kept"), 2);
+        assert_eq!(*recent.run("s-1", 2, work()).await.expect("still kept"), 2);
         assert_eq!(runs.load(Ordering::SeqCst), ANSWERS_KEPT as u32 + 1);
     }
 
@@ -215,15 +248,18 @@ mod tests {
     async fn big_answers_are_dropped_first() {
         let recent = Arc::new(RecentRequests::new(|size: &usize| *size));
         recent
-            .run(1, async { ANSWER_BYTES_KEPT })
+            .run("s-1", 1, async { ANSWER_BYTES_KEPT })
             .await
             .expect("big");
         assert!(
-            recent.run(1, async { 0 }).await.is_ok(),
+            recent.run("s-1", 1, async { 0 }).await.is_ok(),
             "the newest is kept"
         );
-        recent.run(2, async { 1 }).await.expect("small");
-        let status = recent.run(1, async { 0 }).await.expect_err("dropped");
+        recent.run("s-1", 2, async { 1 }).await.expect("small");
+        let status = recent
+            .run("s-1", 1, async { 0 })
+            .await
+            .expect_err("dropped");
         assert_eq!(status.code(), tonic::Code::Aborted);
     }
 }

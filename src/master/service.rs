@@ -253,10 +253,11 @@ impl tf::master_service_server::MasterService for MasterService {
     ) -> Result<Response<tf::PartialRunSetupResponse>, Status> {
         let request = request.into_inner();
         let master = self.master.clone();
+        let handle = request.session_handle.clone();
         let answer = self
             .master
             .partial_run_setups
-            .run(request.request_id, async move {
+            .run(&handle, request.request_id, async move {
                 let handle = required_handle(&request.session_handle)?;
                 master.sessions.with(handle, |_| Ok(()))?;
                 check_names(&request.feed, &request.fetch, &request.target)?;
@@ -283,10 +284,11 @@ impl tf::master_service_server::MasterService for MasterService {
         let request = request.into_inner();
         let store_errors_in_response_body = request.store_errors_in_response_body;
         let master = self.master.clone();
+        let handle = request.session_handle.clone();
         let answer = self
             .master
             .run_steps
-            .run(request.request_id, run_step(master, request))
+            .run(&handle, request.request_id, run_step(master, request))
             .await;
         errors::run_step_answer(store_errors_in_response_body, replayed(answer))
     }
@@ -357,10 +359,11 @@ impl tf::master_service_server::MasterService for MasterService {
     ) -> Result<Response<tf::MakeCallableResponse>, Status> {
         let request = request.into_inner();
         let master = self.master.clone();
+        let handle = request.session_handle.clone();
         let answer = self
             .master
             .make_callables
-            .run(request.request_id, async move {
+            .run(&handle, request.request_id, async move {
                 let handle = required_handle(&request.session_handle)?;
                 let spec = convert::callable_spec(&request.options)?;
                 let callable = master
@@ -378,10 +381,11 @@ impl tf::master_service_server::MasterService for MasterService {
     ) -> Result<Response<tf::RunCallableResponse>, Status> {
         let request = request.into_inner();
         let master = self.master.clone();
+        let handle = request.session_handle.clone();
         let answer = self
             .master
             .run_callables
-            .run(request.request_id, async move {
+            .run(&handle, request.request_id, async move {
                 let handle = required_handle(&request.session_handle)?;
                 let spec = master.sessions.with(handle, |session| {
                     let callable = session.callables.get(request.handle)?;

@@ -7,7 +7,7 @@
 //! Landlock (read and execute what the runtime needs, read-write only the worker's own
 //! scratch directory and `sandbox.write_paths`, no TCP, no signals or abstract unix sockets
 //! outside the worker); the scratch directory as working directory; and last a seccomp
-//! filter (no socket but AF_UNIX, no io_uring, native system calls only).
+//! filter (no socket but AF_UNIX, no io_uring, no ptrace, native system calls only).
 //!
 //! Everything that allocates, opens or looks up happens in `Sandbox::prepare`, in the
 //! supervisor: the Landlock ruleset is built there (its fd, close-on-exec, is inherited by
@@ -96,9 +96,9 @@ impl Confinement {
         }
         parts.push(match (&self.seccomp, self.network) {
             (Some(_), false) => {
-                "seccomp (no inet sockets, no socket connects, no io_uring)".to_string()
+                "seccomp (no inet sockets, no socket connects, no io_uring, no ptrace)".to_string()
             }
-            (Some(_), true) => "seccomp (no io_uring), network allowed".to_string(),
+            (Some(_), true) => "seccomp (no io_uring, no ptrace), network allowed".to_string(),
             (None, _) => "no seccomp on this architecture".to_string(),
         });
         parts.push("no_new_privs".to_string());
