@@ -625,15 +625,7 @@ fn sha256_hex(text: &str) -> String {
 
 /// A config directory with alice and bob (clients) and ops (operator), and `extra`.
 fn credentials_config(name: &str, extra: &str) -> (std::path::PathBuf, String) {
-    let dir = std::env::temp_dir().join(format!(
-        "tfsd-master-auth-{name}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("time")
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = unique_temp_dir(&format!("master-auth-{name}"));
     let path = dir.join("tfsd.toml");
     std::fs::write(
         &path,

@@ -157,6 +157,21 @@ fn limit_of(cgroup: &Path) -> Option<u64> {
         .and_then(|text| text.trim().parse().ok())
 }
 
+/// Runs the fill step, which must fail, while MemAvailable is watched: its error, and how
+/// much memory the machine lost meanwhile.
+async fn failing_fill_step(client: &mut Client, id: &str) -> (tonic::Status, u64) {
+    let before = available_bytes();
+    let watch = AvailableWatch::start();
+    let status = tokio::time::timeout(
+        DEADLINE,
+        run(client, id, &[("value", scalar(1.0))], &["sum"], &[]),
+    )
+    .await
+    .expect("the step must be answered")
+    .expect_err("a step past the limit cannot succeed");
+    (status, before.saturating_sub(watch.lowest()))
+}
+
 async fn enforcement(client: &mut Client) -> String {
     client
         .get_daemon_status(api::GetDaemonStatusRequest {})
@@ -192,29 +207,13 @@ async fn the_kernel_stops_a_step_at_the_hard_limit_and_the_session_comes_back() 
     );
     assert_eq!(limit_of(&its), Some(HARD_LIMIT), "{}", its.display());
 
-    let mut events = client
-        .watch_events(api::WatchEventsRequest {
-            session_id: id.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let before = available_bytes();
-    let watch = AvailableWatch::start();
-    let status = tokio::time::timeout(
-        DEADLINE,
-        run(&mut client, &id, &[("value", scalar(1.0))], &["sum"], &[]),
-    )
-    .await
-    .expect("the kernel must stop the step")
-    .expect_err("a step four times over the limit cannot succeed");
-    let lowest = watch.lowest();
+    let mut events = watch(&mut client, &id).await;
+    let (status, dip) = failing_fill_step(&mut client, &id).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("hard limit") && status.message().contains("kernel"),
         "{status:?}"
     );
-    let dip = before.saturating_sub(lowest);
     assert!(
         dip < HARD_LIMIT + MARGIN,
         "the machine lost {} MiB while the step ran (limit {} MiB)",
@@ -300,16 +299,7 @@ async fn without_a_cgroup_the_rlimit_backstop_fails_the_allocation_inside_tensor
     let session = create_limited(&mut client, fill_graph(elements)).await;
     let id = session.session_id.clone();
 
-    let before = available_bytes();
-    let watch = AvailableWatch::start();
-    let status = tokio::time::timeout(
-        DEADLINE,
-        run(&mut client, &id, &[("value", scalar(1.0))], &["sum"], &[]),
-    )
-    .await
-    .expect("answered")
-    .expect_err("the allocation must fail");
-    let dip = before.saturating_sub(watch.lowest());
+    let (status, dip) = failing_fill_step(&mut client, &id).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(dip < HARD_LIMIT + MARGIN, "lost {} MiB", dip / MIB);
     // The worker survived: the allocation failed inside TensorFlow, the session goes on.

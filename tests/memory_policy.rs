@@ -90,16 +90,6 @@ async fn create_with_policy(
         .expect("session")
 }
 
-async fn watch(client: &mut Client, id: &str) -> tonic::Streaming<api::SessionEvent> {
-    client
-        .watch_events(api::WatchEventsRequest {
-            session_id: id.to_string(),
-        })
-        .await
-        .expect("watch")
-        .into_inner()
-}
-
 fn private(memory: &Option<api::MemoryUsage>) -> u64 {
     memory.as_ref().expect("memory").private_bytes
 }

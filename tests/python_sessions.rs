@@ -6,29 +6,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tfsd::proto::tfsd::v1 as api;
 
-/// The interpreter Python workers run: `$TFSD_TEST_PYTHON`, or the project's `.venv`.
-fn interpreter() -> PathBuf {
-    let path = std::env::var_os("TFSD_TEST_PYTHON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "{} does not exist: run scripts/python-env (scripts/test does) or set TFSD_TEST_PYTHON",
-        path.display()
-    );
-    path
-}
-
 fn python_daemon(extra_env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
-    let interpreter = interpreter();
+    let interpreter = python_interpreter();
     let mut env = vec![("TFSD_PYTHON_INTERPRETER", interpreter.as_os_str())];
     env.extend_from_slice(extra_env);
     Daemon::start_with_env(&[], &env)

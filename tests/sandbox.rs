@@ -214,20 +214,6 @@ async fn a_graph_session_reaches_its_scratch_directory_and_nothing_private() {
     wait_until_removed(&fresh_scratch);
 }
 
-/// The interpreter Python workers run: `$TFSD_TEST_PYTHON`, or the project's `.venv`.
-fn interpreter() -> PathBuf {
-    let path = std::env::var_os("TFSD_TEST_PYTHON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "{} does not exist: run scripts/python-env (scripts/test does) or set TFSD_TEST_PYTHON",
-        path.display()
-    );
-    path
-}
-
 /// Runs a script in a Python session; returns its stdout, failing on an exception.
 async fn call_script(client: &mut Client, session_id: &str, source: &str) -> String {
     let request = api::CallRequest {
@@ -267,7 +253,7 @@ async fn a_python_session_has_no_network_no_secrets_and_a_home_of_its_own() {
     if !landlock_available() {
         return;
     }
-    let interpreter = interpreter();
+    let interpreter = python_interpreter();
     let daemon =
         Daemon::start_with_env(&[], &[("TFSD_PYTHON_INTERPRETER", interpreter.as_os_str())]);
     let mut client = daemon.client().await;

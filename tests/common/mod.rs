@@ -35,18 +35,24 @@ pub struct Daemon {
 /// A fresh directory for one test's files (a config, a state directory), removed on drop.
 pub struct TempDir(pub std::path::PathBuf);
 
+/// A fresh directory `tfsd-NAME-PID-NANOS` in the system's temporary directory, made now;
+/// the caller removes it (`TempDir` does so on drop).
+pub fn unique_temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tfsd-{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "tfsd-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("time")
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
+        TempDir(unique_temp_dir(name))
     }
 
     /// Writes `text` as `tfsd.toml` in the directory; answers its path.
@@ -582,4 +588,29 @@ pub async fn next_event(
     })
     .await
     .unwrap_or_else(|_| panic!("no {kind:?} event"))
+}
+
+/// Follows one session's events (WatchEvents).
+pub async fn watch(client: &mut Client, session_id: &str) -> tonic::Streaming<api::SessionEvent> {
+    client
+        .watch_events(api::WatchEventsRequest {
+            session_id: session_id.to_string(),
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// The interpreter Python workers run: `$TFSD_TEST_PYTHON`, or the project's `.venv`.
+pub fn python_interpreter() -> std::path::PathBuf {
+    let path = std::env::var_os("TFSD_TEST_PYTHON").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "{} does not exist: run scripts/python-env (scripts/test does) or set TFSD_TEST_PYTHON",
+        path.display()
+    );
+    path
 }
