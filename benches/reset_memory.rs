@@ -167,9 +167,11 @@ impl Sample {
         // A missing figure must fail the bench, not appear in the table as 0 MiB.
         let before = response
             .memory_before
+            .as_ref()
             .context("a ResetResponse without memory_before")?;
         let after = response
             .memory_after
+            .as_ref()
             .context("a ResetResponse without memory_after")?;
         Ok(Sample {
             private_before: before.private_bytes,

@@ -180,12 +180,12 @@ async fn measure_level(
     let workers_private: u64 = listed
         .sessions
         .iter()
-        .filter_map(|s| s.memory.map(|m| m.private_bytes))
+        .filter_map(|s| s.memory.as_ref().map(|m| m.private_bytes))
         .sum();
     let workers_rss: u64 = listed
         .sessions
         .iter()
-        .filter_map(|s| s.memory.map(|m| m.rss_bytes))
+        .filter_map(|s| s.memory.as_ref().map(|m| m.rss_bytes))
         .sum();
     let available = common::mem_available()?;
     println!(

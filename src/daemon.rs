@@ -171,6 +171,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     manager.describe_confinement(memory_enforcement, sandbox_description);
+    // NVML is loaded here or never: without the driver nothing GPU-related runs again.
+    let gpus = crate::gpu::Gpus::detect();
+    tracing::info!("GPUs: {}", gpus.description());
+    manager.attach_gpus(Arc::new(gpus));
     if let (Some(store), Some(state)) = (store, &config.state) {
         manager.attach_store(store);
         let restored = manager.restore_from_store().await;
@@ -352,6 +356,7 @@ async fn serve_metrics(
             warm_workers: status.warm_workers + status.warm_python_workers,
             supervisor: status.memory,
             system: status.system,
+            gpus: status.gpus,
         }
     };
     if let Err(error) = crate::metrics::serve(listener, metrics, present, shutdown).await {

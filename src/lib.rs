@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod gpu;
 pub mod grpc;
 pub mod limits;
 pub mod master;

@@ -6,14 +6,17 @@
 
 use std::io;
 
-/// A process's resident memory, in bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A process's resident memory, in bytes, and the GPU memory of its processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemoryUsage {
     pub rss_bytes: u64,
     pub private_bytes: u64,
     /// Charged to the worker's cgroup: its whole process tree, page cache and shared memory
     /// included (what the kernel holds to the hard limit); 0 without a cgroup.
     pub cgroup_bytes: u64,
+    /// GPU memory per device, summed over the worker's processes (`gpu::attribution`);
+    /// empty without an NVIDIA driver. Filled by the session manager, which holds NVML.
+    pub gpu: Vec<crate::gpu::GpuUsage>,
 }
 
 /// Reads a live process's memory. Fails when the process is gone.
@@ -58,6 +61,7 @@ mod tests {
                 rss_bytes: 290_000 * 1024,
                 private_bytes: 12_000 * 1024,
                 cgroup_bytes: 0,
+                gpu: Vec::new(),
             }
         );
     }

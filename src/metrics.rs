@@ -40,6 +40,18 @@ struct SessionLabels {
     session_id: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionGpuLabels {
+    session_id: String,
+    /// The device's NVML index.
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+}
+
 /// Every metric tfsd exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -53,6 +65,9 @@ pub struct Metrics {
     worker_exits: Family<ExitLabels, Counter>,
     session_private: Family<SessionLabels, Gauge>,
     session_rss: Family<SessionLabels, Gauge>,
+    session_gpu: Family<SessionGpuLabels, Gauge>,
+    gpu_used: Family<GpuLabels, Gauge>,
+    gpu_total: Family<GpuLabels, Gauge>,
     sessions: Gauge,
     warm_workers: Gauge,
     supervisor_rss: Gauge,
@@ -82,6 +97,9 @@ impl Metrics {
             worker_exits: Family::default(),
             session_private: Family::default(),
             session_rss: Family::default(),
+            session_gpu: Family::default(),
+            gpu_used: Family::default(),
+            gpu_total: Family::default(),
             sessions: Gauge::default(),
             warm_workers: Gauge::default(),
             supervisor_rss: Gauge::default(),
@@ -122,6 +140,22 @@ impl Metrics {
             "session_rss_bytes",
             "Resident set size of each session's worker, shared library pages included",
             metrics.session_rss.clone(),
+        );
+        registry.register(
+            "session_gpu_bytes",
+            "GPU memory NVML lists for each session's worker and its processes, per device \
+             (absent without an NVIDIA driver)",
+            metrics.session_gpu.clone(),
+        );
+        registry.register(
+            "gpu_memory_used_bytes",
+            "Memory in use on each GPU, by every process (NVML)",
+            metrics.gpu_used.clone(),
+        );
+        registry.register(
+            "gpu_memory_total_bytes",
+            "Memory of each GPU (NVML)",
+            metrics.gpu_total.clone(),
         );
         registry.register("sessions", "Open sessions", metrics.sessions.clone());
         registry.register(
@@ -206,7 +240,29 @@ impl Metrics {
     pub fn render(&self, present: &Present) -> String {
         self.session_private.clear();
         self.session_rss.clear();
+        self.session_gpu.clear();
+        self.gpu_used.clear();
+        self.gpu_total.clear();
+        for device in &present.gpus {
+            let labels = GpuLabels {
+                gpu: device.index.to_string(),
+            };
+            self.gpu_used
+                .get_or_create(&labels)
+                .set(device.used_bytes as i64);
+            self.gpu_total
+                .get_or_create(&labels)
+                .set(device.total_bytes as i64);
+        }
         for (session_id, memory) in &present.sessions {
+            for usage in &memory.gpu {
+                self.session_gpu
+                    .get_or_create(&SessionGpuLabels {
+                        session_id: session_id.clone(),
+                        gpu: usage.gpu.to_string(),
+                    })
+                    .set(usage.used_bytes as i64);
+            }
             let labels = SessionLabels {
                 session_id: session_id.clone(),
             };
@@ -244,6 +300,8 @@ pub struct Present {
     pub warm_workers: usize,
     pub supervisor: MemoryUsage,
     pub system: crate::system::SystemMemory,
+    /// Each GPU's figures; empty without an NVIDIA driver.
+    pub gpus: Vec<crate::gpu::DeviceSample>,
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`; `present` is read at each scrape.
@@ -273,4 +331,57 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{DeviceSample, GpuUsage};
+
+    #[test]
+    fn gpu_figures_are_exported_per_session_and_per_device() {
+        let metrics = Metrics::new();
+        let present = Present {
+            sessions: vec![(
+                "s-1".to_string(),
+                MemoryUsage {
+                    gpu: vec![GpuUsage {
+                        gpu: 1,
+                        used_bytes: 4096,
+                    }],
+                    ..MemoryUsage::default()
+                },
+            )],
+            gpus: vec![DeviceSample {
+                index: 1,
+                name: "NVIDIA Test".to_string(),
+                uuid: "GPU-1".to_string(),
+                total_bytes: 1 << 30,
+                used_bytes: 8192,
+                free_bytes: (1 << 30) - 8192,
+                processes: Vec::new(),
+            }],
+            ..Present::default()
+        };
+        let text = metrics.render(&present);
+        assert!(
+            text.contains("tfsd_session_gpu_bytes{session_id=\"s-1\",gpu=\"1\"} 4096"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tfsd_gpu_memory_used_bytes{gpu=\"1\"} 8192"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "tfsd_gpu_memory_total_bytes{{gpu=\"1\"}} {}",
+                1u64 << 30
+            )),
+            "{text}"
+        );
+        // Without GPUs, no series at all.
+        let text = metrics.render(&Present::default());
+        assert!(!text.contains("tfsd_session_gpu_bytes{"), "{text}");
+        assert!(!text.contains("tfsd_gpu_memory_used_bytes{"), "{text}");
+    }
 }

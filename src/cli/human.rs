@@ -72,6 +72,7 @@ impl Human for DaemonStatusReport {
             ("cgroup limit", cgroup_limit),
             ("hard limits held by", self.memory_enforcement.clone()),
             ("worker sandbox", self.sandbox.clone()),
+            ("GPUs", gpus_line(self)),
             ("draining", yes_no(self.draining).into()),
         ]));
         text
@@ -90,6 +91,7 @@ impl Human for SessionListReport {
             ("PID", Align::Right),
             ("PRIVATE MiB", Align::Right),
             ("RSS MiB", Align::Right),
+            ("GPU MiB", Align::Right),
             ("RUNS/CALLS", Align::Right),
             ("GRAPH", Align::Right),
             ("RESETS", Align::Right),
@@ -111,6 +113,10 @@ impl Human for SessionListReport {
                 session
                     .memory
                     .map_or("-".into(), |memory| mib_number(memory.rss_bytes)),
+                session
+                    .memory
+                    .and_then(|memory| memory.gpu_bytes)
+                    .map_or("-".into(), mib_number),
                 (session.run_count + session.call_count).to_string(),
                 session.graph_version.to_string(),
                 session.graph_reset_count.to_string(),
@@ -143,6 +149,7 @@ impl Human for SessionReport {
             ("runtime", self.runtime.clone()),
             ("worker pid", self.worker_pid.to_string()),
             ("memory", memory_pair(self.memory)),
+            ("GPU memory", gpu_per_device(&self.gpu)),
             ("graph version", self.graph_version.to_string()),
             (
                 "runs",
@@ -205,6 +212,12 @@ impl Human for ResetReport {
                 mib_change(before.private_bytes, after.private_bytes),
             ));
             lines.push(("RSS", mib_change(before.rss_bytes, after.rss_bytes)));
+            if before.gpu_bytes.is_some() || after.gpu_bytes.is_some() {
+                lines.push((
+                    "GPU memory",
+                    mib_change(before.gpu_bytes.unwrap_or(0), after.gpu_bytes.unwrap_or(0)),
+                ));
+            }
         }
         if self.operation == ResetOperation::Recycle {
             lines.push(("variables preserved", self.variables_preserved.to_string()));
@@ -236,6 +249,17 @@ impl Human for EventReport {
         let rss = arrow(self.memory_before, self.memory_after, |m| m.rss_bytes);
         if let (Some(private), Some(rss)) = (private, rss) {
             line.push_str(&format!("  private {private}  RSS {rss}"));
+        }
+        if let Some(gpu) = arrow(self.memory_before, self.memory_after, |m| {
+            m.gpu_bytes.unwrap_or(0)
+        })
+        .filter(|_| {
+            [self.memory_before, self.memory_after]
+                .iter()
+                .flatten()
+                .any(|m| m.gpu_bytes.is_some())
+        }) {
+            line.push_str(&format!("  GPU {gpu}"));
         }
         if let Some(trigger) = self.trigger.as_deref().filter(|t| *t != "client") {
             line.push_str(&format!("  [{trigger}"));
@@ -279,6 +303,42 @@ fn memory_pair(memory: Option<MemoryReport>) -> String {
     }
 }
 
+/// "0: 1024.0 MiB, 1: 12.0 MiB", or "none".
+fn gpu_per_device(gpu: &[super::report::GpuMemoryReport]) -> String {
+    if gpu.is_empty() {
+        return "none".into();
+    }
+    gpu.iter()
+        .map(|usage| format!("GPU {}: {}", usage.gpu, mib(usage.used_bytes)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The daemon's GPUs: each device's use, or why there are none.
+fn gpus_line(status: &DaemonStatusReport) -> String {
+    if status.gpus.is_empty() {
+        return if status.gpu.is_empty() {
+            "unknown".into()
+        } else {
+            status.gpu.clone()
+        };
+    }
+    status
+        .gpus
+        .iter()
+        .map(|device| {
+            format!(
+                "{} {}: {} used of {}",
+                device.index,
+                device.name,
+                mib(device.used_bytes),
+                mib(device.total_bytes)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn labels(labels: &BTreeMap<String, String>) -> String {
     labels
         .iter()
@@ -309,11 +369,13 @@ mod tests {
                 rss_bytes: 310 * MIB,
                 private_bytes: 40 * MIB,
                 cgroup_bytes: None,
+                gpu_bytes: Some(2048 * MIB),
             }),
             memory_after: Some(MemoryReport {
                 rss_bytes: 290 * MIB,
                 private_bytes: 10 * MIB,
                 cgroup_bytes: None,
+                gpu_bytes: None,
             }),
             variables_preserved: 2,
             session: None,
@@ -324,6 +386,7 @@ mod tests {
              worker pid           100 → 200\n\
              private memory       40.0 MiB → 10.0 MiB (-30.0 MiB)\n\
              RSS                  310.0 MiB → 290.0 MiB (-20.0 MiB)\n\
+             GPU memory           2048.0 MiB → 0.0 MiB (-2048.0 MiB)\n\
              variables preserved  2\n"
         );
     }
@@ -341,11 +404,13 @@ mod tests {
                 rss_bytes: 2 * MIB,
                 private_bytes: MIB,
                 cgroup_bytes: None,
+                gpu_bytes: None,
             }),
             memory_after: Some(MemoryReport {
                 rss_bytes: MIB,
                 private_bytes: 0,
                 cgroup_bytes: None,
+                gpu_bytes: None,
             }),
             trigger: Some("client".into()),
             rung: 0,

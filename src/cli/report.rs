@@ -41,6 +41,43 @@ pub struct MemoryReport {
     pub private_bytes: u64,
     /// Charged to the worker's cgroup; `None` without one.
     pub cgroup_bytes: Option<u64>,
+    /// GPU memory of the worker's processes, summed over devices; `None` when NVML lists
+    /// none of them (or the host has no NVIDIA driver).
+    pub gpu_bytes: Option<u64>,
+}
+
+/// One device's share of a session's GPU memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GpuMemoryReport {
+    /// NVML's (nvidia-smi's) device index.
+    pub gpu: u32,
+    pub used_bytes: u64,
+}
+
+impl GpuMemoryReport {
+    fn from_proto(memory: Option<&api::MemoryUsage>) -> Vec<GpuMemoryReport> {
+        memory.map_or_else(Vec::new, |memory| {
+            memory
+                .gpu
+                .iter()
+                .map(|usage| GpuMemoryReport {
+                    gpu: usage.gpu,
+                    used_bytes: usage.used_bytes,
+                })
+                .collect()
+        })
+    }
+}
+
+/// One GPU of the host, as `tfsd status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuDeviceReport {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
 }
 
 impl MemoryReport {
@@ -49,6 +86,8 @@ impl MemoryReport {
             rss_bytes: memory.rss_bytes,
             private_bytes: memory.private_bytes,
             cgroup_bytes: Some(memory.cgroup_bytes).filter(|bytes| *bytes > 0),
+            gpu_bytes: (!memory.gpu.is_empty())
+                .then(|| memory.gpu.iter().map(|usage| usage.used_bytes).sum()),
         })
     }
 }
@@ -76,6 +115,9 @@ pub struct DaemonStatusReport {
     pub memory_enforcement: String,
     /// The workers' sandbox, or "off".
     pub sandbox: String,
+    /// The GPUs the daemon sees through NVML, or why none ("no NVIDIA driver (…)").
+    pub gpu: String,
+    pub gpus: Vec<GpuDeviceReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,6 +165,19 @@ impl DaemonStatusReport {
             draining: status.draining,
             memory_enforcement: status.memory_enforcement.clone(),
             sandbox: status.sandbox.clone(),
+            gpu: status.gpu.clone(),
+            gpus: status
+                .gpus
+                .iter()
+                .map(|device| GpuDeviceReport {
+                    index: device.index,
+                    name: device.name.clone(),
+                    uuid: device.uuid.clone(),
+                    total_bytes: device.total_bytes,
+                    used_bytes: device.used_bytes,
+                    free_bytes: device.free_bytes,
+                })
+                .collect(),
         }
     }
 }
@@ -136,6 +191,8 @@ pub struct SessionReport {
     pub state: String,
     pub worker_pid: u32,
     pub memory: Option<MemoryReport>,
+    /// GPU memory per device (empty when the session holds none, or without a driver).
+    pub gpu: Vec<GpuMemoryReport>,
     pub graph_version: u64,
     pub run_count: u64,
     /// Python sessions: calls made.
@@ -168,6 +225,7 @@ impl SessionReport {
             state: state_name(session.state),
             worker_pid: session.worker_pid,
             memory: MemoryReport::from_proto(session.memory.as_ref()),
+            gpu: GpuMemoryReport::from_proto(session.memory.as_ref()),
             graph_version: session.graph_version,
             run_count: session.run_count,
             call_count: session.call_count,
@@ -370,6 +428,16 @@ mod tests {
                 rss_bytes: 2048,
                 private_bytes: 1024,
                 cgroup_bytes: 0,
+                gpu: vec![
+                    api::GpuMemoryUsage {
+                        gpu: 0,
+                        used_bytes: 300,
+                    },
+                    api::GpuMemoryUsage {
+                        gpu: 2,
+                        used_bytes: 12,
+                    },
+                ],
             }),
             last_used_at: Some(prost_types::Timestamp {
                 seconds: 1_700_000_000,
@@ -381,6 +449,9 @@ mod tests {
         assert_eq!(json["session_id"], "s-1");
         assert_eq!(json["state"], "ready");
         assert_eq!(json["memory"]["private_bytes"], 1024);
+        assert_eq!(json["memory"]["gpu_bytes"], 312);
+        assert_eq!(json["gpu"][1]["gpu"], 2);
+        assert_eq!(json["gpu"][1]["used_bytes"], 12);
         assert_eq!(json["last_used_at"], "2023-11-14T22:13:20.000Z");
         assert_eq!(json["idle_ms"], 10_000);
         assert_eq!(json["created_at"], serde_json::Value::Null);
@@ -413,5 +484,18 @@ mod tests {
             serde_json::Value::Null
         );
         assert_eq!(json["tensorflow_version"], serde_json::Value::Null);
+        assert_eq!(json["gpus"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn no_gpu_memory_is_null_not_zero() {
+        let info = api::SessionInfo {
+            memory: Some(api::MemoryUsage::default()),
+            ..api::SessionInfo::default()
+        };
+        let json =
+            serde_json::to_value(SessionReport::new(&info, SystemTime::now())).expect("json");
+        assert_eq!(json["memory"]["gpu_bytes"], serde_json::Value::Null);
+        assert_eq!(json["gpu"], serde_json::json!([]));
     }
 }

@@ -17,6 +17,14 @@ pub fn memory(usage: MemoryUsage) -> api::MemoryUsage {
         rss_bytes: usage.rss_bytes,
         private_bytes: usage.private_bytes,
         cgroup_bytes: usage.cgroup_bytes,
+        gpu: usage
+            .gpu
+            .iter()
+            .map(|usage| api::GpuMemoryUsage {
+                gpu: usage.gpu,
+                used_bytes: usage.used_bytes,
+            })
+            .collect(),
     }
 }
 
@@ -221,5 +229,18 @@ pub fn daemon_status(status: DaemonStatus) -> api::DaemonStatus {
         draining: status.draining,
         memory_enforcement: status.memory_enforcement,
         sandbox: status.sandbox,
+        gpu: status.gpu,
+        gpus: status
+            .gpus
+            .into_iter()
+            .map(|device| api::GpuDevice {
+                index: device.index,
+                name: device.name,
+                uuid: device.uuid,
+                total_bytes: device.total_bytes,
+                used_bytes: device.used_bytes,
+                free_bytes: device.free_bytes,
+            })
+            .collect(),
     }
 }

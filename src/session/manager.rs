@@ -106,6 +106,8 @@ pub struct SessionManager {
     /// What holds workers to their hard limits, and their sandbox, in words (set once at
     /// start-up; GetDaemonStatus reports them).
     confinement: std::sync::OnceLock<(String, String)>,
+    /// The host's GPUs (NVML), set once at start-up (`gpu.rs`).
+    pub(super) gpus: std::sync::OnceLock<Arc<crate::gpu::Gpus>>,
 }
 
 /// Sessions admission counts beyond the registry, per owner.
@@ -185,6 +187,7 @@ impl SessionManager {
             deadlines,
             admission: std::sync::Mutex::new(Admission::default()),
             confinement: std::sync::OnceLock::new(),
+            gpus: std::sync::OnceLock::new(),
             store: std::sync::OnceLock::new(),
             policy,
             oom_kills_seen: AtomicU64::new(crate::system::oom_kill_count().unwrap_or(0)),
@@ -279,12 +282,18 @@ impl SessionManager {
     }
 
     pub fn session(&self, id: &str) -> Result<SessionSnapshot> {
-        Ok(self.get(id)?.snapshot())
+        let mut snapshot = [self.get(id)?.snapshot()];
+        self.add_gpu_memory(&mut snapshot);
+        let [snapshot] = snapshot;
+        Ok(snapshot)
     }
 
     pub fn status(&self) -> DaemonStatus {
         let pid = std::process::id();
+        let (gpu, gpus) = self.gpu_status();
         DaemonStatus {
+            gpu,
+            gpus,
             version: env!("CARGO_PKG_VERSION"),
             tensorflow_version: self.pools.graph.tensorflow_version(),
             pid,
@@ -326,6 +335,7 @@ impl SessionManager {
             .cloned()
             .collect();
         let mut snapshots: Vec<_> = sessions.iter().map(|s| s.snapshot()).collect();
+        self.add_gpu_memory(&mut snapshots);
         snapshots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         snapshots
     }
@@ -723,7 +733,7 @@ impl SessionManager {
             let started = Instant::now();
             let mut core = session.core.write().await;
             let worker = usable_worker(&session, &core)?;
-            let before = worker.memory();
+            let before = manager.worker_memory(&worker);
             match reset {
                 InPlaceReset::Graph => {
                     manager
@@ -747,7 +757,7 @@ impl SessionManager {
             }
             // The checkpointed values no longer apply.
             manager.persist_session(&session, |store| store.drop_checkpoint(session.id()));
-            let after = worker.memory();
+            let after = manager.worker_memory(&worker);
             session.touch_because(&cause, |stats| match reset {
                 InPlaceReset::Graph => {
                     stats.graph_reset_count += 1;
@@ -759,7 +769,7 @@ impl SessionManager {
             manager.events.publish(
                 session
                     .event(reset.event(), worker.pid(), snapshot.graph_version)
-                    .memory(before, after)
+                    .memory(before.clone(), after.clone())
                     .cause(&cause),
             );
             Ok(ResetOutcome {
@@ -830,7 +840,10 @@ impl SessionManager {
                 return Err(Error::SessionNotFound(session.id().to_string()));
             }
             let old = session.worker.get();
-            let before = old.as_ref().map(|w| w.memory()).unwrap_or_default();
+            let before = old
+                .as_ref()
+                .map(|w| manager.worker_memory(w))
+                .unwrap_or_default();
             let carried = match (&old, preserve_variables) {
                 (Some(old), true) => Some(
                     manager
@@ -884,7 +897,7 @@ impl SessionManager {
                 carry_scratch(old, &fresh).await;
                 old.stop().await;
             }
-            let after = fresh.memory();
+            let after = manager.worker_memory(&fresh);
             session.touch_because(&cause, |stats| {
                 stats.state = SessionState::Ready;
                 stats.recycle_count += 1;
@@ -904,7 +917,7 @@ impl SessionManager {
                          {carried_what} preserved",
                         fresh.pid()
                     ))
-                    .memory(before, after)
+                    .memory(before.clone(), after.clone())
                     .cause(&cause),
             );
             Ok(ResetOutcome {

@@ -15,6 +15,7 @@
 
 mod durability;
 mod events;
+mod gpu;
 mod liveness;
 mod manager;
 mod python;
@@ -110,6 +111,10 @@ pub struct DaemonStatus {
     pub memory_enforcement: String,
     /// The workers' sandbox, or "off".
     pub sandbox: String,
+    /// The GPUs NVML shows, or why none (`gpu::Gpus::description`).
+    pub gpu: String,
+    /// Each device now (no process lists); empty without an NVIDIA driver.
+    pub gpus: Vec<crate::gpu::DeviceSample>,
 }
 
 /// One step's inputs, as the client sent them.
