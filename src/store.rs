@@ -276,6 +276,10 @@ impl SessionStore {
                         _ => None,
                     },
                     preserve_variables: row.get(9)?,
+                    // Not stored: a restored session gets the configured GPU limits
+                    // (`PolicyConfig::with_gpu_defaults`).
+                    gpu_soft_limit_bytes: None,
+                    gpu_hard_limit_bytes: None,
                 },
                 durable_variables: row.get(10)?,
                 created_at: UNIX_EPOCH + Duration::from_secs(row.get::<_, i64>(11)?.max(0) as u64),
@@ -378,6 +382,8 @@ mod tests {
                 hard_limit_bytes: None,
                 gentle_action: Some(GentleAction::ResetGraph),
                 preserve_variables: true,
+                gpu_soft_limit_bytes: None,
+                gpu_hard_limit_bytes: None,
             },
             durable_variables: true,
             created_at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),

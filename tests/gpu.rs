@@ -113,3 +113,53 @@ async fn sessions_without_gpu_memory_report_none() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gpu_limits_are_taken_capped_and_shown() {
+    let dir = TempDir::new("gpu-limits");
+    let config = dir.config(
+        "[policy]\ngpu_soft_limit = \"1GiB\"\nmax_gpu_hard_limit = \"4GiB\"\n\
+         [policy.pressure]\nmin_gpu_free = \"512MiB\"\n",
+    );
+    let daemon = Daemon::start_with(&["--config", &config]);
+    let mut client = daemon.client().await;
+    let session = client
+        .create_session(api::CreateSessionRequest {
+            graph_def: model_graph(),
+            memory_policy: Some(api::MemoryPolicy {
+                gpu_hard_limit_bytes: 64 << 30,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .session
+        .expect("session");
+    let policy = session.memory_policy.expect("policy");
+    // The default soft limit, and the asked hard limit capped by the ceiling.
+    assert_eq!(policy.gpu_soft_limit_bytes, 1 << 30);
+    assert_eq!(policy.gpu_hard_limit_bytes, 4 << 30);
+    // GetSession shows the same effective limits.
+    let again = client
+        .get_session(api::GetSessionRequest {
+            session_id: session.session_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(again.memory_policy, Some(policy));
+    let output = Command::new(env!("CARGO_BIN_EXE_tfsd"))
+        .args(["check-config", "--config", &config])
+        .output()
+        .expect("tfsd check-config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("policy.max_gpu_hard_limit") && l.contains("4 GiB")),
+        "{stdout}"
+    );
+}

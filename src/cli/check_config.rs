@@ -135,6 +135,11 @@ pub struct PolicyReport {
     /// machine's memory, or its cgroup's limit when lower (`memory_budget_from`).
     pub memory_budget: Option<SizeReport>,
     pub memory_budget_from: Option<&'static str>,
+    /// GPU memory limits, summed over a session's devices; `None`: off.
+    pub gpu_soft_limit: Option<SizeReport>,
+    pub gpu_hard_limit: Option<SizeReport>,
+    pub max_gpu_soft_limit: Option<SizeReport>,
+    pub max_gpu_hard_limit: Option<SizeReport>,
     pub gentle_action: &'static str,
     pub cooldown: String,
     pub rearm_below: f64,
@@ -149,6 +154,7 @@ pub struct PressureReport {
     pub min_available: Option<SizeReport>,
     pub psi_some_avg10: Option<f64>,
     pub psi_for: String,
+    pub min_gpu_free: Option<SizeReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -450,6 +456,10 @@ impl ConfigReport {
                         "machine"
                     }
                 }),
+                gpu_soft_limit: policy.gpu_soft_limit_bytes.map(size),
+                gpu_hard_limit: policy.gpu_hard_limit_bytes.map(size),
+                max_gpu_soft_limit: policy.max_gpu_soft_limit_bytes.map(size),
+                max_gpu_hard_limit: policy.max_gpu_hard_limit_bytes.map(size),
                 gentle_action: match policy.gentle_action {
                     GentleAction::PurgeVariables => "purge_variables",
                     GentleAction::ResetGraph => "reset_graph",
@@ -462,6 +472,7 @@ impl ConfigReport {
                     min_available: policy.pressure.min_available_bytes.map(size),
                     psi_some_avg10: policy.pressure.psi_some_avg10,
                     psi_for: toml_duration(policy.pressure.psi_duration),
+                    min_gpu_free: policy.pressure.min_gpu_free_bytes.map(size),
                 },
                 idle: IdleReport {
                     timeout: policy.idle_timeout.map(toml_duration),
@@ -707,6 +718,22 @@ impl ConfigReport {
                 "policy.max_hard_limit",
                 derived(&policy.max_hard_limit, policy.max_hard_limit_from),
             ),
+            line(
+                "policy.gpu_soft_limit",
+                size_text(&policy.gpu_soft_limit, "(off)"),
+            ),
+            line(
+                "policy.gpu_hard_limit",
+                size_text(&policy.gpu_hard_limit, "(off)"),
+            ),
+            line(
+                "policy.max_gpu_soft_limit",
+                size_text(&policy.max_gpu_soft_limit, "(none)"),
+            ),
+            line(
+                "policy.max_gpu_hard_limit",
+                size_text(&policy.max_gpu_hard_limit, "(none)"),
+            ),
             line("policy.gentle_action", policy.gentle_action.into()),
             line("policy.cooldown", policy.cooldown.clone()),
             line("policy.rearm_below", policy.rearm_below.to_string()),
@@ -721,6 +748,10 @@ impl ConfigReport {
                 or_text(&policy.pressure.psi_some_avg10, "(none)"),
             ),
             line("policy.pressure.psi_for", policy.pressure.psi_for.clone()),
+            line(
+                "policy.pressure.min_gpu_free",
+                size_text(&policy.pressure.min_gpu_free, "(none)"),
+            ),
             line(
                 "policy.idle.timeout",
                 or_text(&policy.idle.timeout, "(none: idle sessions stay)"),
@@ -951,6 +982,10 @@ mod tests {
             hard_limit = "2GiB"
             max_soft_limit = "4GiB"
             max_hard_limit = "1.5GB"
+            gpu_soft_limit = "6GiB"
+            gpu_hard_limit = "8GiB"
+            max_gpu_soft_limit = "12GiB"
+            max_gpu_hard_limit = "16GiB"
             gentle_action = "reset_graph"
             cooldown = "10s"
             rearm_below = 0.8
@@ -960,6 +995,7 @@ mod tests {
             min_available = "512MiB"
             psi_some_avg10 = 40.0
             psi_for = "20s"
+            min_gpu_free = "1GiB"
             [policy.idle]
             timeout = "1h"
             action = "close"
@@ -1073,6 +1109,11 @@ mod tests {
         assert_eq!(policy["pressure"]["min_available"]["human"], "512 MiB");
         assert_eq!(policy["pressure"]["psi_some_avg10"], 40.0);
         assert_eq!(policy["pressure"]["psi_for"], "20s");
+        assert_eq!(policy["pressure"]["min_gpu_free"]["bytes"], 1u64 << 30);
+        assert_eq!(policy["gpu_soft_limit"]["bytes"], 6u64 << 30);
+        assert_eq!(policy["gpu_hard_limit"]["bytes"], 8u64 << 30);
+        assert_eq!(policy["max_gpu_soft_limit"]["bytes"], 12u64 << 30);
+        assert_eq!(policy["max_gpu_hard_limit"]["bytes"], 16u64 << 30);
         assert_eq!(policy["idle"]["timeout"], "1h");
         assert_eq!(policy["idle"]["action"], "close");
 

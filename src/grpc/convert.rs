@@ -132,6 +132,8 @@ fn memory_policy_to_api(policy: SessionPolicy) -> api::MemoryPolicy {
             Some(GentleAction::ResetGraph) => api::GentleAction::ResetGraph,
         } as i32,
         preserve_variables: policy.preserve_variables,
+        gpu_soft_limit_bytes: policy.gpu_soft_limit_bytes.unwrap_or(0),
+        gpu_hard_limit_bytes: policy.gpu_hard_limit_bytes.unwrap_or(0),
     }
 }
 
@@ -150,6 +152,8 @@ pub fn memory_policy_from_api(policy: Option<api::MemoryPolicy>) -> SessionPolic
             _ => None,
         },
         preserve_variables: policy.preserve_variables,
+        gpu_soft_limit_bytes: nonzero(policy.gpu_soft_limit_bytes),
+        gpu_hard_limit_bytes: nonzero(policy.gpu_hard_limit_bytes),
     }
 }
 

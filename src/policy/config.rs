@@ -49,6 +49,10 @@ pub struct RawPolicy {
     hard_limit: Option<String>,
     max_soft_limit: Option<String>,
     max_hard_limit: Option<String>,
+    gpu_soft_limit: Option<String>,
+    gpu_hard_limit: Option<String>,
+    max_gpu_soft_limit: Option<String>,
+    max_gpu_hard_limit: Option<String>,
     gentle_action: Option<String>,
     cooldown: Option<String>,
     rearm_below: Option<f64>,
@@ -66,6 +70,7 @@ struct RawPressure {
     min_available: Option<String>,
     psi_some_avg10: Option<f64>,
     psi_for: Option<String>,
+    min_gpu_free: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +170,21 @@ impl PolicyConfig {
                 HardLimitSetting::Off => None,
                 HardLimitSetting::Bytes(bytes) => Some(bytes),
             };
+        // GPU limits: off unless configured (no machine-derived default: a device's size
+        // says nothing of how many sessions share it). "off" is accepted like "".
+        let gpu_bytes = |key: &str, value: Option<String>| match value.as_deref() {
+            Some(OFF) => Ok(None),
+            _ => bytes(key, value),
+        };
+        let gpu_soft_limit_bytes = gpu_bytes("policy.gpu_soft_limit", raw.gpu_soft_limit)?;
+        let gpu_hard_limit_bytes = gpu_bytes("policy.gpu_hard_limit", raw.gpu_hard_limit)?;
+        if let (Some(soft), Some(hard)) = (gpu_soft_limit_bytes, gpu_hard_limit_bytes)
+            && hard < soft
+        {
+            bail!(
+                "policy.gpu_hard_limit ({hard} bytes) is below policy.gpu_soft_limit ({soft} bytes)"
+            );
+        }
         let policy = PolicyConfig {
             interval: duration("policy.interval", raw.interval, defaults.interval)?,
             dry_run: raw.dry_run.unwrap_or(false),
@@ -172,6 +192,16 @@ impl PolicyConfig {
             hard_limit_bytes,
             max_soft_limit_bytes: bytes("policy.max_soft_limit", raw.max_soft_limit)?,
             max_hard_limit_bytes,
+            gpu_soft_limit_bytes,
+            gpu_hard_limit_bytes,
+            max_gpu_soft_limit_bytes: gpu_bytes(
+                "policy.max_gpu_soft_limit",
+                raw.max_gpu_soft_limit,
+            )?,
+            max_gpu_hard_limit_bytes: gpu_bytes(
+                "policy.max_gpu_hard_limit",
+                raw.max_gpu_hard_limit,
+            )?,
             gentle_action,
             cooldown: duration("policy.cooldown", raw.cooldown, defaults.cooldown)?,
             rearm_below,
@@ -191,6 +221,10 @@ impl PolicyConfig {
                     "policy.pressure.psi_for",
                     raw.pressure.psi_for,
                     Duration::from_secs(10),
+                )?,
+                min_gpu_free_bytes: gpu_bytes(
+                    "policy.pressure.min_gpu_free",
+                    raw.pressure.min_gpu_free,
                 )?,
             },
             idle_timeout,
@@ -259,6 +293,47 @@ mod tests {
             policy("[idle]\ntimeout = \"2h\"\naction = \"recycle\"", MACHINE).expect("valid");
         assert_eq!(chosen.idle_timeout, Some(Duration::from_secs(7200)));
         assert_eq!(chosen.idle_action, IdleAction::Recycle);
+    }
+
+    #[test]
+    fn gpu_limits_are_off_unless_configured_and_checked() {
+        let defaults = policy("", MACHINE).expect("valid");
+        assert_eq!(defaults.gpu_soft_limit_bytes, None);
+        assert_eq!(defaults.gpu_hard_limit_bytes, None);
+        assert_eq!(defaults.pressure.min_gpu_free_bytes, None);
+        let set = policy(
+            "gpu_soft_limit = \"6GiB\"\ngpu_hard_limit = \"8GiB\"\n\
+             max_gpu_hard_limit = \"10GiB\"\nmax_gpu_soft_limit = \"off\"\n\
+             [pressure]\nmin_gpu_free = \"2GiB\"",
+            MACHINE,
+        )
+        .expect("valid");
+        assert_eq!(set.gpu_soft_limit_bytes, Some(6 << 30));
+        assert_eq!(set.gpu_hard_limit_bytes, Some(8 << 30));
+        assert_eq!(set.max_gpu_hard_limit_bytes, Some(10 << 30));
+        assert_eq!(set.max_gpu_soft_limit_bytes, None);
+        assert_eq!(set.pressure.min_gpu_free_bytes, Some(2 << 30));
+        // A session's own limits, capped by the maxima; the defaults where it sets none.
+        let asked = set.effective(crate::policy::SessionPolicy {
+            gpu_hard_limit_bytes: Some(64 << 30),
+            ..Default::default()
+        });
+        assert_eq!(asked.gpu_hard_limit_bytes, Some(10 << 30));
+        assert_eq!(asked.gpu_soft_limit_bytes, Some(6 << 30));
+        let error = policy(
+            "gpu_soft_limit = \"8GiB\"\ngpu_hard_limit = \"6GiB\"",
+            MACHINE,
+        )
+        .expect_err("hard below soft");
+        assert!(
+            format!("{error:#}").contains("policy.gpu_hard_limit"),
+            "{error:#}"
+        );
+        let error = policy("[pressure]\nmin_gpu_free = \"lots\"", MACHINE).expect_err("bad size");
+        assert!(
+            format!("{error:#}").contains("policy.pressure.min_gpu_free"),
+            "{error:#}"
+        );
     }
 
     #[test]

@@ -19,8 +19,13 @@
 //! System pressure (available memory below a floor, or PSI above a threshold for a while)
 //! picks one victim per tick: sessions over their own soft limit first, then idle ones before
 //! running ones, then the longest idle, then the largest.
+//!
+//! GPU memory has rules of its own (`gpu.rs`): a GPU-limit breach goes straight to a
+//! recycle, since no in-process reset gives a framework's GPU pool back; a device short of
+//! free memory picks a victim among the sessions on it.
 
 pub mod config;
+mod gpu;
 mod runner;
 #[cfg(test)]
 mod tests;
@@ -28,6 +33,7 @@ mod tests;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+pub use gpu::GpuDeviceSample;
 pub use runner::{Supervised, run};
 
 /// What the gentle rung does.
@@ -53,6 +59,8 @@ pub struct PressureConfig {
     /// Pressure when PSI `some avg10` (percent) stays above this for `psi_duration`.
     pub psi_some_avg10: Option<f64>,
     pub psi_duration: Duration,
+    /// GPU pressure when a device's free memory is below this many bytes.
+    pub min_gpu_free_bytes: Option<u64>,
 }
 
 /// The policy's configuration (validated; see `config.rs` for the TOML keys).
@@ -66,6 +74,12 @@ pub struct PolicyConfig {
     /// Ceilings for limits a session asks for at CreateSession.
     pub max_soft_limit_bytes: Option<u64>,
     pub max_hard_limit_bytes: Option<u64>,
+    /// GPU memory limits (summed over a session's devices): defaults and ceilings, as for
+    /// host memory; off unless configured.
+    pub gpu_soft_limit_bytes: Option<u64>,
+    pub gpu_hard_limit_bytes: Option<u64>,
+    pub max_gpu_soft_limit_bytes: Option<u64>,
+    pub max_gpu_hard_limit_bytes: Option<u64>,
     pub gentle_action: GentleAction,
     /// After an action on a session, no new soft-limit episode starts for this long.
     pub cooldown: Duration,
@@ -88,6 +102,10 @@ impl Default for PolicyConfig {
             hard_limit_bytes: None,
             max_soft_limit_bytes: None,
             max_hard_limit_bytes: None,
+            gpu_soft_limit_bytes: None,
+            gpu_hard_limit_bytes: None,
+            max_gpu_soft_limit_bytes: None,
+            max_gpu_hard_limit_bytes: None,
             gentle_action: GentleAction::PurgeVariables,
             cooldown: Duration::from_secs(30),
             rearm_below: 0.9,
@@ -108,6 +126,9 @@ pub struct SessionPolicy {
     pub gentle_action: Option<GentleAction>,
     /// Carry variables over when the policy recycles this session.
     pub preserve_variables: bool,
+    /// GPU memory limits, summed over the session's devices.
+    pub gpu_soft_limit_bytes: Option<u64>,
+    pub gpu_hard_limit_bytes: Option<u64>,
 }
 
 impl PolicyConfig {
@@ -129,6 +150,26 @@ impl PolicyConfig {
             ),
             gentle_action: Some(requested.gentle_action.unwrap_or(self.gentle_action)),
             preserve_variables: requested.preserve_variables,
+            gpu_soft_limit_bytes: cap(
+                requested.gpu_soft_limit_bytes.or(self.gpu_soft_limit_bytes),
+                self.max_gpu_soft_limit_bytes,
+            ),
+            gpu_hard_limit_bytes: cap(
+                requested.gpu_hard_limit_bytes.or(self.gpu_hard_limit_bytes),
+                self.max_gpu_hard_limit_bytes,
+            ),
+        }
+    }
+
+    /// A stored session's policy with today's GPU limits: the session store keeps the host
+    /// limits it was created with, not GPU limits, so a session brought back after a restart
+    /// gets the configured GPU defaults.
+    pub fn with_gpu_defaults(&self, stored: SessionPolicy) -> SessionPolicy {
+        let defaults = self.effective(SessionPolicy::default());
+        SessionPolicy {
+            gpu_soft_limit_bytes: defaults.gpu_soft_limit_bytes,
+            gpu_hard_limit_bytes: defaults.gpu_hard_limit_bytes,
+            ..stored
         }
     }
 }
@@ -144,6 +185,8 @@ pub struct SessionSample {
     pub idle_for: Duration,
     /// Sessions whose worker is being replaced are left alone this tick.
     pub ready: bool,
+    /// GPU memory of the worker's processes per device; empty without GPUs.
+    pub gpu: Vec<crate::gpu::GpuUsage>,
 }
 
 /// The machine as sampled.
@@ -157,6 +200,8 @@ pub struct SystemSample {
 pub struct Observation {
     pub sessions: Vec<SessionSample>,
     pub system: SystemSample,
+    /// Every GPU's free memory; empty without an NVIDIA driver.
+    pub gpus: Vec<GpuDeviceSample>,
 }
 
 /// Why the policy acts; reported on events as `trigger`.
@@ -166,6 +211,12 @@ pub enum Trigger {
     HardLimit,
     SystemPressure,
     Idle,
+    /// The session's GPU memory, summed over its devices, above its GPU soft limit.
+    GpuSoftLimit,
+    /// ... above its GPU hard limit.
+    GpuHardLimit,
+    /// A device's free memory below `pressure.min_gpu_free`.
+    GpuPressure,
 }
 
 impl Trigger {
@@ -175,6 +226,9 @@ impl Trigger {
             Trigger::HardLimit => "hard_limit",
             Trigger::SystemPressure => "system_pressure",
             Trigger::Idle => "idle",
+            Trigger::GpuSoftLimit => "gpu_soft_limit",
+            Trigger::GpuHardLimit => "gpu_hard_limit",
+            Trigger::GpuPressure => "gpu_pressure",
         }
     }
 }
@@ -258,6 +312,13 @@ impl PolicyState {
         if action.trigger == Trigger::SoftLimit {
             history.rung = action.rung;
         }
+        // A recycle for the GPU gives host memory back too: the host ladder starts over.
+        if matches!(
+            action.trigger,
+            Trigger::GpuSoftLimit | Trigger::GpuHardLimit
+        ) {
+            history.rung = 0;
+        }
     }
 }
 
@@ -268,6 +329,12 @@ impl PolicyState {
 /// runner still starts for a session with another action in flight (a purge or recycle
 /// waiting behind that very step must not leave the step free to grow past the limit).
 pub fn hard_limit_kill(sample: &SessionSample, config: &PolicyConfig) -> Option<Action> {
+    if sample.runs_in_flight > 0
+        && let Some(mut action) = gpu::hard_limit(sample)
+    {
+        action.dry_run = config.dry_run;
+        return Some(action);
+    }
     let hard = sample.policy.hard_limit_bytes?;
     if sample.private_bytes <= hard || sample.runs_in_flight == 0 {
         return None;
@@ -314,7 +381,8 @@ pub fn decide(
 
     // Under pressure, one action at a time: a session's own ladder (which already acts on
     // sessions over their budget, the first victims anyway) goes first.
-    let pressure = decide_pressure(observation, config, state, now);
+    let pressure = decide_pressure(observation, config, state, now)
+        .or_else(|| gpu::pressure(observation, config, state, now));
     if actions.is_empty()
         && let Some(action) = pressure
     {
@@ -368,6 +436,11 @@ fn decide_session(
                 mib(hard)
             ),
         ));
+    }
+
+    // The GPU hard limit, always enforced too.
+    if let Some(action) = gpu::hard_limit(sample) {
+        return Some(action);
     }
 
     let soft = sample.policy.soft_limit_bytes;
@@ -437,6 +510,10 @@ fn decide_session(
                 _ => {}
             }
         }
+    }
+
+    if let Some(action) = gpu::soft_limit(sample, config, history, now) {
+        return Some(action);
     }
 
     if let Some(timeout) = config.idle_timeout {

@@ -26,6 +26,7 @@ fn session(id: &str, private_mib: u64) -> SessionSample {
         runs_in_flight: 0,
         idle_for: Duration::ZERO,
         ready: true,
+        gpu: Vec::new(),
     }
 }
 
@@ -36,6 +37,7 @@ fn observe(sessions: Vec<SessionSample>) -> Observation {
             available_bytes: 20_000 * MIB,
             psi_some_avg10: Some(0.0),
         },
+        gpus: Vec::new(),
     }
 }
 
@@ -325,6 +327,7 @@ fn pressure_config() -> PolicyConfig {
             min_available_bytes: Some(1024 * MIB),
             psi_some_avg10: Some(20.0),
             psi_duration: Duration::from_secs(10),
+            min_gpu_free_bytes: None,
         },
         ..config()
     }
@@ -345,6 +348,7 @@ fn under_pressure(sessions: Vec<SessionSample>) -> Observation {
             available_bytes: 512 * MIB,
             psi_some_avg10: None,
         },
+        gpus: Vec::new(),
     }
 }
 
@@ -400,6 +404,7 @@ fn pressure_stops_when_it_clears() {
             available_bytes: 4096 * MIB,
             psi_some_avg10: Some(1.0),
         },
+        gpus: Vec::new(),
     };
     assert!(tick(&calm, &config, &mut state, Instant::now()).is_empty());
 }
@@ -414,6 +419,7 @@ fn psi_must_stay_high_for_its_duration() {
             available_bytes: 4096 * MIB,
             psi_some_avg10: Some(psi),
         },
+        gpus: Vec::new(),
     };
     let t0 = Instant::now();
     assert!(tick(&high(50.0), &config, &mut state, t0).is_empty());
@@ -532,12 +538,379 @@ fn closed_sessions_are_forgotten() {
     assert!(state.sessions.is_empty());
 }
 
+// GPU rules (policy/gpu.rs).
+
+const GIB: u64 = 1024 * MIB;
+
+fn gpu_config() -> PolicyConfig {
+    PolicyConfig {
+        soft_limit_bytes: Some(1000 * MIB),
+        hard_limit_bytes: Some(2000 * MIB),
+        gpu_soft_limit_bytes: Some(4 * GIB),
+        gpu_hard_limit_bytes: Some(8 * GIB),
+        ..config()
+    }
+}
+
+/// A session at `private_mib` of host memory holding `gpu` (device, GiB).
+fn on_gpu(id: &str, private_mib: u64, gpu: &[(u32, u64)]) -> SessionSample {
+    SessionSample {
+        policy: gpu_config().effective(SessionPolicy::default()),
+        gpu: gpu
+            .iter()
+            .map(|&(gpu, gib)| crate::gpu::GpuUsage {
+                gpu,
+                used_bytes: gib * GIB,
+            })
+            .collect(),
+        ..session(id, private_mib)
+    }
+}
+
+#[test]
+fn gpu_limits_are_off_by_default_and_no_gpu_means_no_gpu_action() {
+    let mut state = PolicyState::default();
+    // Without GPU limits, any amount of GPU memory is left alone.
+    let mut huge = on_gpu("a", 10, &[(0, 100)]);
+    huge.policy = config().effective(SessionPolicy::default());
+    assert!(tick(&observe(vec![huge]), &config(), &mut state, Instant::now()).is_empty());
+    // With limits but no GPU memory (a host without GPUs): nothing either.
+    let none = on_gpu("b", 10, &[]);
+    assert!(
+        tick(
+            &observe(vec![none]),
+            &gpu_config(),
+            &mut state,
+            Instant::now()
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn over_the_gpu_hard_limit_recycles_at_once_and_says_why() {
+    let mut state = PolicyState::default();
+    // 5 + 4 GiB on two devices: the sum is what the limit holds.
+    let sample = on_gpu("a", 10, &[(0, 5), (1, 4)]);
+    let actions = tick(
+        &observe(vec![sample.clone()]),
+        &gpu_config(),
+        &mut state,
+        Instant::now(),
+    );
+    assert_eq!(
+        kinds(&actions),
+        [ActionKind::Recycle {
+            preserve_variables: false
+        }]
+    );
+    let action = &actions[0];
+    assert_eq!(action.trigger, Trigger::GpuHardLimit);
+    assert_eq!(action.trigger.as_str(), "gpu_hard_limit");
+    assert_eq!(action.rung, 3);
+    assert!(
+        action.reason.contains("GPU hard limit 8192.0 MiB"),
+        "{}",
+        action.reason
+    );
+    assert!(
+        action.reason.contains("GPU 0 5120.0 MiB, GPU 1 4096.0 MiB"),
+        "{}",
+        action.reason
+    );
+    assert!(
+        action.reason.contains("a reset cannot return GPU memory"),
+        "{}",
+        action.reason
+    );
+    // No gentle rung first, even for a session that asked for one, and even when it is
+    // unhealthy (the hard limit always holds).
+    let mut unhealthy = PolicyState::default();
+    unhealthy.sessions.insert(
+        "a".to_string(),
+        SessionHistory {
+            unhealthy: true,
+            ..SessionHistory::default()
+        },
+    );
+    let actions = tick(
+        &observe(vec![sample]),
+        &gpu_config(),
+        &mut unhealthy,
+        Instant::now(),
+    );
+    assert_eq!(actions[0].trigger, Trigger::GpuHardLimit);
+}
+
+#[test]
+fn over_the_gpu_hard_limit_mid_step_kills_under_the_step() {
+    let mut sample = on_gpu("a", 10, &[(0, 9)]);
+    sample.runs_in_flight = 1;
+    let mut state = PolicyState::default();
+    let actions = tick(
+        &observe(vec![sample.clone()]),
+        &gpu_config(),
+        &mut state,
+        Instant::now(),
+    );
+    assert_eq!(kinds(&actions), [ActionKind::KillAndRestore]);
+    assert_eq!(actions[0].trigger, Trigger::GpuHardLimit);
+    // The runner's kill for a session that already has an action in flight sees it too.
+    let kill = hard_limit_kill(&sample, &gpu_config()).expect("a kill");
+    assert_eq!(kill.trigger, Trigger::GpuHardLimit);
+    // Between steps, hard_limit_kill has nothing to add (decide recycles).
+    sample.runs_in_flight = 0;
+    assert_eq!(hard_limit_kill(&sample, &gpu_config()), None);
+}
+
+#[test]
+fn the_host_hard_limit_comes_before_the_gpu_one() {
+    let sample = on_gpu("a", 2500, &[(0, 9)]);
+    let mut state = PolicyState::default();
+    let actions = tick(
+        &observe(vec![sample]),
+        &gpu_config(),
+        &mut state,
+        Instant::now(),
+    );
+    assert_eq!(actions[0].trigger, Trigger::HardLimit);
+}
+
+#[test]
+fn over_the_gpu_soft_limit_recycles_between_steps_once_per_cooldown() {
+    let config = gpu_config();
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    let mut sample = on_gpu("a", 10, &[(0, 5)]);
+    // A step runs: the soft limit waits for the gap between steps.
+    sample.runs_in_flight = 1;
+    assert!(tick(&observe(vec![sample.clone()]), &config, &mut state, t0).is_empty());
+    sample.runs_in_flight = 0;
+    let actions = tick(&observe(vec![sample.clone()]), &config, &mut state, t0);
+    assert_eq!(
+        kinds(&actions),
+        [ActionKind::Recycle {
+            preserve_variables: false
+        }],
+        "straight to a recycle: no gentle rung for GPU memory"
+    );
+    assert_eq!(actions[0].trigger, Trigger::GpuSoftLimit);
+    assert_eq!(actions[0].rung, 2);
+    assert!(
+        actions[0].reason.contains("GPU soft limit"),
+        "{}",
+        actions[0].reason
+    );
+    // Still over within the cooldown: wait; after it: recycle again.
+    let later = t0 + Duration::from_secs(10);
+    assert!(tick(&observe(vec![sample.clone()]), &config, &mut state, later).is_empty());
+    let after = t0 + Duration::from_secs(31);
+    let actions = tick(&observe(vec![sample.clone()]), &config, &mut state, after);
+    assert_eq!(actions[0].trigger, Trigger::GpuSoftLimit);
+    // The session's own preference for variables is honoured.
+    let mut preserving = on_gpu("b", 10, &[(0, 5)]);
+    preserving.policy.preserve_variables = true;
+    let actions = tick(
+        &observe(vec![preserving]),
+        &config,
+        &mut PolicyState::default(),
+        t0,
+    );
+    assert_eq!(
+        kinds(&actions),
+        [ActionKind::Recycle {
+            preserve_variables: true
+        }]
+    );
+}
+
+#[test]
+fn gpu_soft_limit_actions_count_toward_unhealthy() {
+    let config = gpu_config();
+    let mut state = PolicyState::default();
+    let sample = on_gpu("a", 10, &[(0, 5)]);
+    let t0 = Instant::now();
+    let mut triggers = Vec::new();
+    for step in 0..5 {
+        let now = t0 + Duration::from_secs(31 * step);
+        for action in tick(&observe(vec![sample.clone()]), &config, &mut state, now) {
+            triggers.push(action.kind);
+        }
+    }
+    let recycle = ActionKind::Recycle {
+        preserve_variables: false,
+    };
+    assert_eq!(
+        triggers,
+        [recycle, recycle, recycle, ActionKind::MarkUnhealthy],
+        "max_actions = 3, then reported and left alone"
+    );
+}
+
+#[test]
+fn a_session_asks_for_its_own_gpu_limits_within_the_maxima() {
+    let config = PolicyConfig {
+        max_gpu_hard_limit_bytes: Some(16 * GIB),
+        ..gpu_config()
+    };
+    let policy = config.effective(SessionPolicy {
+        gpu_soft_limit_bytes: Some(GIB),
+        gpu_hard_limit_bytes: Some(100 * GIB),
+        ..SessionPolicy::default()
+    });
+    assert_eq!(policy.gpu_soft_limit_bytes, Some(GIB));
+    assert_eq!(policy.gpu_hard_limit_bytes, Some(16 * GIB));
+    // A restored session (the store keeps no GPU limits) gets the configured defaults.
+    let restored = config.with_gpu_defaults(SessionPolicy {
+        soft_limit_bytes: Some(5),
+        ..SessionPolicy::default()
+    });
+    assert_eq!(restored.soft_limit_bytes, Some(5));
+    assert_eq!(restored.gpu_hard_limit_bytes, Some(8 * GIB));
+}
+
+fn gpu_pressure_config() -> PolicyConfig {
+    let mut config = pressure_config();
+    config.pressure.min_available_bytes = None;
+    config.pressure.psi_some_avg10 = None;
+    config.pressure.min_gpu_free_bytes = Some(2 * GIB);
+    config
+}
+
+fn gpus(free_gib: &[(u32, u64)]) -> Vec<GpuDeviceSample> {
+    free_gib
+        .iter()
+        .map(|&(gpu, free)| GpuDeviceSample {
+            gpu,
+            free_bytes: free * GIB,
+            total_bytes: 80 * GIB,
+        })
+        .collect()
+}
+
+#[test]
+fn gpu_pressure_takes_victims_among_the_sessions_on_that_device() {
+    let config = gpu_pressure_config();
+    let unlimited_on = |id: &str, gpu: &[(u32, u64)]| SessionSample {
+        policy: config.effective(SessionPolicy::default()),
+        ..on_gpu(id, 10, gpu)
+    };
+    let mut over_budget = unlimited_on("over-budget", &[(1, 3)]);
+    over_budget.policy.gpu_soft_limit_bytes = Some(2 * GIB);
+    let mut long_idle = unlimited_on("long-idle", &[(1, 1)]);
+    long_idle.idle_for = Duration::from_secs(600);
+    let mut big_running = unlimited_on("big-running", &[(1, 50)]);
+    big_running.runs_in_flight = 1;
+    let big_idle = unlimited_on("big-idle", &[(1, 20), (0, 1)]);
+    let small_idle = unlimited_on("small-idle", &[(1, 2)]);
+    // Holds nothing on device 1: never a victim of its pressure.
+    let elsewhere = unlimited_on("elsewhere", &[(0, 70)]);
+    let all = vec![
+        elsewhere,
+        big_running,
+        small_idle,
+        long_idle,
+        big_idle,
+        over_budget,
+    ];
+    let observation = Observation {
+        gpus: gpus(&[(0, 9), (1, 1)]),
+        ..observe(all.clone())
+    };
+    let mut state = PolicyState::default();
+    let t0 = Instant::now();
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        let actions = tick(&observation, &config, &mut state, t0);
+        assert_eq!(actions.len(), 1, "one victim per tick");
+        if actions[0].trigger == Trigger::GpuPressure {
+            assert!(
+                actions[0].reason.contains("GPU 1 has 1024.0 MiB free"),
+                "{}",
+                actions[0].reason
+            );
+        }
+        order.push((actions[0].session_id.clone(), actions[0].trigger));
+    }
+    // The session over its own GPU budget goes first, through its own limit; then idle
+    // before running, the longest idle, then the largest on the device.
+    let expected: Vec<_> = [
+        ("over-budget", Trigger::GpuSoftLimit),
+        ("long-idle", Trigger::GpuPressure),
+        ("big-idle", Trigger::GpuPressure),
+        ("small-idle", Trigger::GpuPressure),
+        ("big-running", Trigger::GpuPressure),
+    ]
+    .iter()
+    .map(|(id, trigger)| (id.to_string(), *trigger))
+    .collect();
+    assert_eq!(order, expected);
+    // Everyone on device 1 was just recycled: nothing until the cooldown.
+    assert!(tick(&observation, &config, &mut state, t0).is_empty());
+}
+
+#[test]
+fn gpu_pressure_is_off_without_a_floor_and_quiet_above_it() {
+    let sample = on_gpu("a", 10, &[(0, 1)]);
+    let short = Observation {
+        gpus: gpus(&[(0, 1)]),
+        ..observe(vec![sample.clone()])
+    };
+    let no_floor = PolicyConfig {
+        gpu_soft_limit_bytes: None,
+        gpu_hard_limit_bytes: None,
+        ..config()
+    };
+    assert!(
+        tick(
+            &short,
+            &no_floor,
+            &mut PolicyState::default(),
+            Instant::now()
+        )
+        .is_empty()
+    );
+    let plenty = Observation {
+        gpus: gpus(&[(0, 40)]),
+        ..observe(vec![sample])
+    };
+    assert!(
+        tick(
+            &plenty,
+            &gpu_pressure_config(),
+            &mut PolicyState::default(),
+            Instant::now()
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn host_pressure_goes_before_gpu_pressure() {
+    let mut config = gpu_pressure_config();
+    config.pressure.min_available_bytes = Some(1024 * MIB);
+    let sample = SessionSample {
+        policy: config.effective(SessionPolicy::default()),
+        ..on_gpu("a", 10, &[(0, 1)])
+    };
+    let observation = Observation {
+        gpus: gpus(&[(0, 1)]),
+        ..under_pressure(vec![sample])
+    };
+    let actions = tick(
+        &observation,
+        &config,
+        &mut PolicyState::default(),
+        Instant::now(),
+    );
+    assert_eq!(actions[0].trigger, Trigger::SystemPressure);
+}
+
 // ---------------------------------------------------------------------------------------
 // The runner (`runner.rs`) around `decide`, with sessions made up as above: each action's
 // `apply` waits until the test lets it finish, so what runs alongside what is decided by the
 // test, not by timing. Waits are for the runner's own steps (observations, actions started),
 // each with a deadline.
-
 mod runner {
     use std::sync::{Arc, Mutex};
 

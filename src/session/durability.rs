@@ -192,7 +192,7 @@ impl SessionManager {
                 owner: record.owner.clone(),
                 durable_variables: record.durable_variables,
                 labels: record.labels.clone(),
-                policy: record.policy,
+                policy: self.policy.with_gpu_defaults(record.policy),
                 graph_def: record.graph_def.clone(),
                 config: record.config.clone().into(),
             }));

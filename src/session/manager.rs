@@ -91,7 +91,7 @@ pub struct SessionManager {
     pub(super) tracker: TaskTracker,
     pub(super) shutdown: CancellationToken,
     /// Defaults and maxima for sessions' memory limits.
-    policy: PolicyConfig,
+    pub(super) policy: PolicyConfig,
     /// Where sessions are made durable; set once at start-up when state.dir is configured.
     pub(super) store: std::sync::OnceLock<Arc<crate::store::SessionStore>>,
     /// The kernel's OOM-kill count when the sampler last looked, to tell an OOM kill from
@@ -327,6 +327,13 @@ impl SessionManager {
     }
 
     pub fn list(&self) -> Vec<SessionSnapshot> {
+        let mut snapshots = self.list_without_gpu();
+        self.add_gpu_memory(&mut snapshots);
+        snapshots
+    }
+
+    /// `list` without GPU figures (the policy adds them from its own sample).
+    pub(super) fn list_without_gpu(&self) -> Vec<SessionSnapshot> {
         let sessions: Vec<_> = self
             .sessions
             .read()
@@ -335,7 +342,6 @@ impl SessionManager {
             .cloned()
             .collect();
         let mut snapshots: Vec<_> = sessions.iter().map(|s| s.snapshot()).collect();
-        self.add_gpu_memory(&mut snapshots);
         snapshots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         snapshots
     }

@@ -30,8 +30,20 @@ impl SessionManager {
     /// Samples every session's memory and the machine's. One small `/proc` read per worker.
     pub fn observe(&self) -> Observation {
         let now = SystemTime::now();
-        let sessions = self
-            .list()
+        // One NVML sample per tick, and none at all without a driver.
+        let gpu_sample = self.gpu_sample();
+        let mut snapshots = self.list_without_gpu();
+        let mut gpu_usage = gpu_sample
+            .as_ref()
+            .map(|sample| {
+                let pids: Vec<u32> = snapshots.iter().map(|s| s.worker_pid).collect();
+                sample.by_worker(&pids)
+            })
+            .unwrap_or_default();
+        for snapshot in &mut snapshots {
+            snapshot.memory.gpu = gpu_usage.remove(&snapshot.worker_pid).unwrap_or_default();
+        }
+        let sessions = snapshots
             .into_iter()
             .map(|snapshot| SessionSample {
                 idle_for: now
@@ -43,6 +55,7 @@ impl SessionManager {
                 private_bytes: snapshot.memory.private_bytes,
                 policy: snapshot.policy,
                 runs_in_flight: snapshot.runs_in_flight,
+                gpu: snapshot.memory.gpu,
             })
             .collect();
         let system = crate::system::memory();
@@ -55,6 +68,19 @@ impl SessionManager {
                 available_bytes: system.available_bytes,
                 psi_some_avg10: crate::system::memory_pressure().map(|p| p.some_avg10),
             },
+            gpus: gpu_sample
+                .map(|sample| {
+                    sample
+                        .devices
+                        .iter()
+                        .map(|device| crate::policy::GpuDeviceSample {
+                            gpu: device.index,
+                            free_bytes: device.free_bytes,
+                            total_bytes: device.total_bytes,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
