@@ -125,6 +125,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     sandbox: RawSandbox,
+    #[serde(default)]
+    gpu: crate::gpu::config::RawGpu,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -302,6 +304,8 @@ pub struct Config {
     pub state: Option<StateConfig>,
     pub log: LogConfig,
     pub sandbox: SandboxConfig,
+    /// `[gpu]`: which devices each pool's workers see, TensorFlow's GPU settings.
+    pub gpu: crate::gpu::GpuConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -628,7 +632,9 @@ impl Config {
         };
 
         let sandbox = sandbox_from_raw(raw.sandbox, base)?;
+        let gpu = crate::gpu::GpuConfig::from_raw(raw.gpu)?;
         let config = Config {
+            gpu,
             listen,
             drain_timeout,
             metrics_listen,

@@ -113,7 +113,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         runtime: Runtime::Graph,
         binary: config.workers.binary.clone(),
         args: Vec::new(),
-        env: config.workers.env.clone(),
+        env: config
+            .gpu
+            .worker_env(&config.workers.env, &config.gpu.graph),
         library_dir: config.workers.library_dir.clone(),
         start_timeout: config.workers.start_timeout,
         metrics: metrics.clone(),
@@ -130,7 +132,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     let python_pool = config.python.as_ref().map(|python| {
-        let mut env = python.env.clone();
+        let mut env = config.gpu.worker_env(&python.env, &config.gpu.python);
         env.insert("TFSD_PYTHON_PRELOAD".to_string(), python.preload.join(","));
         // The worker's own output must reach the supervisor's log unbuffered.
         env.insert("PYTHONUNBUFFERED".to_string(), "1".to_string());
@@ -174,7 +176,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // NVML is loaded here or never: without the driver nothing GPU-related runs again.
     let gpus = crate::gpu::Gpus::detect();
     tracing::info!("GPUs: {}", gpus.description());
-    manager.attach_gpus(Arc::new(gpus));
+    manager.attach_gpus(Arc::new(gpus), config.gpu.clone());
     if let (Some(store), Some(state)) = (store, &config.state) {
         manager.attach_store(store);
         let restored = manager.restore_from_store().await;

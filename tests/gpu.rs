@@ -163,3 +163,193 @@ async fn gpu_limits_are_taken_capped_and_shown() {
         "{stdout}"
     );
 }
+
+/// A daemon whose Python workers import nothing (fast to start) under `[gpu]` `gpu_table`.
+fn python_daemon(dir: &TempDir, gpu_table: &str) -> Daemon {
+    let config = dir.config(&format!(
+        "[python]\ninterpreter = {:?}\npreload = []\npool_size = 1\n[gpu]\n{gpu_table}\n",
+        python_interpreter().display().to_string()
+    ));
+    Daemon::start_with(&["--config", &config])
+}
+
+async fn create_python(client: &mut Client, gpus: Option<api::GpuPlacement>) -> api::SessionInfo {
+    client
+        .create_session(api::CreateSessionRequest {
+            runtime: api::Runtime::Python as i32,
+            gpus,
+            ..Default::default()
+        })
+        .await
+        .expect("create a Python session")
+        .into_inner()
+        .session
+        .expect("session info")
+}
+
+/// The worker's view of the GPU variables, one `NAME=VALUE` line each ("unset" if absent).
+async fn gpu_environment(client: &mut Client, session_id: &str) -> String {
+    let source = "import os\n\
+                  for name in ('CUDA_VISIBLE_DEVICES', 'CUDA_DEVICE_ORDER', \
+                  'TF_FORCE_GPU_ALLOW_GROWTH', 'TF_GPU_ALLOCATOR'):\n    \
+                  print(name + '=' + os.environ.get(name, 'unset'))\n";
+    let request = api::CallRequest {
+        session_id: session_id.to_string(),
+        target: Some(api::call_request::Target::Script(api::Script {
+            path: "gpu_env.py".to_string(),
+            source: source.as_bytes().to_vec(),
+            argv: Vec::new(),
+        })),
+        timeout_ms: 0,
+        close_session_after: false,
+    };
+    let mut events = client.call(request).await.expect("call").into_inner();
+    let mut stdout = String::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = events.message().await.expect("call event") {
+            match event.event {
+                Some(api::call_event::Event::Output(output))
+                    if output.stream == api::Stream::Stdout as i32 =>
+                {
+                    stdout.push_str(&String::from_utf8_lossy(&output.data));
+                }
+                Some(api::call_event::Event::Exception(exception)) => {
+                    panic!("the script raised: {exception:?}")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the call answered within the deadline");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_configured_without_gpus_hides_them_from_its_workers() {
+    let dir = TempDir::new("gpu-hidden");
+    let daemon = python_daemon(
+        &dir,
+        "python_devices = []\nallocator = \"cuda_malloc_async\"",
+    );
+    let mut client = daemon.client().await;
+    let session = create_python(&mut client, None).await;
+    let env = gpu_environment(&mut client, &session.session_id).await;
+    assert!(env.contains("CUDA_VISIBLE_DEVICES=-1\n"), "{env}");
+    assert!(env.contains("CUDA_DEVICE_ORDER=PCI_BUS_ID\n"), "{env}");
+    assert!(env.contains("TF_FORCE_GPU_ALLOW_GROWTH=true\n"), "{env}");
+    assert!(
+        env.contains("TF_GPU_ALLOCATOR=cuda_malloc_async\n"),
+        "{env}"
+    );
+    // A GPU the pool does not allow is refused, naming the key (or, on a GPU-less host,
+    // the missing GPU first).
+    let refused = client
+        .create_session(api::CreateSessionRequest {
+            runtime: api::Runtime::Python as i32,
+            gpus: Some(api::GpuPlacement {
+                devices: vec![0],
+                none: false,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("GPU 0 is not allowed");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("GPU 0"), "{}", refused.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_asking_for_no_gpu_gets_a_worker_of_its_own_across_recycles() {
+    if std::env::var_os("CUDA_VISIBLE_DEVICES").is_some() {
+        // The daemon inherits it and the pool would not differ from the request.
+        eprintln!("CUDA_VISIBLE_DEVICES is set for the tests: nothing to compare with");
+        return;
+    }
+    let dir = TempDir::new("gpu-none");
+    let daemon = python_daemon(&dir, "");
+    let mut client = daemon.client().await;
+    // The pool's workers see every GPU (the variable is left alone)...
+    let any = create_python(&mut client, None).await;
+    let env = gpu_environment(&mut client, &any.session_id).await;
+    assert!(env.contains("CUDA_VISIBLE_DEVICES=unset\n"), "{env}");
+    // ... so a session asking for none gets a worker started with it hidden,
+    let none = create_python(
+        &mut client,
+        Some(api::GpuPlacement {
+            devices: Vec::new(),
+            none: true,
+        }),
+    )
+    .await;
+    let env = gpu_environment(&mut client, &none.session_id).await;
+    assert!(env.contains("CUDA_VISIBLE_DEVICES=-1\n"), "{env}");
+    // and so does every worker after it.
+    let recycled = client
+        .recycle_session(api::RecycleSessionRequest {
+            session_id: none.session_id.clone(),
+            preserve_variables: false,
+        })
+        .await
+        .expect("recycle")
+        .into_inner();
+    assert_ne!(recycled.worker_pid_after, recycled.worker_pid_before);
+    let env = gpu_environment(&mut client, &none.session_id).await;
+    assert!(env.contains("CUDA_VISIBLE_DEVICES=-1\n"), "{env}");
+
+    // A request that contradicts itself is INVALID_ARGUMENT.
+    let contradiction = client
+        .create_session(api::CreateSessionRequest {
+            runtime: api::Runtime::Python as i32,
+            gpus: Some(api::GpuPlacement {
+                devices: vec![0],
+                none: true,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("none and devices");
+    assert_eq!(contradiction.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gpu_this_host_lacks_is_refused_by_name() {
+    let gpus = tfsd::gpu::Gpus::detect();
+    let daemon = Daemon::start();
+    let mut client = daemon.client().await;
+    let missing = gpus.device_count() + 3;
+    let refused = client
+        .create_session(api::CreateSessionRequest {
+            graph_def: model_graph(),
+            gpus: Some(api::GpuPlacement {
+                devices: vec![missing],
+                none: false,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such GPU");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains(&format!(
+            "the session asks for GPU {missing} but this host has"
+        )),
+        "{}",
+        refused.message()
+    );
+    if !gpus.present() {
+        assert!(
+            refused.message().contains("no GPU (no NVIDIA driver"),
+            "{}",
+            refused.message()
+        );
+    }
+}

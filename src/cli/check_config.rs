@@ -51,8 +51,26 @@ pub struct ConfigReport {
     pub state: StateReport,
     pub log: LogReport,
     pub sandbox: SandboxReport,
+    pub gpu: GpuReport,
     /// Things that would stop `serve` although the file itself is valid.
     pub warnings: Vec<String>,
+}
+
+/// `[gpu]`: placements as TOML writes them ("all", or a list of indices).
+#[derive(Debug, Serialize)]
+pub struct GpuReport {
+    pub graph_devices: serde_json::Value,
+    pub python_devices: serde_json::Value,
+    pub memory_growth: bool,
+    /// `None`: TensorFlow's default allocator.
+    pub allocator: Option<String>,
+}
+
+fn placement_value(placement: &crate::gpu::Placement) -> serde_json::Value {
+    match placement {
+        crate::gpu::Placement::All => serde_json::json!("all"),
+        crate::gpu::Placement::Devices(devices) => serde_json::json!(devices),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -573,6 +591,12 @@ impl ConfigReport {
                 network: config.sandbox.network,
                 landlock_abi,
             },
+            gpu: GpuReport {
+                graph_devices: placement_value(&config.gpu.graph),
+                python_devices: placement_value(&config.gpu.python),
+                memory_growth: config.gpu.memory_growth,
+                allocator: config.gpu.allocator.clone(),
+            },
             warnings,
         })
     }
@@ -889,6 +913,15 @@ impl ConfigReport {
             ),
         ]);
         blocks.push(vec![
+            line("gpu.graph_devices", self.gpu.graph_devices.to_string()),
+            line("gpu.python_devices", self.gpu.python_devices.to_string()),
+            line("gpu.memory_growth", self.gpu.memory_growth.to_string()),
+            line(
+                "gpu.allocator",
+                or_text(&self.gpu.allocator, "(TensorFlow's default)"),
+            ),
+        ]);
+        blocks.push(vec![
             line("log.filter", self.log.filter.clone()),
             line("log.format", self.log.format.into()),
         ]);
@@ -1030,6 +1063,11 @@ mod tests {
             [log]
             filter = "debug"
             format = "json"
+            [gpu]
+            graph_devices = [1, 0]
+            python_devices = []
+            memory_growth = false
+            allocator = "cuda_malloc_async"
             "#,
             inline = sha256_hex(INLINE_TOKEN),
             certificate = "ab".repeat(32),
@@ -1116,6 +1154,12 @@ mod tests {
         assert_eq!(policy["max_gpu_hard_limit"]["bytes"], 16u64 << 30);
         assert_eq!(policy["idle"]["timeout"], "1h");
         assert_eq!(policy["idle"]["action"], "close");
+
+        let gpu = &json["gpu"];
+        assert_eq!(gpu["graph_devices"], serde_json::json!([1, 0]));
+        assert_eq!(gpu["python_devices"], serde_json::json!([]));
+        assert_eq!(gpu["memory_growth"], false);
+        assert_eq!(gpu["allocator"], "cuda_malloc_async");
 
         let auth = &json["auth"];
         assert_eq!(auth["allow_unauthenticated"], false);

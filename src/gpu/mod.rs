@@ -6,7 +6,9 @@
 //! `Nvml::init`), so a host without the driver runs exactly as without this module: `Gpus`
 //! then holds no backend, says "no NVIDIA driver ..." once, and every sample is `None`
 //! without a call or a file read. Everything else here is pure and tested with made-up
-//! samples: `attribution.rs` (a worker's share of each device, summed over its processes).
+//! samples: `attribution.rs` (a worker's share of each device, summed over its processes),
+//! `placement.rs` (which devices a worker may see, as `CUDA_VISIBLE_DEVICES`) and
+//! `config.rs` (the `[gpu]` table).
 //!
 //! NVML reports host pids. tfsd matches them with `/proc`, so a containerised tfsd must
 //! share the host's pid namespace (`docker run --pid=host`, Kubernetes `hostPID: true`);
@@ -16,11 +18,15 @@
 //! `policy/` decide what they mean.
 
 pub mod attribution;
+pub mod config;
 mod nvml;
+pub mod placement;
 
 use std::collections::HashMap;
 
 pub use attribution::{GpuUsage, ProcFs, ProcessTree};
+pub use config::GpuConfig;
+pub use placement::{GpuRequest, Placement, PlacementError};
 
 /// One process on one device, as NVML lists it. `used_bytes` is `None` where the driver
 /// cannot say (NVML's "not available").

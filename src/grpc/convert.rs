@@ -137,6 +137,28 @@ fn memory_policy_to_api(policy: SessionPolicy) -> api::MemoryPolicy {
     }
 }
 
+/// A client's GPU request; `Err` when it contradicts itself.
+pub fn gpu_request(
+    placement: Option<api::GpuPlacement>,
+) -> Result<crate::gpu::GpuRequest, crate::error::Error> {
+    use crate::gpu::GpuRequest;
+    Ok(match placement {
+        None => GpuRequest::Any,
+        Some(api::GpuPlacement {
+            devices,
+            none: true,
+        }) if !devices.is_empty() => {
+            return Err(crate::error::Error::InvalidArgument(
+                "gpus.none is set and gpus.devices names GPUs: ask for one or the other"
+                    .to_string(),
+            ));
+        }
+        Some(api::GpuPlacement { none: true, .. }) => GpuRequest::None,
+        Some(api::GpuPlacement { devices, .. }) if devices.is_empty() => GpuRequest::Any,
+        Some(api::GpuPlacement { devices, .. }) => GpuRequest::Devices(devices),
+    })
+}
+
 /// A client's requested memory policy (0 and UNSPECIFIED mean "the daemon's default").
 pub fn memory_policy_from_api(policy: Option<api::MemoryPolicy>) -> SessionPolicy {
     let Some(policy) = policy else {

@@ -56,6 +56,14 @@ fn validate_memory_policy(
                 policy.hard_limit_bytes, policy.soft_limit_bytes
             )));
         }
+        if policy.gpu_hard_limit_bytes > 0
+            && policy.gpu_hard_limit_bytes < policy.gpu_soft_limit_bytes
+        {
+            return Err(Status::invalid_argument(format!(
+                "memory_policy.gpu_hard_limit_bytes ({}) is below gpu_soft_limit_bytes ({})",
+                policy.gpu_hard_limit_bytes, policy.gpu_soft_limit_bytes
+            )));
+        }
     }
     Ok(convert::memory_policy_from_api(policy))
 }
@@ -80,6 +88,7 @@ impl api::session_service_server::SessionService for SessionService {
         let caller = Caller::of(&request);
         let request = request.into_inner();
         let policy = validate_memory_policy(request.memory_policy)?;
+        let gpus = convert::gpu_request(request.gpus)?;
         limits::check_client_labels(&request.labels)?;
         let runtime = api::Runtime::try_from(request.runtime).map_err(|_| {
             Status::invalid_argument(format!("runtime = {} is not a Runtime", request.runtime))
@@ -96,6 +105,7 @@ impl api::session_service_server::SessionService for SessionService {
                         request.config.into(),
                         request.labels.into_iter().collect(),
                         policy,
+                        gpus,
                     )
                     .await?
             }
@@ -114,7 +124,12 @@ impl api::session_service_server::SessionService for SessionService {
                     ));
                 }
                 self.manager
-                    .create_python_owned(admitted, request.labels.into_iter().collect(), policy)
+                    .create_python_owned(
+                        admitted,
+                        request.labels.into_iter().collect(),
+                        policy,
+                        gpus,
+                    )
                     .await?
             }
         };

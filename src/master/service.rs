@@ -197,6 +197,8 @@ impl tf::master_service_server::MasterService for MasterService {
                     preserve_variables: true,
                     ..SessionPolicy::default()
                 },
+                // TensorFlow's client has no way to ask: the pool's GPUs.
+                crate::gpu::GpuRequest::Any,
             )
             .await
             .map_err(errors::status)?;

@@ -177,6 +177,9 @@ impl SessionManager {
                     &record.graph_def,
                     &record.config.clone().into(),
                     record.policy.hard_limit_bytes,
+                    // The store keeps no GPU placement: a restored session sees what its
+                    // pool's workers see.
+                    &std::collections::BTreeMap::new(),
                 )
                 .await
             {
@@ -193,6 +196,7 @@ impl SessionManager {
                 durable_variables: record.durable_variables,
                 labels: record.labels.clone(),
                 policy: self.policy.with_gpu_defaults(record.policy),
+                gpu_env: std::collections::BTreeMap::new(),
                 graph_def: record.graph_def.clone(),
                 config: record.config.clone().into(),
             }));

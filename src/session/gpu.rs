@@ -3,28 +3,56 @@
 //! policy's observations), and the devices for GetDaemonStatus. Without an NVIDIA driver
 //! every function here returns at once: `Gpus::sample` is `None` without a call.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{SessionManager, SessionSnapshot};
-use crate::gpu::{GpuSample, Gpus};
+use super::{Runtime, SessionManager, SessionSnapshot};
+use crate::error::{Error, Result};
+use crate::gpu::placement::{self, PlacementError};
+use crate::gpu::{GpuConfig, GpuRequest, GpuSample, Gpus};
 use crate::memory::MemoryUsage;
 use crate::worker::WorkerProcess;
 
 impl SessionManager {
-    /// Gives the manager the host's GPUs (once, at start-up); without it, GPU figures are
-    /// empty, as on a host without a driver.
-    pub fn attach_gpus(&self, gpus: Arc<Gpus>) {
-        let _ = self.gpus.set(gpus);
+    /// Gives the manager the host's GPUs and the `[gpu]` config (once, at start-up);
+    /// without it, GPU figures are empty and only "any GPU" requests are taken, as on a
+    /// host without a driver.
+    pub fn attach_gpus(&self, gpus: Arc<Gpus>, config: GpuConfig) {
+        let _ = self.gpus.set((gpus, config));
     }
 
     /// The host's GPUs; `None` before `attach_gpus`.
     pub fn gpus(&self) -> Option<&Arc<Gpus>> {
-        self.gpus.get()
+        self.gpus.get().map(|(gpus, _)| gpus)
     }
 
     /// One sample of every device; `None` without a driver.
     pub(super) fn gpu_sample(&self) -> Option<GpuSample> {
-        self.gpus.get()?.sample()
+        self.gpus.get()?.0.sample()
+    }
+
+    /// What a worker of `runtime` needs on top of its pool's environment to see the GPUs
+    /// `request` asks for (empty: a warm worker will do), or why the request cannot be met.
+    pub(super) fn gpu_env_for(
+        &self,
+        runtime: Runtime,
+        request: &GpuRequest,
+    ) -> Result<BTreeMap<String, String>> {
+        let default_config = GpuConfig::default();
+        let (count, host, config) = match self.gpus.get() {
+            Some((gpus, config)) => (gpus.device_count(), gpus.description(), config),
+            None => (0, "GPUs not detected", &default_config),
+        };
+        let (pool, key) = match runtime {
+            Runtime::Graph => (&config.graph, "gpu.graph_devices"),
+            Runtime::Python => (&config.python, "gpu.python_devices"),
+        };
+        let placement =
+            placement::resolve(request, pool, key, count, host).map_err(|error| match error {
+                PlacementError::Invalid(message) => Error::InvalidArgument(message),
+                PlacementError::Unavailable(message) => Error::FailedPrecondition(message),
+            })?;
+        Ok(placement::env_override(&placement, pool))
     }
 
     /// `worker`'s memory now, its GPU memory included.
@@ -53,7 +81,7 @@ impl SessionManager {
 
     /// The devices in one line, and each device's figures, for GetDaemonStatus.
     pub(super) fn gpu_status(&self) -> (String, Vec<crate::gpu::DeviceSample>) {
-        let Some(gpus) = self.gpus.get() else {
+        let Some((gpus, _)) = self.gpus.get() else {
             return (String::new(), Vec::new());
         };
         let devices = gpus

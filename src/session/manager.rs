@@ -107,7 +107,7 @@ pub struct SessionManager {
     /// start-up; GetDaemonStatus reports them).
     confinement: std::sync::OnceLock<(String, String)>,
     /// The host's GPUs (NVML), set once at start-up (`gpu.rs`).
-    pub(super) gpus: std::sync::OnceLock<Arc<crate::gpu::Gpus>>,
+    pub(super) gpus: std::sync::OnceLock<(Arc<crate::gpu::Gpus>, crate::gpu::GpuConfig)>,
 }
 
 /// Sessions admission counts beyond the registry, per owner.
@@ -362,6 +362,10 @@ impl SessionManager {
 
     /// Creates a graph session for `owner`, who then owns it: clients see and act on their
     /// own sessions only ("" when authentication is off).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one per part of a CreateSessionRequest; both callers name each one"
+    )]
     pub async fn create_owned(
         self: &Arc<Self>,
         admitted: Admitted,
@@ -370,8 +374,10 @@ impl SessionManager {
         config: Bytes,
         labels: BTreeMap<String, String>,
         policy: SessionPolicy,
+        gpus: crate::gpu::GpuRequest,
     ) -> Result<SessionSnapshot> {
         let definition = SessionDefinition {
+            gpu_env: self.gpu_env_for(Runtime::Graph, &gpus)?,
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Graph,
             owner: admitted.0.owner.clone(),
@@ -392,9 +398,11 @@ impl SessionManager {
         admitted: Admitted,
         labels: BTreeMap<String, String>,
         policy: SessionPolicy,
+        gpus: crate::gpu::GpuRequest,
     ) -> Result<SessionSnapshot> {
         self.pools.of(Runtime::Python)?;
         let definition = SessionDefinition {
+            gpu_env: self.gpu_env_for(Runtime::Python, &gpus)?,
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Python,
             owner: admitted.0.owner.clone(),
@@ -420,6 +428,7 @@ impl SessionManager {
                     &definition.graph_def,
                     &definition.config,
                     definition.policy.hard_limit_bytes,
+                    &definition.gpu_env,
                     Urgency::Create,
                 )
                 .await?;
@@ -480,9 +489,17 @@ impl SessionManager {
         graph_def: &[u8],
         config: &Bytes,
         hard_limit: Option<u64>,
+        gpu_env: &BTreeMap<String, String>,
     ) -> Result<Arc<WorkerProcess>> {
-        self.start_worker_for(runtime, graph_def, config, hard_limit, Urgency::Existing)
-            .await
+        self.start_worker_for(
+            runtime,
+            graph_def,
+            config,
+            hard_limit,
+            gpu_env,
+            Urgency::Existing,
+        )
+        .await
     }
 
     /// `start_worker`, for a new session (`Urgency::Create`: refused when too many creates
@@ -493,6 +510,7 @@ impl SessionManager {
         graph_def: &[u8],
         config: &Bytes,
         hard_limit: Option<u64>,
+        gpu_env: &BTreeMap<String, String>,
         urgency: Urgency,
     ) -> Result<Arc<WorkerProcess>> {
         // A worker killed while it starts or loads (the OOM killer, an operator, chaos) is
@@ -501,7 +519,7 @@ impl SessionManager {
         let mut attempt = 1;
         loop {
             match self
-                .start_worker_once(runtime, graph_def, config, hard_limit, urgency)
+                .start_worker_once(runtime, graph_def, config, hard_limit, gpu_env, urgency)
                 .await
             {
                 Err(error @ (Error::WorkerDied { .. } | Error::WorkerStart(_)))
@@ -521,12 +539,13 @@ impl SessionManager {
         graph_def: &[u8],
         config: &Bytes,
         hard_limit: Option<u64>,
+        gpu_env: &BTreeMap<String, String>,
         urgency: Urgency,
     ) -> Result<Arc<WorkerProcess>> {
         let pool = self.pools.of(runtime)?;
         // The drain does not wait for starts still queued at the gate.
         let taken = tokio::select! {
-            taken = pool.take(urgency) => taken,
+            taken = pool.take_with_env(urgency, gpu_env) => taken,
             _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
         };
         let worker = taken.map_err(|error| match error {
@@ -878,6 +897,7 @@ impl SessionManager {
                     &core.graph_def,
                     &core.config,
                     session.policy.hard_limit_bytes,
+                    &session.gpu_env,
                 )
                 .await?;
             if let Some(state) = carried.filter(|state| !state.is_empty()) {

@@ -202,6 +202,9 @@ pub struct Session {
     labels: BTreeMap<String, String>,
     /// The effective memory policy (the session's request capped by the operator's maxima).
     policy: SessionPolicy,
+    /// What its workers need on top of their pool's environment to see the GPUs it asked
+    /// for (`gpu::placement::env_override`); empty: any warm worker will do.
+    gpu_env: BTreeMap<String, String>,
     created_at: SystemTime,
     core: tokio::sync::RwLock<SessionCore>,
     worker: WorkerSlot,
@@ -218,6 +221,7 @@ struct SessionDefinition {
     durable_variables: bool,
     labels: BTreeMap<String, String>,
     policy: SessionPolicy,
+    gpu_env: BTreeMap<String, String>,
     graph_def: Vec<u8>,
     config: Bytes,
 }
@@ -232,6 +236,7 @@ impl Session {
             durable_variables,
             labels,
             policy,
+            gpu_env,
             graph_def,
             config,
         } = definition;
@@ -243,6 +248,7 @@ impl Session {
             durable_variables,
             labels,
             policy,
+            gpu_env,
             created_at: now,
             worker: WorkerSlot::default(),
             call_turn: tokio::sync::Mutex::new(()),

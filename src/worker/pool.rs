@@ -290,9 +290,39 @@ impl WarmPool {
         }
     }
 
+    /// A worker whose environment is the pool's with `overrides` on top: a ready one from
+    /// the pool when the overrides change nothing, else one started for this take alone
+    /// (through the start gate). What a worker sees at start-up it keeps: CUDA reads
+    /// `CUDA_VISIBLE_DEVICES` once, at initialisation, so a session asking for other GPUs
+    /// than the pool's cannot be served by a warm worker.
+    pub async fn take_with_env(
+        &self,
+        urgency: Urgency,
+        overrides: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Arc<WorkerProcess>, WorkerError> {
+        if overrides
+            .iter()
+            .all(|(key, value)| self.spec.env.get(key) == Some(value))
+        {
+            return self.take(urgency).await;
+        }
+        let mut spec = self.spec.clone();
+        spec.env
+            .extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.spawn_from(&spec, urgency).await
+    }
+
     async fn spawn(&self, urgency: Urgency) -> Result<Arc<WorkerProcess>, WorkerError> {
+        self.spawn_from(&self.spec, urgency).await
+    }
+
+    async fn spawn_from(
+        &self,
+        spec: &WorkerSpec,
+        urgency: Urgency,
+    ) -> Result<Arc<WorkerProcess>, WorkerError> {
         let _slot = self.gate.enter(urgency).await?;
-        let started = WorkerProcess::spawn(&self.spec).await;
+        let started = WorkerProcess::spawn(spec).await;
         if let Ok(worker) = &started {
             let mut all = self.started.lock().unwrap_or_else(|e| e.into_inner());
             all.retain(|weak| weak.strong_count() > 0);
