@@ -353,3 +353,27 @@ async fn a_gpu_this_host_lacks_is_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn the_device_check_skips_cleanly_without_a_gpu() {
+    if host_has_nvml() {
+        eprintln!("this host has an NVIDIA driver: the device check is run by hand there");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/device-check-gpu");
+    let output = Command::new(script)
+        .output()
+        .expect("run scripts/device-check-gpu");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line: {stdout}");
+    let report: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+    assert_eq!(report["gpu"], false);
+    assert!(
+        report["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.starts_with("no GPU")),
+        "{report}"
+    );
+}
