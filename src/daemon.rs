@@ -176,6 +176,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // NVML is loaded here or never: without the driver nothing GPU-related runs again.
     let gpus = crate::gpu::Gpus::detect();
     tracing::info!("GPUs: {}", gpus.description());
+    for warning in config.gpu.missing_devices(gpus.device_count()) {
+        tracing::warn!("{warning}");
+    }
     manager.attach_gpus(Arc::new(gpus), config.gpu.clone());
     if let (Some(store), Some(state)) = (store, &config.state) {
         manager.attach_store(store);

@@ -20,7 +20,11 @@ fn host_has_nvml() -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_says_once_which_gpus_it_sees() {
     let info = std::ffi::OsStr::new("info");
-    let (daemon, log) = Daemon::start_capturing_log(&[("RUST_LOG", info)]);
+    // A device no host here has (NVML indices run from 0), to see the warning.
+    let dir = TempDir::new("gpu-status");
+    let config = dir.config("[gpu]\ngraph_devices = [63]\n");
+    let (daemon, log) =
+        Daemon::start_capturing_log_with(&["--config", &config], &[("RUST_LOG", info)]);
     let mut client = daemon.client().await;
     let status = client
         .get_daemon_status(api::GetDaemonStatusRequest {})
@@ -45,20 +49,22 @@ async fn the_daemon_says_once_which_gpus_it_sees() {
         );
         assert!(!metrics.contains("tfsd_session_gpu_bytes{"), "{metrics}");
     }
-    // Said once in the log, at start-up (the log is read up to the line, with a deadline).
+    // Said once in the log, at start-up, then the warning about the configured device (the
+    // log is read up to the lines, with a deadline).
     let started = Instant::now();
-    let mut said = 0;
-    while started.elapsed() < DEADLINE {
+    let (mut said, mut warned) = (0, false);
+    while started.elapsed() < DEADLINE && !warned {
         let Ok(line) = log.recv_timeout(DEADLINE) else {
             break;
         };
         if line.contains("GPUs: ") {
             said += 1;
             assert!(line.contains(&status.gpu), "{line}");
-            break;
         }
+        warned |= line.contains("gpu.graph_devices names GPUs [63]");
     }
-    assert_eq!(said, 1, "no 'GPUs: ' line in the daemon's log");
+    assert_eq!(said, 1, "one 'GPUs: ' line in the daemon's log");
+    assert!(warned, "no warning about gpu.graph_devices");
 
     // The CLI shows the same line.
     let output = Command::new(env!("CARGO_BIN_EXE_tfsd"))

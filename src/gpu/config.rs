@@ -86,6 +86,34 @@ impl GpuConfig {
         })
     }
 
+    /// One warning per pool whose configured devices this host (`host_devices` devices per
+    /// NVML) does not have: CUDA skips a missing index and every one after it, so such a
+    /// pool's workers may see fewer GPUs than the config says.
+    pub fn missing_devices(&self, host_devices: u32) -> Vec<String> {
+        [
+            ("gpu.graph_devices", &self.graph),
+            ("gpu.python_devices", &self.python),
+        ]
+        .into_iter()
+        .filter_map(|(key, placement)| {
+            let Placement::Devices(devices) = placement else {
+                return None;
+            };
+            let missing: Vec<u32> = devices
+                .iter()
+                .copied()
+                .filter(|d| *d >= host_devices)
+                .collect();
+            (!missing.is_empty()).then(|| {
+                format!(
+                    "{key} names GPUs {missing:?} but NVML shows {host_devices} here: its \
+                     workers will not see them"
+                )
+            })
+        })
+        .collect()
+    }
+
     /// A pool's worker environment: tfsd's GPU defaults, then the operator's `env` (which
     /// wins, e.g. for `TF_FORCE_GPU_ALLOW_GROWTH`), then the pool's placement (which wins
     /// over everything: it is what the config promises).
@@ -157,6 +185,19 @@ mod tests {
         );
         assert_eq!(env["TF_FORCE_GPU_ALLOW_GROWTH"], "true");
         assert_eq!(env["CUDA_VISIBLE_DEVICES"], "1,0");
+    }
+
+    #[test]
+    fn devices_the_host_lacks_are_warned_about() {
+        let config = gpu("graph_devices = [0, 2]\npython_devices = []").expect("valid");
+        assert!(config.missing_devices(3).is_empty());
+        let warnings = config.missing_devices(1);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].starts_with("gpu.graph_devices names GPUs [2]"),
+            "{warnings:?}"
+        );
+        assert!(gpu("").expect("valid").missing_devices(0).is_empty());
     }
 
     #[test]
