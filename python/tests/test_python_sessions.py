@@ -485,3 +485,30 @@ def test_the_package_installs_with_plain_pip(python_daemon, tmp_path):
     assert versions.returncode == 0, versions.stderr
     print(f"fresh venv: protobuf, grpcio = {versions.stdout.strip()}")
     run_client(python, python_daemon.address, env=env)
+
+
+# --- GPUs ------------------------------------------------------------------------------------
+
+
+def cuda_visible_devices():
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_gpu_placement_and_limits_through_the_client(tfsd):
+    """`gpus` and the GPU limits reach the daemon: a session asking for no GPU runs in a worker
+    that sees none, and its limits come back as the effective policy. On a host without GPUs
+    (where this suite runs) its memory lists no device, and a GPU is refused by name."""
+    policy = {"gpu_soft_limit_bytes": 1 << 30, "gpu_hard_limit_bytes": 2 << 30}
+    with tfsd.python_session(gpus="none", memory_policy=policy) as session:
+        assert session.call(cuda_visible_devices) == "-1"
+        info = tfsd.session(session.session_id)
+        assert info.memory_policy.gpu_soft_limit_bytes == 1 << 30
+        assert info.memory_policy.gpu_hard_limit_bytes == 2 << 30
+        assert info.memory.gpu == {}
+    with pytest.raises(ValueError, match="gpus must be"):
+        tfsd.python_session(gpus="all of them")
+    status = tfsd.status()
+    if status.gpu.startswith("no NVIDIA driver"):
+        with pytest.raises(tfsd_client.TfsdError) as refused:
+            tfsd.python_session(gpus=[0])
+        assert "the session asks for GPU 0 but this host has no GPU" in str(refused.value)

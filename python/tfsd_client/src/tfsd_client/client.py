@@ -12,7 +12,7 @@ import codecs
 import datetime as _dt
 import pickle
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
 
@@ -130,6 +130,9 @@ class RemoteError(Exception):
 class Memory:
     rss_bytes: int
     private_bytes: int
+    gpu: dict[int, int] = field(default_factory=dict)
+    """GPU memory of the worker's processes, bytes per device (NVML's index); empty without
+    GPUs."""
 
 
 _GENTLE_ACTIONS = ("purge_variables", "reset_graph")
@@ -144,14 +147,18 @@ class MemoryPolicy:
     enough. Above `hard_limit_bytes`: a recycle at once, and a running call fails with
     TfsdError RESOURCE_EXHAUSTED. `gentle_action` is "purge_variables", "reset_graph" or None
     for the daemon's default; `preserve_variables` carries state over when the policy
-    recycles. Every limit is capped by the operator's maxima: `SessionInfo.memory_policy`
-    has the effective values. `python_session(memory_policy=...)` also takes a dict with
+    recycles. `gpu_soft_limit_bytes` and `gpu_hard_limit_bytes` hold the session's GPU memory
+    (summed over its devices) the same way, except that a breach goes straight to a recycle: no
+    reset gives a GPU allocator's pool back. Every limit is capped by the operator's maxima:
+    `SessionInfo.memory_policy` has the effective values. `python_session(memory_policy=...)` also takes a dict with
     these keys."""
 
     soft_limit_bytes: int = 0
     hard_limit_bytes: int = 0
     gentle_action: str | None = None
     preserve_variables: bool = False
+    gpu_soft_limit_bytes: int = 0
+    gpu_hard_limit_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.gentle_action is not None and self.gentle_action not in _GENTLE_ACTIONS:
@@ -159,7 +166,12 @@ class MemoryPolicy:
                 f"gentle_action must be one of {_GENTLE_ACTIONS} or None, "
                 f"not {self.gentle_action!r}"
             )
-        for name in ("soft_limit_bytes", "hard_limit_bytes"):
+        for name in (
+            "soft_limit_bytes",
+            "hard_limit_bytes",
+            "gpu_soft_limit_bytes",
+            "gpu_hard_limit_bytes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, not {value!r}")
@@ -261,6 +273,9 @@ class DaemonStatus:
     python_runtime: str = ""
     """What a Python worker reported (Python, TensorFlow and Keras versions); empty until one
     has started."""
+    gpu: str = ""
+    """The GPUs the daemon sees ("1 GPU: 0 NVIDIA H200 (139.8 GiB)"), or why none ("no NVIDIA
+    driver (...)")."""
 
 
 SessionRef = Union[str, SessionInfo, "PythonSession"]
@@ -280,7 +295,11 @@ def _time(timestamp) -> _dt.datetime:
 
 
 def _memory(message) -> Memory:
-    return Memory(rss_bytes=message.rss_bytes, private_bytes=message.private_bytes)
+    return Memory(
+        rss_bytes=message.rss_bytes,
+        private_bytes=message.private_bytes,
+        gpu={usage.gpu: usage.used_bytes for usage in getattr(message, "gpu", ())},
+    )
 
 
 class Tfsd:
@@ -359,6 +378,8 @@ class Tfsd:
             hard_limit_bytes=policy.hard_limit_bytes,
             gentle_action=action if action in _GENTLE_ACTIONS else None,
             preserve_variables=policy.preserve_variables,
+            gpu_soft_limit_bytes=policy.gpu_soft_limit_bytes,
+            gpu_hard_limit_bytes=policy.gpu_hard_limit_bytes,
         )
 
     def _memory_policy_message(self, policy: MemoryPolicy | Mapping[str, Any]):
@@ -369,6 +390,8 @@ class Tfsd:
             hard_limit_bytes=policy.hard_limit_bytes,
             gentle_action=self._pb2.GentleAction.Value(action),
             preserve_variables=policy.preserve_variables,
+            gpu_soft_limit_bytes=policy.gpu_soft_limit_bytes,
+            gpu_hard_limit_bytes=policy.gpu_hard_limit_bytes,
         )
 
     def _reset(self, response) -> ResetResult:
@@ -485,6 +508,7 @@ class Tfsd:
             warm_python_workers=status.warm_python_workers,
             warm_python_pool_size=status.warm_python_pool_size,
             python_runtime=status.python_runtime,
+            gpu=getattr(status, "gpu", ""),
         )
 
     def watch(self, session: SessionRef | None = None, *, timeout: float | None = None) -> Events:
@@ -508,6 +532,7 @@ class Tfsd:
         labels: Mapping[str, str] | None = None,
         memory_policy: MemoryPolicy | Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        gpus: str | Sequence[int] = "any",
     ) -> PythonSession:
         """A new Python session: one of the daemon's warm Python interpreters (TensorFlow and
         Keras already imported), kept until `close()` (or the end of a `with` block).
@@ -515,13 +540,26 @@ class Tfsd:
         `labels` are free-form labels for operators; `memory_policy` a `MemoryPolicy` or a
         dict of its fields (`{"soft_limit_bytes": ..., "hard_limit_bytes": ...}`); `timeout`
         the default limit for each `call`, in seconds (None: no limit; see
-        `PythonSession.timeout`). Fails with TfsdError (FAILED_PRECONDITION, UNAVAILABLE...)
+        `PythonSession.timeout`). `gpus` is which GPUs the session's worker may use: "any"
+        (those its pool's workers see), "none", or a list of device indices (nvidia-smi's
+        order), which gets a worker started for the session when it differs from the pool's.
+        Fails with TfsdError (FAILED_PRECONDITION, UNAVAILABLE...)
         when the daemon has no Python sessions configured or cannot start one."""
         request = self._pb2.CreateSessionRequest(
             labels=dict(labels or {}), runtime=self._pb2.RUNTIME_PYTHON
         )
         if memory_policy is not None:
             request.memory_policy.CopyFrom(self._memory_policy_message(memory_policy))
+        if gpus == "none":
+            request.gpus.none = True
+        elif gpus != "any":
+            if isinstance(gpus, str) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in gpus
+            ):
+                raise ValueError(
+                    f'gpus must be "any", "none" or a list of GPU indices, not {gpus!r}'
+                )
+            request.gpus.devices.extend(gpus)
         info = self._session(self._call("CreateSession", request).session)
         return PythonSession(self, info.session_id, timeout=timeout)
 
