@@ -150,8 +150,8 @@ class MemoryPolicy:
     recycles. `gpu_soft_limit_bytes` and `gpu_hard_limit_bytes` hold the session's GPU memory
     (summed over its devices) the same way, except that a breach goes straight to a recycle: no
     reset gives a GPU allocator's pool back. Every limit is capped by the operator's maxima:
-    `SessionInfo.memory_policy` has the effective values. `python_session(memory_policy=...)` also takes a dict with
-    these keys."""
+    `SessionInfo.memory_policy` has the effective values. `python_session(memory_policy=...)`
+    also takes a dict with these keys."""
 
     soft_limit_bytes: int = 0
     hard_limit_bytes: int = 0
