@@ -278,6 +278,8 @@ def main() -> int:
         figures["other_processes_before"] = len(others_before)
         if missing:
             failures.append(f"processes not tfsd's left the device: {sorted(missing)}")
+    except grpc.RpcError as error:
+        failures.append(f"{error.code().name}: {error.details()}")
     except Exception as error:  # every failure ends in the JSON line, not a traceback alone
         failures.append(f"{type(error).__name__}: {error}")
     finally:
