@@ -229,6 +229,32 @@ mod tests {
     }
 
     #[test]
+    fn a_real_workers_descendants_are_found_through_proc() {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        // A stand-in worker leading its own process group, as workers do, with a child.
+        let mut worker = std::process::Command::new("sh")
+            .args(["-c", "sleep 60 & echo $!; wait"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let mut line = String::new();
+        std::io::BufReader::new(worker.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the child's pid");
+        let child: u32 = line.trim().parse().expect("a pid");
+        let workers = HashSet::from([worker.id()]);
+        assert_eq!(owner(worker.id(), &workers, &ProcFs), Some(worker.id()));
+        assert_eq!(owner(child, &workers, &ProcFs), Some(worker.id()));
+        // This test's own process belongs to no such worker.
+        assert_eq!(owner(std::process::id(), &workers, &ProcFs), None);
+        // SAFETY: kill(2) on the process group this test created.
+        unsafe { libc::kill(-(worker.id() as i32), libc::SIGKILL) };
+        let _ = worker.wait();
+    }
+
+    #[test]
     fn stat_lines_are_read_after_the_command_name() {
         assert_eq!(
             parse_stat("4242 (python3 (tfsd) x) S 4200 4242 4242 0 -1 4194560 ..."),
