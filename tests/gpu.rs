@@ -248,6 +248,14 @@ async fn a_pool_configured_without_gpus_hides_them_from_its_workers() {
         env.contains("TF_GPU_ALLOCATOR=cuda_malloc_async\n"),
         "{env}"
     );
+    // The pool's placement is the session's.
+    assert_eq!(
+        session.gpus,
+        Some(api::GpuPlacement {
+            devices: Vec::new(),
+            none: true
+        })
+    );
     // A GPU the pool does not allow is refused, naming the key (or, on a GPU-less host,
     // the missing GPU first).
     let refused = client
@@ -294,6 +302,26 @@ async fn a_session_asking_for_no_gpu_gets_a_worker_of_its_own_across_recycles() 
     .await;
     let env = gpu_environment(&mut client, &none.session_id).await;
     assert!(env.contains("CUDA_VISIBLE_DEVICES=-1\n"), "{env}");
+    // SessionInfo says which GPUs each sees.
+    assert_eq!(
+        none.gpus,
+        Some(api::GpuPlacement {
+            devices: Vec::new(),
+            none: true
+        })
+    );
+    assert_eq!(any.gpus, Some(api::GpuPlacement::default()));
+    let output = Command::new(env!("CARGO_BIN_EXE_tfsd"))
+        .args(["--address", &daemon.address, "show", &none.session_id])
+        .output()
+        .expect("tfsd show");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("GPUs ") && line.ends_with("none")),
+        "{stdout}"
+    );
     // and so does every worker after it.
     let recycled = client
         .recycle_session(api::RecycleSessionRequest {

@@ -150,6 +150,18 @@ impl Human for SessionReport {
             ("worker pid", self.worker_pid.to_string()),
             ("memory", memory_pair(self.memory)),
             ("GPU memory", gpu_per_device(&self.gpu)),
+            (
+                "GPUs",
+                match &self.gpus {
+                    None => "all the daemon sees".into(),
+                    Some(devices) if devices.is_empty() => "none".into(),
+                    Some(devices) => devices
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                },
+            ),
             ("graph version", self.graph_version.to_string()),
             (
                 "runs",

@@ -193,6 +193,9 @@ pub struct SessionReport {
     pub memory: Option<MemoryReport>,
     /// GPU memory per device (empty when the session holds none, or without a driver).
     pub gpu: Vec<GpuMemoryReport>,
+    /// The GPUs its worker sees: device indices (`[]`: none), or `null`: every GPU the
+    /// daemon sees.
+    pub gpus: Option<Vec<u32>>,
     pub graph_version: u64,
     pub run_count: u64,
     /// Python sessions: calls made.
@@ -226,6 +229,11 @@ impl SessionReport {
             worker_pid: session.worker_pid,
             memory: MemoryReport::from_proto(session.memory.as_ref()),
             gpu: GpuMemoryReport::from_proto(session.memory.as_ref()),
+            gpus: match &session.gpus {
+                Some(placement) if placement.none => Some(Vec::new()),
+                Some(placement) if !placement.devices.is_empty() => Some(placement.devices.clone()),
+                _ => None,
+            },
             graph_version: session.graph_version,
             run_count: session.run_count,
             call_count: session.call_count,

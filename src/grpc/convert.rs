@@ -65,6 +65,17 @@ pub fn session(snapshot: SessionSnapshot) -> api::SessionInfo {
         durable_variables: snapshot.durable_variables,
         runtime: runtime(snapshot.runtime) as i32,
         call_count: snapshot.call_count,
+        gpus: Some(gpu_placement(&snapshot.gpu_placement)),
+    }
+}
+
+fn gpu_placement(placement: &crate::gpu::Placement) -> api::GpuPlacement {
+    match placement {
+        crate::gpu::Placement::All => api::GpuPlacement::default(),
+        crate::gpu::Placement::Devices(devices) => api::GpuPlacement {
+            none: devices.is_empty(),
+            devices: devices.clone(),
+        },
     }
 }
 

@@ -203,6 +203,7 @@ mod tests {
             state: crate::session::SessionState::Ready,
             worker_pid: 0,
             memory: crate::memory::MemoryUsage::default(),
+            gpu_placement: crate::gpu::Placement::All,
             graph_version: 0,
             run_count: 0,
             call_count: 0,

@@ -196,7 +196,9 @@ impl SessionManager {
                 durable_variables: record.durable_variables,
                 labels: record.labels.clone(),
                 policy: self.policy.with_gpu_defaults(record.policy),
-                gpu_env: std::collections::BTreeMap::new(),
+                gpus: self
+                    .session_gpus(Runtime::Graph, &crate::gpu::GpuRequest::Any)
+                    .unwrap_or_default(),
                 graph_def: record.graph_def.clone(),
                 config: record.config.clone().into(),
             }));

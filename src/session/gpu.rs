@@ -9,9 +9,18 @@ use std::sync::Arc;
 use super::{Runtime, SessionManager, SessionSnapshot};
 use crate::error::{Error, Result};
 use crate::gpu::placement::{self, PlacementError};
-use crate::gpu::{GpuConfig, GpuRequest, GpuSample, Gpus};
+use crate::gpu::{GpuConfig, GpuRequest, GpuSample, Gpus, Placement};
 use crate::memory::MemoryUsage;
 use crate::worker::WorkerProcess;
+
+/// A session's GPUs: what its workers see, and the environment that makes them see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionGpus {
+    pub placement: Placement,
+    /// On top of the pool's environment (`gpu::placement::env_override`); empty: any warm
+    /// worker will do.
+    pub env: BTreeMap<String, String>,
+}
 
 impl SessionManager {
     /// Gives the manager the host's GPUs and the `[gpu]` config (once, at start-up);
@@ -31,13 +40,13 @@ impl SessionManager {
         self.gpus.get()?.0.sample()
     }
 
-    /// What a worker of `runtime` needs on top of its pool's environment to see the GPUs
-    /// `request` asks for (empty: a warm worker will do), or why the request cannot be met.
-    pub(super) fn gpu_env_for(
+    /// The GPUs a session of `runtime` asking `request` gets, and what its workers need on
+    /// top of their pool's environment for it, or why the request cannot be met.
+    pub(super) fn session_gpus(
         &self,
         runtime: Runtime,
         request: &GpuRequest,
-    ) -> Result<BTreeMap<String, String>> {
+    ) -> Result<SessionGpus> {
         let default_config = GpuConfig::default();
         let (count, host, config) = match self.gpus.get() {
             Some((gpus, config)) => (gpus.device_count(), gpus.description(), config),
@@ -52,7 +61,10 @@ impl SessionManager {
                 PlacementError::Invalid(message) => Error::InvalidArgument(message),
                 PlacementError::Unavailable(message) => Error::FailedPrecondition(message),
             })?;
-        Ok(placement::env_override(&placement, pool))
+        Ok(SessionGpus {
+            env: placement::env_override(&placement, pool),
+            placement,
+        })
     }
 
     /// `worker`'s memory now, its GPU memory included.

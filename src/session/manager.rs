@@ -377,7 +377,7 @@ impl SessionManager {
         gpus: crate::gpu::GpuRequest,
     ) -> Result<SessionSnapshot> {
         let definition = SessionDefinition {
-            gpu_env: self.gpu_env_for(Runtime::Graph, &gpus)?,
+            gpus: self.session_gpus(Runtime::Graph, &gpus)?,
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Graph,
             owner: admitted.0.owner.clone(),
@@ -402,7 +402,7 @@ impl SessionManager {
     ) -> Result<SessionSnapshot> {
         self.pools.of(Runtime::Python)?;
         let definition = SessionDefinition {
-            gpu_env: self.gpu_env_for(Runtime::Python, &gpus)?,
+            gpus: self.session_gpus(Runtime::Python, &gpus)?,
             id: format!("s-{}", uuid::Uuid::new_v4().simple()),
             runtime: Runtime::Python,
             owner: admitted.0.owner.clone(),
@@ -428,7 +428,7 @@ impl SessionManager {
                     &definition.graph_def,
                     &definition.config,
                     definition.policy.hard_limit_bytes,
-                    &definition.gpu_env,
+                    &definition.gpus.env,
                     Urgency::Create,
                 )
                 .await?;
@@ -897,7 +897,7 @@ impl SessionManager {
                     &core.graph_def,
                     &core.config,
                     session.policy.hard_limit_bytes,
-                    &session.gpu_env,
+                    &session.gpus.env,
                 )
                 .await?;
             if let Some(state) = carried.filter(|state| !state.is_empty()) {

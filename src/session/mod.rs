@@ -75,6 +75,8 @@ pub struct SessionSnapshot {
     pub policy: SessionPolicy,
     pub unhealthy: bool,
     pub automatic_action_count: u64,
+    /// The GPUs its worker sees.
+    pub gpu_placement: crate::gpu::Placement,
 }
 
 /// What a reset, purge or recycle did.
@@ -202,9 +204,8 @@ pub struct Session {
     labels: BTreeMap<String, String>,
     /// The effective memory policy (the session's request capped by the operator's maxima).
     policy: SessionPolicy,
-    /// What its workers need on top of their pool's environment to see the GPUs it asked
-    /// for (`gpu::placement::env_override`); empty: any warm worker will do.
-    gpu_env: BTreeMap<String, String>,
+    /// The GPUs its workers see, and the environment that makes them (`gpu.rs`).
+    gpus: gpu::SessionGpus,
     created_at: SystemTime,
     core: tokio::sync::RwLock<SessionCore>,
     worker: WorkerSlot,
@@ -221,7 +222,7 @@ struct SessionDefinition {
     durable_variables: bool,
     labels: BTreeMap<String, String>,
     policy: SessionPolicy,
-    gpu_env: BTreeMap<String, String>,
+    gpus: gpu::SessionGpus,
     graph_def: Vec<u8>,
     config: Bytes,
 }
@@ -236,7 +237,7 @@ impl Session {
             durable_variables,
             labels,
             policy,
-            gpu_env,
+            gpus,
             graph_def,
             config,
         } = definition;
@@ -248,7 +249,7 @@ impl Session {
             durable_variables,
             labels,
             policy,
-            gpu_env,
+            gpus,
             created_at: now,
             worker: WorkerSlot::default(),
             call_turn: tokio::sync::Mutex::new(()),
@@ -356,6 +357,7 @@ impl Session {
             policy: self.policy,
             unhealthy: stats.unhealthy,
             automatic_action_count: stats.automatic_action_count,
+            gpu_placement: self.gpus.placement.clone(),
         }
     }
 }

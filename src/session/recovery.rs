@@ -262,7 +262,7 @@ impl SessionManager {
                 &core.graph_def,
                 &core.config,
                 session.policy.hard_limit_bytes,
-                &session.gpu_env,
+                &session.gpus.env,
             )
             .await
         {
