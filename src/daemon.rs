@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
 use crate::session::{Pools, SessionManager};
+use crate::worker::budget::BufferBudget;
 use crate::worker::{Runtime, StartGate, WarmPool, WorkerSpec};
 
 /// How long open client streams may hold the gRPC server after every session is closed.
@@ -106,6 +107,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("worker sandbox: {sandbox_description}");
     let sandbox = Some(sandbox);
 
+    let budget = config
+        .limits
+        .max_buffered_bytes
+        .map_or_else(BufferBudget::unlimited, BufferBudget::new);
     let shutdown = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -119,6 +124,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         limiter: limiter.clone(),
         sandbox: sandbox.clone(),
+        budget: budget.clone(),
     };
     // One gate for both runtimes: every start competes for the same CPU.
     let gate = StartGate::new(config.workers.starts);
@@ -144,6 +150,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             limiter: limiter.clone(),
             sandbox: sandbox.clone(),
+            budget: budget.clone(),
         };
         WarmPool::start(
             spec,

@@ -203,6 +203,9 @@ pub struct LimitsReport {
     pub max_feed_size: Option<SizeReport>,
     /// "config", "default" or "off".
     pub max_feed_size_from: &'static str,
+    pub max_buffered_size: Option<SizeReport>,
+    /// "config", "default" or "off".
+    pub max_buffered_size_from: &'static str,
     pub max_concurrent_runs_per_session: Option<u32>,
     pub max_run_timeout: Option<String>,
 }
@@ -255,6 +258,7 @@ struct FilePolicy {
 #[derive(Debug, Default, Deserialize)]
 struct FileLimits {
     max_feed_size: Option<String>,
+    max_buffered_size: Option<String>,
 }
 
 /// Where a key's value comes from, as the file writes it: absent or "" is the default.
@@ -523,6 +527,8 @@ impl ConfigReport {
                 max_feed_elements: config.limits.max_feed_elements,
                 max_feed_size: config.limits.max_feed_bytes.map(size),
                 max_feed_size_from: value_from(&file.limits.max_feed_size),
+                max_buffered_size: config.limits.max_buffered_bytes.map(size),
+                max_buffered_size_from: value_from(&file.limits.max_buffered_size),
                 max_concurrent_runs_per_session: config.limits.max_concurrent_runs_per_session,
                 max_run_timeout: config.limits.max_run_timeout.map(toml_duration),
             },
@@ -635,7 +641,10 @@ impl ConfigReport {
                 line("workers.start_wait", self.workers.start_wait.clone()),
                 line(
                     "workers.user",
-                    or_text(&self.workers.user, "(none: the daemon's user)"),
+                    or_text(
+                        &self.workers.user,
+                        "(none: the daemon's user; nobody if that is root)",
+                    ),
                 ),
                 line(
                     "workers.memory_enforcement",
@@ -807,6 +816,14 @@ impl ConfigReport {
                     "default" => format!("{}: default", size_text(&limits.max_feed_size, "")),
                     "off" => "(off)".to_string(),
                     _ => size_text(&limits.max_feed_size, "(none)"),
+                },
+            ),
+            line(
+                "limits.max_buffered_size",
+                match limits.max_buffered_size_from {
+                    "default" => format!("{}: default", size_text(&limits.max_buffered_size, "")),
+                    "off" => "(off)".to_string(),
+                    _ => size_text(&limits.max_buffered_size, "(none)"),
                 },
             ),
             line(
@@ -1261,6 +1278,7 @@ mod tests {
             "limits.max_message_size                 2147483647 bytes (2.0 GiB)\n",
             "limits.max_sessions                     (none)\n",
             "limits.max_feed_size                    536870912 bytes (512 MiB): default\n",
+            "limits.max_buffered_size                1073741824 bytes (1024 MiB): default\n",
             "state.dir  (off: sessions last as long as the daemon)\n",
             "\nlog.filter  info\n",
         ] {
@@ -1323,7 +1341,7 @@ mod tests {
         for line in [
             enabled.as_str(),
             "sandbox.network         false (no sockets but AF_UNIX)\n",
-            "workers.user                   (none: the daemon's user)\n",
+            "workers.user                   (none: the daemon's user; nobody if that is root)\n",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }
