@@ -162,6 +162,31 @@ fn refused_start(config: &str) -> Run {
     }
 }
 
+/// `grpcurl -plaintext -unix -authority localhost ARGS... SOCKET` (ARGS may hold `-d DATA`
+/// and end with the method); fails the test on a non-zero exit.
+fn grpcurl_over(socket: &Path, args: &[&str]) -> String {
+    let grpcurl = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/grpcurl/grpcurl");
+    assert!(
+        grpcurl.exists(),
+        "{} is missing: run scripts/provision-grpcurl (scripts/test does)",
+        grpcurl.display()
+    );
+    let (flags, method) = args.split_at(args.len() - 1);
+    let output = Command::new(grpcurl)
+        .args(["-plaintext", "-unix", "-authority", "localhost"])
+        .args(flags)
+        .arg(socket)
+        .args(method)
+        .output()
+        .expect("run grpcurl");
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
 fn socket_config(socket: &Path, extra: &str) -> String {
     format!("[server]\nunix_socket = {:?}\n{extra}", socket.display())
 }
@@ -237,6 +262,16 @@ async fn tfsd_v1_works_over_the_socket_with_its_mode_and_group() {
     );
     let health = cli(None, &["--address", &address, "health"]);
     assert_eq!(health.code, 0, "{}{}", health.stdout, health.stderr);
+    // grpcurl, through reflection on the socket, with the authority README.md tells it to send.
+    let services = grpcurl_over(&socket, &["list"]);
+    for service in ["tfsd.v1.SessionService", "grpc.health.v1.Health"] {
+        assert!(services.lines().any(|line| line == service), "{services}");
+    }
+    let listed = grpcurl_over(
+        &socket,
+        &["-d", "{}", "tfsd.v1.SessionService/ListSessions"],
+    );
+    assert!(listed.contains(&session.session_id), "{listed}");
     let mut tcp = daemon.client().await;
     let over_tcp = tcp
         .get_session(api::GetSessionRequest {
