@@ -497,3 +497,65 @@ async fn peer_uids_map_to_principals_and_strangers_are_refused() {
         refused.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_socket_drains_with_the_daemon() {
+    let dir = TempDir::new("uds-drain");
+    let socket = dir.0.join("tfsd.sock");
+    let config = dir.config(&socket_config(&socket, "drain_timeout = \"2s\"\n"));
+    let mut daemon = Daemon::start_with(&["--config", &config]);
+    let address = format!("unix:{}", socket.display());
+    let mut client = connect(&address).await;
+    let session = create(&mut client, model_graph()).await;
+    // A step that blocks until the drain's deadline kills its worker.
+    let mut stepper = client.clone();
+    let id = session.session_id.clone();
+    let step = tokio::spawn(async move { run(&mut stepper, &id, &[], &[], &["dequeue"]).await });
+    wait_for_runs_in_flight(&mut client, &session.session_id, 1).await;
+
+    signal(daemon.pid(), libc::SIGTERM);
+    // During the drain the socket still accepts, and answers as shutting down.
+    let refused = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let lookup = api::GetSessionRequest {
+                session_id: session.session_id.clone(),
+            };
+            match client.get_session(lookup).await {
+                Err(status) if status.code() == tonic::Code::Unavailable => return status,
+                Err(status) => panic!("during the drain: {status:?}"),
+                Ok(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .expect("never refused during the drain");
+    assert!(
+        refused.message().contains("shutting down"),
+        "{}",
+        refused.message()
+    );
+    let mut health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(address.clone())
+            .expect("address")
+            .connect()
+            .await
+            .expect("connect for health during the drain"),
+    );
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health during the drain")
+        .into_inner();
+    assert_eq!(status.status, 2, "NOT_SERVING while draining");
+
+    let stepped = tokio::time::timeout(DEADLINE, step)
+        .await
+        .expect("the step in flight ended")
+        .expect("step task");
+    let status = stepped.expect_err("killed at the drain's deadline");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(daemon.wait_exit(), 0);
+    assert!(!socket.exists(), "the socket file is removed at exit");
+}
