@@ -212,7 +212,7 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
     rows = []
     for key, _, system, client in STEP_SYSTEMS:
         f = figures.get(key)
-        if key == "tfsd_master" and f is None:
+        if key == "tfsd_master" and f is None and py:
             rows.append([system, client, "not available in this build"] + ["—"] * 7)
             continue
         if f is None:
@@ -253,10 +253,11 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
         out.append(table(["system", "client", "client CPU", "server-side CPU", "total CPU"],
                          cpu_rows, "llrrr"))
         out.append("")
+    python_load = f"; Python figures: {load_note(py)}" if py else ""
     out.append(
         f"\n{threads} threads: {threads} concurrent callers on one session and one connection "
         "(TF's Python client shares its channel between threads). Rust figures: "
-        f"{load_note(rust)}; Python figures: {load_note(py)}.\n")
+        f"{load_note(rust)}{python_load}.\n")
     series1 = {}
     series4 = {}
     for key, _, system, client in STEP_SYSTEMS:
