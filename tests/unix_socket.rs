@@ -559,3 +559,41 @@ async fn the_socket_drains_with_the_daemon() {
     assert_eq!(daemon.wait_exit(), 0);
     assert!(!socket.exists(), "the socket file is removed at exit");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_still_removes_the_socket() {
+    let dir = TempDir::new("uds-forced");
+    let socket = dir.0.join("tfsd.sock");
+    let config = dir.config(&socket_config(&socket, "drain_timeout = \"60s\"\n"));
+    let mut daemon = Daemon::start_with(&["--config", &config]);
+    let address = format!("unix:{}", socket.display());
+    let mut client = connect(&address).await;
+    let session = create(&mut client, model_graph()).await;
+    // A step that holds the drain until the second signal.
+    let mut stepper = client.clone();
+    let id = session.session_id.clone();
+    let _step = tokio::spawn(async move { run(&mut stepper, &id, &[], &[], &["dequeue"]).await });
+    wait_for_runs_in_flight(&mut client, &session.session_id, 1).await;
+    signal(daemon.pid(), libc::SIGTERM);
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let lookup = api::GetSessionRequest {
+                session_id: session.session_id.clone(),
+            };
+            if let Err(status) = client.get_session(lookup).await {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the drain never started");
+    assert!(is_socket(&socket), "the socket stays while the drain runs");
+    signal(daemon.pid(), libc::SIGTERM);
+    assert_eq!(daemon.wait_exit(), 130, "the second signal's exit");
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "the socket file is removed on the second signal's exit too"
+    );
+}
