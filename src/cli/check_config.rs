@@ -60,6 +60,12 @@ pub struct ServerReport {
     pub listen: String,
     /// The one drain deadline after SIGTERM.
     pub drain_timeout: String,
+    /// The Unix socket's path; every `unix_socket*` key `None` when it is off.
+    pub unix_socket: Option<String>,
+    /// Octal, as the TOML file writes it ("0660").
+    pub unix_socket_mode: Option<String>,
+    /// "NAME (gid G)"; `None` (with the socket on): the daemon's own group.
+    pub unix_socket_group: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -164,6 +170,15 @@ pub struct AuthReport {
     pub allow_unauthenticated: bool,
     pub tokens: Vec<TokenReport>,
     pub certificates: Vec<CertificateReport>,
+    /// Unix-socket peers by uid, in uid order.
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerReport {
+    pub uid: u32,
+    pub principal: String,
+    pub role: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -397,6 +412,19 @@ impl ConfigReport {
             server: ServerReport {
                 listen: config.listen.to_string(),
                 drain_timeout: toml_duration(config.drain_timeout),
+                unix_socket: config
+                    .unix_socket
+                    .as_ref()
+                    .map(|socket| display(&socket.path)),
+                unix_socket_mode: config
+                    .unix_socket
+                    .as_ref()
+                    .map(|socket| format!("{:04o}", socket.mode)),
+                unix_socket_group: config
+                    .unix_socket
+                    .as_ref()
+                    .and_then(|socket| socket.group.as_ref())
+                    .map(|group| format!("{} (gid {})", group.name, group.gid)),
             },
             metrics: MetricsReport {
                 listen: config.metrics_listen.map(|address| address.to_string()),
@@ -507,6 +535,22 @@ impl ConfigReport {
                             .to_ascii_lowercase(),
                     })
                     .collect(),
+                peers: {
+                    let mut peers: Vec<PeerReport> = config
+                        .auth
+                        .peers()
+                        .map(|(uid, caller)| PeerReport {
+                            uid,
+                            principal: caller.principal.clone(),
+                            role: match caller.role {
+                                crate::auth::Role::Client => "client",
+                                crate::auth::Role::Operator => "operator",
+                            },
+                        })
+                        .collect();
+                    peers.sort_by_key(|peer| peer.uid);
+                    peers
+                },
             },
             tls: TlsReport {
                 cert: config.tls.as_ref().map(|tls| display(&tls.cert)),
@@ -602,6 +646,22 @@ impl ConfigReport {
             vec![
                 line("server.listen", self.server.listen.clone()),
                 line("server.drain_timeout", self.server.drain_timeout.clone()),
+                line(
+                    "server.unix_socket",
+                    or_text(&self.server.unix_socket, "(off)"),
+                ),
+                line(
+                    "server.unix_socket_mode",
+                    or_text(&self.server.unix_socket_mode, "-"),
+                ),
+                line(
+                    "server.unix_socket_group",
+                    match (&self.server.unix_socket, &self.server.unix_socket_group) {
+                        (None, _) => "-".to_string(),
+                        (Some(_), None) => "(the daemon's own group)".to_string(),
+                        (Some(_), Some(group)) => group.clone(),
+                    },
+                ),
             ],
             vec![line(
                 "metrics.listen",
@@ -740,10 +800,12 @@ impl ConfigReport {
         let mut auth_block = vec![
             line(
                 "auth",
-                if auth.tokens.is_empty() && auth.certificates.is_empty() {
+                if auth.tokens.is_empty() && auth.certificates.is_empty() && auth.peers.is_empty() {
                     "off (no credentials: every caller is the anonymous operator)".into()
                 } else {
-                    "every call needs a token or a client certificate".into()
+                    "every call needs a token, a client certificate, or (on the Unix socket) a \
+                     mapped uid"
+                        .into()
                 },
             ),
             line(
@@ -773,6 +835,18 @@ impl ConfigReport {
                 format!(
                     "{} ({}): client certificate SHA-256 {}",
                     certificate.principal, certificate.role, certificate.sha256
+                ),
+            ));
+        }
+        if auth.peers.is_empty() {
+            auth_block.push(line("auth.peers", "(none)".into()));
+        }
+        for (index, peer) in auth.peers.iter().enumerate() {
+            auth_block.push(line(
+                &format!("auth.peers[{index}]"),
+                format!(
+                    "{} ({}): Unix-socket peer uid {}",
+                    peer.principal, peer.role, peer.uid
                 ),
             ));
         }
@@ -945,6 +1019,9 @@ mod tests {
             r#"
             [server]
             listen = "0.0.0.0:7000"
+            unix_socket = "/run/tfsd/tfsd.sock"
+            unix_socket_mode = "0600"
+            unix_socket_group = "root"
             [metrics]
             listen = "127.0.0.1:9999"
             [master]
@@ -992,6 +1069,13 @@ mod tests {
             [[auth.certificates]]
             principal = "trainer"
             sha256 = "{certificate}"
+            [[auth.peers]]
+            uid = 1000
+            principal = "alice"
+            [[auth.peers]]
+            user = "root"
+            principal = "admin"
+            role = "operator"
             [tls]
             cert = "server.pem"
             key = "server.key"
@@ -1051,6 +1135,9 @@ mod tests {
         let at = |path: &str| dir.0.join(path).display().to_string();
 
         assert_eq!(json["server"]["listen"], "0.0.0.0:7000");
+        assert_eq!(json["server"]["unix_socket"], "/run/tfsd/tfsd.sock");
+        assert_eq!(json["server"]["unix_socket_mode"], "0600");
+        assert_eq!(json["server"]["unix_socket_group"], "root (gid 0)");
         assert_eq!(json["metrics"]["listen"], "127.0.0.1:9999");
         assert_eq!(json["master"]["listen"], serde_json::Value::Null);
         assert_eq!(json["workers"]["binary"], at("bin/tfsd-worker"));
@@ -1108,6 +1195,13 @@ mod tests {
                 {"principal": "trainer", "role": "client", "sha256": "ab".repeat(32)},
             ])
         );
+        assert_eq!(
+            auth["peers"],
+            serde_json::json!([
+                {"uid": 0, "principal": "admin", "role": "operator"},
+                {"uid": 1000, "principal": "alice", "role": "client"},
+            ])
+        );
 
         assert_eq!(json["tls"]["cert"], at("server.pem"));
         assert_eq!(json["tls"]["key"], at("server.key"));
@@ -1151,6 +1245,8 @@ mod tests {
             "limits.max_run_timeout                  1h\n",
             "state.checkpoint_interval  15m\n",
             "tls.client_ca  /etc/tfsd/clients-ca.pem\n",
+            "auth.peers[1]               alice (client): Unix-socket peer uid 1000\n",
+            "server.unix_socket_group  root (gid 0)\n",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }
@@ -1240,7 +1336,9 @@ mod tests {
         assert_eq!(policy["idle"]["action"], "close");
         assert_eq!(
             json["auth"],
-            serde_json::json!({"allow_unauthenticated": false, "tokens": [], "certificates": []})
+            serde_json::json!({
+                "allow_unauthenticated": false, "tokens": [], "certificates": [], "peers": []
+            })
         );
         assert_eq!(
             json["tls"],
