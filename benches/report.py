@@ -12,7 +12,7 @@ hand-written reading of the run.
 
 renders only that part's section (with the machine it ran on) into FILE, leaving BENCHMARKS.md
 alone: for a run of one part when the other parts' results are not at hand (parts: python_trials,
-flood).
+flood, overshoot, step_latency: its Rust side, TCP and the Unix socket side by side).
 
 Every ratio in the report compares figures measured in the same run on the same machine.
 """
@@ -183,6 +183,7 @@ STEP_SYSTEMS = [
     # (key, source, system, client)
     ("in_process_rust", "rust", "in-process TF_SessionRun (floor)", "Rust `tensorflow` crate"),
     ("tfsd_v1_rust", "rust", "tfsd.v1", "Rust tonic"),
+    ("tfsd_v1_rust_unix", "rust", "tfsd.v1, Unix socket", "Rust tonic"),
     ("in_process_python", "py", "in-process `Session.run`", "TF Python"),
     ("tf_server", "py", "TF's server (`tf.distribute.Server`)", "TF Python `Session(\"grpc://…\")`"),
     ("tfsd_master", "py", "tfsd MasterService", "TF Python `Session(\"grpc://…\")`"),
@@ -211,7 +212,7 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
     rows = []
     for key, _, system, client in STEP_SYSTEMS:
         f = figures.get(key)
-        if key == "tfsd_master" and f is None:
+        if key == "tfsd_master" and f is None and py:
             rows.append([system, client, "not available in this build"] + ["—"] * 7)
             continue
         if f is None:
@@ -252,10 +253,11 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
         out.append(table(["system", "client", "client CPU", "server-side CPU", "total CPU"],
                          cpu_rows, "llrrr"))
         out.append("")
+    python_load = f"; Python figures: {load_note(py)}" if py else ""
     out.append(
         f"\n{threads} threads: {threads} concurrent callers on one session and one connection "
         "(TF's Python client shares its channel between threads). Rust figures: "
-        f"{load_note(rust)}; Python figures: {load_note(py)}.\n")
+        f"{load_note(rust)}{python_load}.\n")
     series1 = {}
     series4 = {}
     for key, _, system, client in STEP_SYSTEMS:
@@ -284,6 +286,12 @@ def steps_section(out: list[str], plots: Path, rust: dict | None, py: dict | Non
         targets.append(("tfsd.v1 overhead over in-process ≤ 150 µs p50",
                         f"{overhead:,.0f} µs ({us(v1['t1']['latency']['p50_us'])} − "
                         f"{us(floor['t1']['latency']['p50_us'])})", overhead <= 150))
+    unix = figures.get("tfsd_v1_rust_unix")
+    if unix and floor:
+        overhead = unix["t1"]["latency"]["p50_us"] - floor["t1"]["latency"]["p50_us"]
+        targets.append(("tfsd.v1 over the Unix socket: overhead over in-process ≤ 100 µs p50",
+                        f"{overhead:,.0f} µs ({us(unix['t1']['latency']['p50_us'])} − "
+                        f"{us(floor['t1']['latency']['p50_us'])})", overhead <= 100))
 
 
 def large_section(out: list[str], rust: dict | None, py: dict | None, targets: list) -> None:
@@ -295,6 +303,8 @@ def large_section(out: list[str], rust: dict | None, py: dict | None, targets: l
     entries = []
     if rust:
         entries.append(("tfsd.v1", "Rust tonic", rust["large"]["tfsd_v1_rust"]))
+        if "tfsd_v1_rust_unix" in rust["large"]:
+            entries.append(("tfsd.v1, Unix socket", "Rust tonic", rust["large"]["tfsd_v1_rust_unix"]))
     if py:
         names = {"tf_server": ("TF's server", "TF Python"), "tfsd_master": ("tfsd MasterService", "TF Python"),
                  "tfsd_v1_python": ("tfsd.v1", "Python grpcio (make_tensor_proto / make_ndarray)")}
@@ -321,12 +331,23 @@ def large_section(out: list[str], rust: dict | None, py: dict | None, targets: l
             return ", ".join(f"{k} {v / 1e3:,.0f} ms" for k, v in cpu.items())
         out.append(f"CPU per 64 MiB through tfsd.v1 (Rust client): feed — {cpu_text(f['feed']['cpu_us'])}; "
                    f"fetch — {cpu_text(f['fetch']['cpu_us'])}. {load_note(rust)}.\n")
+        unix = rust["large"].get("tfsd_v1_rust_unix")
+        if unix and unix["feed"].get("cpu_us"):
+            out.append(f"The same over the Unix socket: feed — {cpu_text(unix['feed']['cpu_us'])}; "
+                       f"fetch — {cpu_text(unix['fetch']['cpu_us'])}.\n")
     if rust:
         f = rust["large"]["tfsd_v1_rust"]
         worst = min(f["feed"]["mb_per_s"], f["fetch"]["mb_per_s"])
         targets.append(("64 MiB tensors ≥ 1 GB/s each way (tfsd.v1)",
                         f"feed {f['feed']['mb_per_s']:,.0f} MB/s, fetch {f['fetch']['mb_per_s']:,.0f} MB/s",
                         worst >= 1000))
+        unix = rust["large"].get("tfsd_v1_rust_unix")
+        if unix:
+            worst = min(unix["feed"]["mb_per_s"], unix["fetch"]["mb_per_s"])
+            targets.append(("64 MiB tensors ≥ 1.5 GB/s each way (tfsd.v1, Unix socket)",
+                            f"feed {unix['feed']['mb_per_s']:,.0f} MB/s, "
+                            f"fetch {unix['fetch']['mb_per_s']:,.0f} MB/s",
+                            worst >= 1500))
 
 
 def resets_section(out: list[str], plots: Path, resets: dict | None, py: dict | None, targets: list) -> None:
@@ -908,16 +929,28 @@ def write_only(args, machine: dict, trials: dict | None) -> None:
         if key in machine:
             out.append(f"- {label}: {machine[key]}")
     if trials:
-        duration_s = trials.get("duration_s", 0)
-        run_time = f"{duration_s / 60:.0f} min" if duration_s >= 120 else f"{duration_s:.0f} s"
+        duration_s = trials.get("duration_s")
+        run_time = ("" if duration_s is None else
+                    f"; run time {duration_s / 60:.0f} min" if duration_s >= 120 else
+                    f"; run time {duration_s:.0f} s")
         out.append(f"- load average: {trials['load_before']:.2f} at the start of this part, "
-                   f"{trials['load_after']:.2f} at its end; run time {run_time}")
+                   f"{trials['load_after']:.2f} at its end{run_time}")
         if trials.get("python_runtime"):
             out.append(f"- tfsd's Python workers: {trials['python_runtime']}")
     out.append("- every TensorFlow process runs with `TF_ENABLE_ONEDNN_OPTS=0` (tfsd's worker default)")
     out.append("- the machine is shared with other engineers' builds and tests: compare the ratios "
                "(measured in the same run), not absolute times\n")
-    if args.only == "flood":
+    if args.only == "step_latency":
+        # The Rust side of §1 and §2 (TCP and the Unix socket side by side), with their targets;
+        # the Python peers are not in this run, so nothing compares with TF's server.
+        targets: list[tuple[str, str, bool | None]] = []
+        steps_section(out, args.plots, trials, None, targets)
+        large_section(out, trials, None, targets)
+        rows = [[name, measured, "not measured" if met is None else ("**met**" if met else "**missed**")]
+                for name, measured, met in targets if "MasterService" not in name]
+        out.append("### Targets measured by this part\n")
+        out.append(table(["target", "measured", ""], rows, "llc"))
+    elif args.only == "flood":
         flood_section(out, args.plots, trials)
     elif args.only == "overshoot":
         overshoot_section(out, trials)
@@ -933,7 +966,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--plots", type=Path, default=REPO_ROOT / "benches" / "plots")
     parser.add_argument("--command", default="scripts/bench")
-    parser.add_argument("--only", choices=["python_trials", "flood", "overshoot"],
+    parser.add_argument("--only", choices=["python_trials", "flood", "overshoot", "step_latency"],
                         help="render only this part's section into --output")
     args = parser.parse_args()
     args.plots.mkdir(parents=True, exist_ok=True)
@@ -952,7 +985,8 @@ def main() -> None:
                 for part in (rust_steps, py, resets, mem, policy, scale, trials, flood, overshoot))
 
     if args.only:
-        write_only(args, machine, {"flood": flood, "overshoot": overshoot}.get(args.only, trials))
+        write_only(args, machine, {"flood": flood, "overshoot": overshoot,
+                                   "step_latency": rust_steps}.get(args.only, trials))
         return
 
     body: list[str] = []

@@ -1,7 +1,8 @@
 //! Step round trips and large tensors, Rust side: a small step (a fed [4, 4] placeholder
 //! through a tiny MatMul) in-process through the `tensorflow` crate (`TF_SessionRun`, the
-//! floor) and through tfsd.v1 from a tonic client, with 1 and 4 client threads; then a
-//! 64 MiB float32 tensor fed to and fetched from a tfsd session. benches/peers.py measures the
+//! floor) and through tfsd.v1 from a tonic client, over TCP and over the Unix socket
+//! (`server.unix_socket`), with 1 and 4 client threads; then a 64 MiB float32 tensor fed to
+//! and fetched from a tfsd session, over both. benches/peers.py measures the
 //! same graph through TensorFlow's own gRPC server and tfsd's MasterService from TensorFlow's
 //! Python client.
 //!
@@ -79,8 +80,18 @@ async fn bench() -> anyhow::Result<()> {
     );
     let graph_def = common::step_graph()?;
 
-    let daemon = Daemon::start(&tfsd, "steps", "").await?;
+    let socket = std::env::temp_dir().join(format!("tfsd-bench-{}.sock", std::process::id()));
+    let daemon = Daemon::start(
+        &tfsd,
+        "steps",
+        &format!(
+            "[server]\nunix_socket = {:?}\n",
+            socket.display().to_string()
+        ),
+    )
+    .await?;
     let mut client = daemon.connect().await?;
+    let mut unix_client = daemon.connect_unix().await?;
     let session = common::create_session(&mut client, &graph_def, None).await?;
     // An experiment, not a tfsd default: the same step in a session whose ConfigProto makes
     // TensorFlow run the graph in the calling thread instead of handing it to its inter-op
@@ -135,6 +146,16 @@ async fn bench() -> anyhow::Result<()> {
             },
             tfsd_processes(inline_session.worker_pid),
         ),
+        // The same session as tfsd_v1_rust, over the Unix socket.
+        Contender::new(
+            "tfsd_v1_rust_unix",
+            "tfsd.v1 over the Unix socket (Rust tonic client)",
+            Stepper::Tfsd {
+                client: unix_client.clone(),
+                request: Arc::new(common::step_request(&session.session_id)),
+            },
+            tfsd_processes(session.worker_pid),
+        ),
     ];
     measure_interleaved(&mut contenders, &plan).await?;
     let mut steps = serde_json::Map::new();
@@ -145,6 +166,11 @@ async fn bench() -> anyhow::Result<()> {
     let overhead_us = contenders[2].figures.sequential.percentile(50.0)
         - contenders[0].figures.sequential.percentile(50.0);
     println!("  tfsd.v1 overhead over in-process: {overhead_us:.0} µs p50");
+    let unix_overhead_us = contenders[4].figures.sequential.percentile(50.0)
+        - contenders[0].figures.sequential.percentile(50.0);
+    println!(
+        "  tfsd.v1 over the Unix socket, overhead over in-process: {unix_overhead_us:.0} µs p50"
+    );
 
     let large_graph = common::large_tensor_graph(plan.large_bytes / 4)?;
     let large_session = common::create_session(&mut client, &large_graph, None).await?;
@@ -164,6 +190,23 @@ async fn bench() -> anyhow::Result<()> {
         large.feed_cpu.clone().unwrap_or_default(),
         large.fetch_cpu.clone().unwrap_or_default()
     );
+    let large_unix = large_tensors(
+        &mut unix_client,
+        &large_session.session_id,
+        &plan,
+        &processes,
+    )
+    .await?;
+    println!(
+        "  64 MiB through tfsd.v1 over the Unix socket: feed {:.0} MB/s, fetch {:.0} MB/s",
+        large_unix.feed_mb_per_s(),
+        large_unix.fetch_mb_per_s()
+    );
+    println!(
+        "  CPU per 64 MiB over the Unix socket (µs): feed {}, fetch {}",
+        large_unix.feed_cpu.clone().unwrap_or_default(),
+        large_unix.fetch_cpu.clone().unwrap_or_default()
+    );
     daemon.stop().await?;
 
     common::write_results(
@@ -174,6 +217,7 @@ async fn bench() -> anyhow::Result<()> {
             "large": {
                 "bytes": plan.large_bytes,
                 "tfsd_v1_rust": large.to_json(),
+                "tfsd_v1_rust_unix": large_unix.to_json(),
             },
             "threads": THREADS,
         }),

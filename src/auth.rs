@@ -12,6 +12,13 @@
 //!
 //! A token file other users could read is refused at start-up (`token_file_is_private`): a
 //! token anyone can read proves nothing about who sends it.
+//!
+//! On the Unix socket (`server.unix_socket`, never on TCP) the kernel also says which uid
+//! connected (SO_PEERCRED, read once per connection when it is accepted): `[[auth.peers]]`
+//! maps a uid to a principal and a role, as containerd and Docker trust their socket's peers.
+//! There a bearer token, when sent, decides (a wrong one is refused, never ignored in favour
+//! of the uid); without one, a mapped uid is its principal, and any other uid is refused
+//! (UNAUTHENTICATED) whenever credentials are configured (`authenticate_unix_peer`).
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -82,6 +89,20 @@ pub struct RawAuth {
     tokens: Vec<RawToken>,
     #[serde(default)]
     certificates: Vec<RawCertificate>,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+}
+
+/// `[[auth.peers]]`: a local user, known by the uid the kernel reports for a Unix-socket
+/// peer, as a principal.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    uid: Option<u32>,
+    /// A user name, looked up in the system's user database when the config is read.
+    user: Option<String>,
+    principal: String,
+    role: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +134,8 @@ pub struct AuthConfig {
     pub token_files: Vec<PathBuf>,
     tokens: HashMap<[u8; 32], Caller>,
     certificates: HashMap<[u8; 32], Caller>,
+    /// Unix-socket peers by uid (`[[auth.peers]]`).
+    peers: HashMap<u32, Caller>,
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -222,12 +245,67 @@ impl AuthConfig {
             };
             config.certificates.insert(digest, caller);
         }
+        for (index, peer) in raw.peers.into_iter().enumerate() {
+            let key = format!("auth.peers[{index}]");
+            if peer.principal.is_empty() {
+                bail!("{key}.principal is empty");
+            }
+            let uid = match (peer.uid, &peer.user) {
+                (Some(uid), None) => uid,
+                (None, Some(user)) => crate::unix_socket::lookup_user(
+                    crate::unix_socket::AccountKey::Name(user),
+                )
+                .with_context(|| format!("{key}.user: look up {user:?}"))?
+                .with_context(|| {
+                    format!("{key}.user = {user:?} is not a user on this machine (getent passwd)")
+                })?
+                .0,
+                _ => bail!("{key} needs exactly one of uid, user"),
+            };
+            let caller = Caller {
+                role: parse_role(&format!("{key}.role"), peer.role.as_deref())?,
+                principal: peer.principal,
+            };
+            if config.peers.insert(uid, caller).is_some() {
+                bail!("{key}: uid {uid} is mapped twice");
+            }
+        }
         Ok(config)
     }
 
-    /// Whether any credential is configured (then every call must present one).
+    /// Whether any credential is configured (then every call must present one). Peers count:
+    /// with only `[[auth.peers]]`, TCP callers have nothing to present and are all refused.
     pub fn required(&self) -> bool {
-        !self.tokens.is_empty() || !self.certificates.is_empty()
+        !self.tokens.is_empty() || !self.certificates.is_empty() || !self.peers.is_empty()
+    }
+
+    /// The uids `[[auth.peers]]` maps, with their callers, for reports.
+    pub fn peers(&self) -> impl Iterator<Item = (u32, &Caller)> {
+        self.peers.iter().map(|(uid, caller)| (*uid, caller))
+    }
+
+    /// The caller on the Unix socket: the bearer token's principal when a token is sent
+    /// (a wrong token is refused), else the principal `[[auth.peers]]` maps the peer's uid to.
+    /// `peer_uid` is `None` when the kernel did not report the peer's credentials. Without
+    /// credentials configured, everyone is the anonymous operator, as on TCP.
+    pub fn authenticate_unix_peer(
+        &self,
+        token: Option<&str>,
+        peer_uid: Option<u32>,
+    ) -> Result<Caller, Status> {
+        if !self.required() || token.is_some() {
+            return self.authenticate(token, &[]);
+        }
+        let Some(uid) = peer_uid else {
+            return Err(Status::unauthenticated(
+                "the kernel did not report this connection's peer credentials: send                  `authorization: Bearer TOKEN` metadata",
+            ));
+        };
+        self.peers.get(&uid).cloned().ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "uid {uid} is not mapped to a principal ([[auth.peers]]): send                  `authorization: Bearer TOKEN` metadata, or ask the operator to map the uid"
+            ))
+        })
     }
 
     /// The caller behind a request's credentials.
@@ -253,6 +331,12 @@ impl AuthConfig {
             None if !peer_certificates.is_empty() => Err(Status::unauthenticated(
                 "the client certificate is not one tfsd knows",
             )),
+            None if self.tokens.is_empty() && self.certificates.is_empty() => {
+                Err(Status::unauthenticated(
+                    "only [[auth.peers]] are configured, and they apply to the Unix socket \
+                     alone (server.unix_socket): connect there, or ask the operator for a token",
+                ))
+            }
             None => Err(Status::unauthenticated(
                 "authentication required: send `authorization: Bearer TOKEN` metadata or a \
                  client certificate",
@@ -261,9 +345,17 @@ impl AuthConfig {
     }
 }
 
+/// Which listener an interceptor guards: the peer's uid counts on the Unix socket only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Tcp,
+    UnixSocket,
+}
+
 /// A tonic interceptor that authenticates every call and records the caller.
 pub fn interceptor(
     config: Arc<AuthConfig>,
+    listener: Listener,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
         let token = match request.metadata().get("authorization") {
@@ -278,11 +370,24 @@ pub fn interceptor(
                 Some(token.trim().to_string())
             }
         };
-        let certificates: Vec<Vec<u8>> = request
-            .peer_certs()
-            .map(|certs| certs.iter().map(|cert| cert.to_vec()).collect())
-            .unwrap_or_default();
-        let caller = config.authenticate(token.as_deref(), &certificates)?;
+        let caller = match listener {
+            Listener::Tcp => {
+                let certificates: Vec<Vec<u8>> = request
+                    .peer_certs()
+                    .map(|certs| certs.iter().map(|cert| cert.to_vec()).collect())
+                    .unwrap_or_default();
+                config.authenticate(token.as_deref(), &certificates)?
+            }
+            Listener::UnixSocket => {
+                // Set by tonic for every connection accepted on a Unix listener.
+                let peer_uid = request
+                    .extensions()
+                    .get::<tonic::transport::server::UdsConnectInfo>()
+                    .and_then(|info| info.peer_cred)
+                    .map(|credentials| credentials.uid());
+                config.authenticate_unix_peer(token.as_deref(), peer_uid)?
+            }
+        };
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -357,6 +462,65 @@ mod tests {
     }
 
     #[test]
+    fn unix_peers_map_by_uid_and_a_token_decides() {
+        let auth = config(&format!(
+            "[[peers]]\nuid = 1000\nprincipal = \"alice\"\n\
+             [[peers]]\nuser = \"root\"\nprincipal = \"admin\"\nrole = \"operator\"\n\
+             [[tokens]]\nprincipal = \"token-holder\"\nsha256 = \"{}\"\n",
+            alice_digest()
+        ))
+        .expect("valid");
+        assert!(auth.required());
+        let alice = auth
+            .authenticate_unix_peer(None, Some(1000))
+            .expect("mapped");
+        assert_eq!(
+            (alice.principal.as_str(), alice.role),
+            ("alice", Role::Client)
+        );
+        let admin = auth.authenticate_unix_peer(None, Some(0)).expect("by name");
+        assert_eq!(
+            (admin.principal.as_str(), admin.role),
+            ("admin", Role::Operator)
+        );
+        let stranger = auth
+            .authenticate_unix_peer(None, Some(4242))
+            .expect_err("unmapped uid");
+        assert_eq!(stranger.code(), tonic::Code::Unauthenticated);
+        assert!(
+            stranger.message().contains("uid 4242"),
+            "{}",
+            stranger.message()
+        );
+        // A token decides over the uid, both ways.
+        let holder = auth
+            .authenticate_unix_peer(Some(ALICE), Some(4242))
+            .expect("token");
+        assert_eq!(holder.principal, "token-holder");
+        let wrong = auth
+            .authenticate_unix_peer(Some("guess"), Some(1000))
+            .expect_err("a wrong token is never ignored");
+        assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+        assert!(auth.authenticate_unix_peer(None, None).is_err());
+        // On TCP the uid means nothing: a peers-only config refuses every TCP caller.
+        let peers_only = config("[[peers]]\nuid = 1000\nprincipal = \"alice\"\n").expect("valid");
+        let refused = peers_only
+            .authenticate(None, &[])
+            .expect_err("no token on TCP");
+        assert!(
+            refused.message().contains("Unix socket"),
+            "{}",
+            refused.message()
+        );
+        // Without credentials, everyone is the anonymous operator there too.
+        let open = config("").expect("valid");
+        assert_eq!(
+            open.authenticate_unix_peer(None, Some(4242)).expect("open"),
+            Caller::anonymous()
+        );
+    }
+
+    #[test]
     fn token_files_must_be_private() {
         for (mode, owner, private) in [
             (0o600, 1000, true),
@@ -423,6 +587,23 @@ mod tests {
             (
                 "[[tokens]]\nprincipal = \"a\"\nfile = \"/nonexistent/token\"\n",
                 "auth.tokens[0].file",
+            ),
+            ("[[peers]]\nprincipal = \"a\"\n", "auth.peers[0]"),
+            (
+                "[[peers]]\nuid = 1\nuser = \"root\"\nprincipal = \"a\"\n",
+                "auth.peers[0]",
+            ),
+            (
+                "[[peers]]\nuser = \"no-such-user-tfsd\"\nprincipal = \"a\"\n",
+                "auth.peers[0].user",
+            ),
+            (
+                "[[peers]]\nuid = 7\nprincipal = \"a\"\n[[peers]]\nuid = 7\nprincipal = \"b\"\n",
+                "auth.peers[1]",
+            ),
+            (
+                "[[peers]]\nuid = 7\nprincipal = \"a\"\nrole = \"root\"\n",
+                "auth.peers[0].role",
             ),
         ] {
             let error = config(text).expect_err(text);

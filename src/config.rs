@@ -181,6 +181,11 @@ struct RawMetrics {
 struct RawServer {
     listen: Option<String>,
     drain_timeout: Option<String>,
+    unix_socket: Option<PathBuf>,
+    /// An octal string ("0660") or a TOML integer (0o660): see `unix_socket::parse_mode`.
+    unix_socket_mode: Option<toml::Value>,
+    /// A group name or gid (a string or an integer).
+    unix_socket_group: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,6 +288,8 @@ struct RawLog {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// tfsd.v1 on a Unix socket too (`server.unix_socket`); `None`: off.
+    pub unix_socket: Option<crate::unix_socket::UnixSocketConfig>,
     /// The one drain deadline after SIGTERM (server.drain_timeout).
     pub drain_timeout: Duration,
     /// `None` when metrics are switched off (`metrics.listen = ""`).
@@ -413,6 +420,12 @@ impl Config {
             Some(text) => parse_duration("server.drain_timeout", &text)?,
             None => DEFAULT_DRAIN_TIMEOUT,
         };
+        let unix_socket = crate::unix_socket::UnixSocketConfig::from_raw(
+            raw.server.unix_socket,
+            raw.server.unix_socket_mode.as_ref(),
+            raw.server.unix_socket_group.as_ref(),
+            base,
+        )?;
 
         let metrics_text = raw
             .metrics
@@ -636,6 +649,7 @@ impl Config {
         let config = Config {
             gpu,
             listen,
+            unix_socket,
             drain_timeout,
             metrics_listen,
             policy,
@@ -964,6 +978,50 @@ mod tests {
             ("[sandbox]\nmax_open_files = 10", "sandbox.max_open_files"),
             ("[sandbox]\nread_paths = [\"\"]", "sandbox.read_paths"),
             ("[sandbox]\nwrite_path = []", "write_path"),
+        ] {
+            let error = Config::parse(text, Path::new(".")).expect_err(text);
+            assert!(format!("{error:#}").contains(key), "{text}: {error:#}");
+        }
+    }
+
+    #[test]
+    fn the_unix_socket_is_read_and_checked() {
+        let off = Config::parse("", Path::new("/etc/tfsd")).expect("valid");
+        assert_eq!(off.unix_socket, None);
+        let text = "[server]\nunix_socket = \"run/tfsd.sock\"\nunix_socket_mode = \"0600\"\n\
+                    unix_socket_group = 0\n";
+        let socket = Config::parse(text, Path::new("/etc/tfsd"))
+            .expect("valid")
+            .unix_socket
+            .expect("on");
+        assert_eq!(socket.path, Path::new("/etc/tfsd/run/tfsd.sock"));
+        assert_eq!(socket.mode, 0o600);
+        assert_eq!(socket.group.map(|group| group.gid), Some(0));
+        let default_mode = Config::parse(
+            "[server]\nunix_socket = \"/run/tfsd/tfsd.sock\"\n",
+            Path::new("."),
+        )
+        .expect("valid")
+        .unix_socket
+        .expect("on");
+        assert_eq!(
+            default_mode.mode,
+            crate::unix_socket::DEFAULT_UNIX_SOCKET_MODE
+        );
+        assert_eq!(default_mode.group, None);
+        for (text, key) in [
+            (
+                "[server]\nunix_socket_mode = \"0600\"",
+                "server.unix_socket",
+            ),
+            (
+                "[server]\nunix_socket = \"/run/t.sock\"\nunix_socket_mode = \"999\"",
+                "server.unix_socket_mode",
+            ),
+            (
+                "[server]\nunix_socket = \"/run/t.sock\"\nunix_socket_group = \"no-such-group-tfsd\"",
+                "server.unix_socket_group",
+            ),
         ] {
             let error = Config::parse(text, Path::new(".")).expect_err(text);
             assert!(format!("{error:#}").contains(key), "{text}: {error:#}");

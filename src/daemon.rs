@@ -10,14 +10,15 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
 use crate::session::{Pools, SessionManager};
+use crate::worker::budget::BufferBudget;
 use crate::worker::{Runtime, StartGate, WarmPool, WorkerSpec};
 
 /// How long open client streams may hold the gRPC server after every session is closed.
 const SERVER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until a signal, then drains. Prints "tfsd listening on ADDRESS" on stdout
-/// once connections are accepted (after "tfsd metrics on URL" and "tfsd master on ADDRESS"
-/// for the endpoints that are switched on).
+/// once connections are accepted (after "tfsd metrics on URL", "tfsd master on ADDRESS" and
+/// "tfsd socket on unix:PATH" for the endpoints that are switched on).
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config)?;
     config.ensure_safe_exposure()?;
@@ -59,6 +60,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", config.listen))?;
     let address = listener.local_addr().context("read the bound address")?;
+    // The socket file is removed when `socket_file` goes, however `serve` ends, and by the
+    // second signal's exit.
+    let (unix_listener, socket_file) = match &config.unix_socket {
+        Some(socket) => {
+            let (listener, file) = crate::unix_socket::bind(socket)?;
+            (Some(listener), Some(Arc::new(file)))
+        }
+        None => (None, None),
+    };
     let metrics_listener = match config.metrics_listen {
         Some(metrics_address) => Some(
             tokio::net::TcpListener::bind(metrics_address)
@@ -106,6 +116,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("worker sandbox: {sandbox_description}");
     let sandbox = Some(sandbox);
 
+    let budget = config
+        .limits
+        .max_buffered_bytes
+        .map_or_else(BufferBudget::unlimited, BufferBudget::new);
     let shutdown = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -121,6 +135,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         limiter: limiter.clone(),
         sandbox: sandbox.clone(),
+        budget: budget.clone(),
     };
     // One gate for both runtimes: every start competes for the same CPU.
     let gate = StartGate::new(config.workers.starts);
@@ -146,6 +161,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             limiter: limiter.clone(),
             sandbox: sandbox.clone(),
+            budget: budget.clone(),
         };
         WarmPool::start(
             spec,
@@ -197,6 +213,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     let server = tokio::spawn(crate::grpc::serve(
         listener,
+        unix_listener,
         manager.clone(),
         health_service,
         crate::grpc::ServeOptions {
@@ -236,6 +253,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ));
         println!("tfsd master on {master_address}");
     }
+    if let Some(socket) = &socket_file {
+        tracing::info!(path = %socket.path().display(), "tfsd serving tfsd.v1 on a Unix socket");
+        // Before the listening line, which is the last one parsers wait for.
+        println!("tfsd socket on unix:{}", socket.path().display());
+    }
     tracing::info!(%address, pool_size = config.workers.pool_size, "tfsd serving tfsd.v1");
     println!("tfsd listening on {address}");
     crate::notify::notify("READY=1");
@@ -254,6 +276,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let forced_by_signal = forced.clone();
     let limiter_on_signal = limiter.clone();
+    let socket_on_signal = socket_file.clone();
     tokio::spawn(async move {
         signals.recv().await;
         forced_by_signal.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -262,6 +285,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             pool.kill_all_workers().await;
         }
         limiter_on_signal.remove();
+        if let Some(socket) = socket_on_signal {
+            socket.remove();
+        }
         std::process::exit(130);
     });
     crate::notify::notify("STOPPING=1");
@@ -273,6 +299,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Every worker is reaped: their cgroups are gone, and now the daemon's subtree goes.
     limiter.remove();
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
+        if let Some(socket) = &socket_file {
+            socket.remove();
+        }
         tracing::info!("tfsd stopped by a second signal; every worker reaped");
         std::process::exit(130);
     }
@@ -283,6 +312,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Ok(Ok(result)) => result.context("the gRPC server failed")?,
         Ok(Err(error)) => bail!("the gRPC server task failed: {error}"),
         Err(_) => tracing::warn!("closing the remaining client streams"),
+    }
+    // Now, not when the last handle goes: the second signal's task holds one until exit.
+    if let Some(socket) = &socket_file {
+        socket.remove();
     }
     tracing::info!("tfsd stopped; every worker reaped");
     Ok(())

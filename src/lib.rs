@@ -43,4 +43,5 @@ pub mod store;
 pub mod system;
 pub mod tensor;
 pub mod units;
+pub mod unix_socket;
 pub mod worker;

@@ -13,7 +13,7 @@ mod input;
 
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::error::{Error, quoted};
@@ -36,6 +36,14 @@ pub use input::{
 /// (256 × 224 × 224 × 3 float32, 147 MiB) and costs a worker about 1 GiB at most.
 pub const DEFAULT_MAX_FEED_BYTES: u64 = 512 << 20;
 
+/// What the daemon itself may hold of tensors in transit at once, by default
+/// (`limits.max_buffered_size`, `worker::budget`): large request frames being written to
+/// workers and large answers read from them until their client's response is encoded. Three
+/// concurrent 381 MiB fetches took an unbounded daemon from 2 MiB to 1.2 GiB; 1 GiB lets two
+/// default-sized feeds (`DEFAULT_MAX_FEED_BYTES`) through at once and holds the rest back
+/// (their workers wait on a full socket), and a single larger tensor still goes, alone.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 1 << 30;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
@@ -45,6 +53,7 @@ pub struct RawLimits {
     max_graph_def_size: Option<String>,
     max_feed_elements: Option<u64>,
     max_feed_size: Option<String>,
+    max_buffered_size: Option<String>,
     max_concurrent_runs_per_session: Option<u32>,
     max_run_timeout: Option<String>,
 }
@@ -61,6 +70,9 @@ pub struct Limits {
     /// Bytes one feed may decode to (`tensor::decoded_size`); on by default
     /// (`DEFAULT_MAX_FEED_BYTES`), off only when the config says "off".
     pub max_feed_bytes: Option<u64>,
+    /// Bytes of tensors in transit the daemon holds at once (`worker::budget`); on by
+    /// default (`DEFAULT_MAX_BUFFERED_BYTES`), off only when the config says "off".
+    pub max_buffered_bytes: Option<u64>,
     pub max_concurrent_runs_per_session: Option<u32>,
     /// Runs without a timeout get this one; longer timeouts are cut to it.
     pub max_run_timeout: Option<Duration>,
@@ -75,6 +87,7 @@ impl Default for Limits {
             max_graph_def_bytes: None,
             max_feed_elements: None,
             max_feed_bytes: Some(DEFAULT_MAX_FEED_BYTES),
+            max_buffered_bytes: Some(DEFAULT_MAX_BUFFERED_BYTES),
             max_concurrent_runs_per_session: None,
             max_run_timeout: None,
         }
@@ -110,6 +123,24 @@ impl Limits {
                 format!("limits.max_feed_size = {text:?} (a size like \"1GiB\", or \"off\")")
             })?),
         };
+        let max_buffered_bytes = match raw.max_buffered_size.as_deref() {
+            None | Some("") => Some(DEFAULT_MAX_BUFFERED_BYTES),
+            Some("off") => None,
+            Some(text) => {
+                let bytes = parse_bytes(text).with_context(|| {
+                    format!(
+                        "limits.max_buffered_size = {text:?} (a size like \"1GiB\", or \"off\")"
+                    )
+                })?;
+                if bytes < 1 << 20 {
+                    bail!(
+                        "limits.max_buffered_size = {text:?} is less than 1 MiB: every large \
+                         tensor would wait for the whole budget; use \"off\" for no bound"
+                    );
+                }
+                Some(bytes)
+            }
+        };
         Ok(Limits {
             max_sessions: raw.max_sessions,
             max_sessions_per_principal: raw.max_sessions_per_principal,
@@ -117,6 +148,7 @@ impl Limits {
             max_graph_def_bytes: size("max_graph_def_size", raw.max_graph_def_size)?,
             max_feed_elements: raw.max_feed_elements,
             max_feed_bytes,
+            max_buffered_bytes,
             max_concurrent_runs_per_session: raw.max_concurrent_runs_per_session,
             max_run_timeout,
         })

@@ -516,3 +516,52 @@ async fn fetches_of_types_tfsd_cannot_carry_are_refused_by_name() {
         .expect("runs after the recycle");
     bystander.check(&mut client).await;
 }
+
+/// The daemon's own buffer for tensors in transit is bounded (`limits.max_buffered_size`):
+/// three concurrent fetches, each larger than the whole budget, go through one at a time and
+/// arrive intact (no deadlock, no mix-up); small steps pass meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn fetches_larger_than_the_buffer_budget_go_one_at_a_time_and_arrive_intact() {
+    const ELEMENTS: usize = 6 << 20; // 24 MiB of float32 each way
+    let dir = TempDir::new("budget");
+    let daemon = Daemon::start_with(&[
+        "--config",
+        &dir.config("[limits]\nmax_buffered_size = \"16MiB\"\n"),
+    ]);
+    let mut client = daemon.client().await;
+    let mut graph = Graph::new();
+    let x = placeholder(&mut graph, "x", DataType::Float);
+    add_op(&mut graph, "Identity", "y", &[&x], |d| {
+        d.set_attr_type("T", DataType::Float).expect("T");
+    });
+    let graph_def = graph.graph_def().expect("graph_def");
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(create(&mut client, graph_def.clone()).await.session_id);
+    }
+    let runs = sessions.iter().enumerate().map(|(index, id)| {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            let values: Vec<u8> = (0..ELEMENTS)
+                .flat_map(|i| ((i * 3 + index) as f32).to_le_bytes())
+                .collect();
+            let feed = TensorProto {
+                dtype: 1, // DT_FLOAT
+                tensor_shape: shape(&[ELEMENTS as i64]),
+                tensor_content: values.clone().into(),
+                ..Default::default()
+            };
+            let outputs =
+                tokio::time::timeout(DEADLINE, run(&mut client, &id, &[("x", feed)], &["y"], &[]))
+                    .await
+                    .expect("answered")
+                    .expect("run");
+            assert!(
+                outputs[0].tensor_content.as_ref() == values.as_slice(),
+                "session {index}'s fetch differs from its feed"
+            );
+        }
+    });
+    futures::future::join_all(runs).await;
+}

@@ -316,3 +316,106 @@ async fn without_a_cgroup_the_rlimit_backstop_fails_the_allocation_inside_tensor
         .expect("the session goes on");
     assert_eq!(outputs[0].tensor_content.as_ref(), elements.to_le_bytes());
 }
+
+/// The backstop holds a Python session too, also where the supervisor may not prlimit its
+/// worker (a root daemon's workers run as nobody; a container drops CAP_SYS_RESOURCE): the
+/// worker sets its own RLIMIT_DATA, and an allocation past it is a MemoryError the session
+/// survives.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rlimit_backstop_holds_a_python_session() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let interpreter = python_interpreter();
+    let dir = TempDir::new("enforcement-python");
+    let daemon = Daemon::start_with_env(
+        &[
+            "--config",
+            &dir.config(&format!(
+                "[workers]\nmemory_enforcement = \"rlimit\"\n{NO_SAMPLING}"
+            )),
+        ],
+        &[("TFSD_PYTHON_INTERPRETER", interpreter.as_os_str())],
+    );
+    let mut client = daemon.client().await;
+    let session = client
+        .create_session(api::CreateSessionRequest {
+            runtime: api::Runtime::Python as i32,
+            memory_policy: Some(api::MemoryPolicy {
+                hard_limit_bytes: HARD_LIMIT,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create a Python session")
+        .into_inner()
+        .session
+        .expect("session");
+    let script = format!(
+        r#"
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+print("limit:", hard)
+try:
+    block = bytearray({bytes})
+    print("allocated")
+except MemoryError:
+    print("MemoryError")
+"#,
+        bytes = 16 * HARD_LIMIT
+    );
+    let stdout = python_script(&mut client, &session.session_id, &script).await;
+    assert!(stdout.contains("MemoryError"), "{stdout}");
+    let limit: u64 = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("limit:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no limit in {stdout}"));
+    assert!(
+        limit < 16 * HARD_LIMIT,
+        "RLIMIT_DATA {limit} holds nothing back"
+    );
+    // The worker lives on, and the session with it.
+    let again = python_script(&mut client, &session.session_id, "print('still here')").await;
+    assert!(again.contains("still here"), "{again}");
+    let info = client
+        .get_session(api::GetSessionRequest {
+            session_id: session.session_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(info.worker_pid, session.worker_pid);
+}
+
+async fn python_script(client: &mut Client, session_id: &str, source: &str) -> String {
+    let request = api::CallRequest {
+        session_id: session_id.to_string(),
+        target: Some(api::call_request::Target::Script(api::Script {
+            path: "probe.py".to_string(),
+            source: source.as_bytes().to_vec(),
+            argv: Vec::new(),
+        })),
+        timeout_ms: 0,
+        close_session_after: false,
+    };
+    let mut events = client.call(request).await.expect("call").into_inner();
+    let mut stdout = String::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = events.message().await.expect("call events") {
+            match event.event {
+                Some(api::call_event::Event::Output(output))
+                    if output.stream == api::Stream::Stdout as i32 =>
+                {
+                    stdout.push_str(&String::from_utf8_lossy(&output.data));
+                }
+                Some(api::call_event::Event::Exception(exception)) => {
+                    panic!("the script raised: {exception:?}\nstdout: {stdout}")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the call answered within the deadline");
+    stdout
+}

@@ -373,10 +373,15 @@ impl HeldStart {
             uuid_like()
         ));
         std::fs::create_dir_all(&dir).expect("dir");
+        // The held worker moves its arming file and writes to the FIFOs, and a root
+        // daemon's workers run as nobody.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         for fifo in ["held.fifo", "release.fifo"] {
             let path = std::ffi::CString::new(dir.join(fifo).as_os_str().as_bytes()).expect("path");
             // SAFETY: a valid NUL-terminated path.
             assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+            std::fs::set_permissions(dir.join(fifo), std::fs::Permissions::from_mode(0o666))
+                .expect("chmod");
         }
         let real = PathBuf::from(env!("CARGO_BIN_EXE_tfsd"))
             .parent()

@@ -84,6 +84,33 @@ async fn write_file(
 }
 
 /// The worker's scratch directory, from its environment (the test runs unconfined).
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Workers never run as root: a root daemon's run as nobody (workers.user unset), any other
+/// daemon's as the daemon's user.
+fn expected_worker_uid() -> u32 {
+    if running_as_root() {
+        65534
+    } else {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() }
+    }
+}
+
+/// The real uid of a process, from /proc/PID/status.
+fn uid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+        .expect("Uid line")
+}
+
 fn scratch_of(worker_pid: u32) -> PathBuf {
     let environ = std::fs::read(format!("/proc/{worker_pid}/environ")).expect("worker environ");
     let tmpdir = environ
@@ -120,10 +147,27 @@ async fn a_graph_session_reaches_its_scratch_directory_and_nothing_private() {
     let (id, scratch) = (ours.session_id.clone(), scratch_of(ours.worker_pid));
     let their_scratch = scratch_of(theirs.worker_pid);
     assert_ne!(scratch, their_scratch);
-    assert!(
-        scratch.starts_with(dir.0.join("state/scratch")),
-        "{scratch:?}"
-    );
+    // A root daemon's workers run as nobody, never root, and their directories lie outside
+    // the state directory (0700, the daemon's alone).
+    let scratch_root = if running_as_root() {
+        std::env::temp_dir().join(format!("tfsd-scratch-{}-1", daemon.pid()))
+    } else {
+        dir.0.join("state/scratch")
+    };
+    assert!(scratch.starts_with(&scratch_root), "{scratch:?}");
+    assert_eq!(uid_of(ours.worker_pid), expected_worker_uid());
+    if running_as_root() {
+        let status = client
+            .get_daemon_status(api::GetDaemonStatusRequest {})
+            .await
+            .expect("daemon status")
+            .into_inner();
+        assert!(
+            status.sandbox.contains("workers run as nobody (uid 65534)"),
+            "{}",
+            status.sandbox
+        );
+    }
 
     // Its own directory: written and read back by the session, there on disk.
     let own_file = scratch.join("notes.txt");
@@ -291,6 +335,7 @@ except PermissionError:
     print("daemon environ: PermissionError")
 with open(os.path.join(os.path.expanduser("~"), ".written"), "w") as file:
     file.write("x")
+print("uid:", os.getuid())
 print("home:", os.environ["HOME"])
 print("tmp:", tempfile.gettempdir())
 print("cwd:", os.getcwd())
@@ -316,7 +361,8 @@ print("cwd:", os.getcwd())
     let home = PathBuf::from(line("home:"));
     assert_eq!(line("tmp:"), home.display().to_string());
     assert_eq!(line("cwd:"), home.display().to_string());
-    let root = std::env::temp_dir().join(format!("tfsd-scratch-{}", daemon.pid()));
+    assert_eq!(line("uid:"), expected_worker_uid().to_string(), "{stdout}");
+    let root = std::env::temp_dir().join(format!("tfsd-scratch-{}-1", daemon.pid()));
     assert!(home.starts_with(&root), "{home:?} under {root:?}");
     assert!(home.join(".written").is_file());
 

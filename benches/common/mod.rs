@@ -116,6 +116,8 @@ pub fn locate_tfsd() -> anyhow::Result<PathBuf> {
 pub struct Daemon {
     child: Child,
     pub address: String,
+    /// `unix:PATH` when the config switched the Unix socket on (`server.unix_socket`).
+    pub unix_socket: Option<String>,
     pub pid: u32,
     config: TempFile,
 }
@@ -157,12 +159,17 @@ impl Daemon {
         let pid = child.id().context("the daemon's pid")?;
         let stdout = child.stdout.take().context("the daemon's stdout")?;
         let mut lines = BufReader::new(stdout).lines();
+        let mut unix_socket = None;
         let wait_for_address = async {
             while let Some(line) = lines
                 .next_line()
                 .await
                 .context("read the daemon's stdout")?
             {
+                // Printed before the listening line.
+                if let Some(address) = line.strip_prefix("tfsd socket on ") {
+                    unix_socket = Some(address.trim().to_string());
+                }
                 if let Some(address) = line.strip_prefix("tfsd listening on ") {
                     return Ok(address.trim().to_string());
                 }
@@ -179,21 +186,23 @@ impl Daemon {
         Ok(Daemon {
             child,
             address,
+            unix_socket,
             pid,
             config,
         })
     }
 
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let channel = Channel::from_shared(format!("http://{}", self.address))
-            .with_context(|| format!("the daemon's address {:?}", self.address))?
-            .connect()
-            .await
-            .with_context(|| format!("connect to the daemon at {}", self.address))?;
-        // tonic's 4 MiB default would refuse the 64 MiB tensors.
-        Ok(Client::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX))
+        connect_to(&format!("http://{}", self.address)).await
+    }
+
+    /// A client over the daemon's Unix socket (its config must set `server.unix_socket`).
+    pub async fn connect_unix(&self) -> anyhow::Result<Client> {
+        let address = self
+            .unix_socket
+            .as_deref()
+            .context("the daemon serves no Unix socket (server.unix_socket)")?;
+        connect_to(address).await
     }
 
     /// Waits until the warm pool holds its configured number of ready workers, so that the
@@ -752,4 +761,17 @@ pub fn write_results(
 
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB as f64
+}
+
+/// A client of tfsd.v1 at `address` (`http://HOST:PORT` or `unix:PATH`).
+async fn connect_to(address: &str) -> anyhow::Result<Client> {
+    let channel = tonic::transport::Endpoint::from_shared(address.to_string())
+        .with_context(|| format!("the daemon's address {address:?}"))?
+        .connect()
+        .await
+        .with_context(|| format!("connect to the daemon at {address}"))?;
+    // tonic's 4 MiB default would refuse the 64 MiB tensors.
+    Ok(Client::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
 }

@@ -30,6 +30,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -313,6 +314,7 @@ class Daemon:
         prefixes = {
             "tfsd metrics on ": "metrics",
             "tfsd master on ": "master",
+            "tfsd socket on ": "unix_socket",
             "tfsd listening on ": "server",
         }
         while "server" not in self.addresses:
@@ -418,6 +420,29 @@ def check_metrics(daemon: Daemon) -> None:
     with opener.open(url, timeout=DEADLINE_S) as response:
         assert response.status == 200
         assert "tfsd_" in response.read().decode()
+
+
+def check_unix_socket(
+    daemon: Daemon, shipped: dict, runtime_directories: list[str], sandbox: Sandbox
+) -> str:
+    """The shipped Unix socket: in a directory the unit makes, with the shipped mode, serving
+    tfsd.v1 to `tfsd health` and to grpcio (with the authority tfsd_client sends). Returns its
+    path."""
+    path = shipped["server"]["unix_socket"]
+    assert path is not None, "the host config serves tfsd.v1 on a Unix socket"
+    assert any(
+        path.startswith(sandbox.path(f"/run/{directory}") + "/") for directory in runtime_directories
+    ), f"{path} is not in a RuntimeDirectory= of the unit"
+    assert daemon.addresses["unix_socket"] == f"unix:{path}"
+    mode = os.stat(path).st_mode
+    assert stat.S_ISSOCK(mode) and f"{stat.S_IMODE(mode):04o}" == shipped["server"]["unix_socket_mode"]
+    health = run_tfsd(["--address", f"unix:{path}", "health"], base_env())
+    assert health.returncode == 0, health.stdout + health.stderr
+    options = CHANNEL_OPTIONS + [("grpc.default_authority", "localhost")]
+    with grpc.insecure_channel(f"unix:{path}", options=options) as channel:
+        call = channel.unary_unary("/tfsd.v1.SessionService/ListSessions")
+        call(b"", timeout=DEADLINE_S)  # no [auth] as shipped: everyone, as on loopback
+    return path
 
 
 def probe_command(probe: dict, ports: dict[str, int], shipped: dict, daemon: Daemon) -> list:
@@ -572,6 +597,9 @@ def test_systemd_unit_starts_as_shipped(tmp_path, started):
     assert_no_python_sessions(config_file)
     for directory in service.get("StateDirectory", []):
         Path(sandbox.path(f"/var/lib/{directory}")).mkdir(parents=True)
+    runtime_directories = service.get("RuntimeDirectory", [])
+    for directory in runtime_directories:
+        Path(sandbox.path(f"/run/{directory}")).mkdir(parents=True)
 
     env = base_env()
     for assignments in service.get("Environment", []):
@@ -617,8 +645,10 @@ def test_systemd_unit_starts_as_shipped(tmp_path, started):
         check_serves_with_tokens(daemon, config_file)
         check_metrics(daemon)
         assert "master" in daemon.addresses  # tf.compat.v1.Session on this host
+        socket_path = check_unix_socket(daemon, shipped, runtime_directories, sandbox)
         assert daemon.stop() == 0, daemon.stderr()
         expect("STOPPING=1")
+        assert not Path(socket_path).exists(), "the socket is removed when tfsd stops"
 
 
 def test_container_image_starts_as_shipped(tmp_path, started):

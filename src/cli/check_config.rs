@@ -78,6 +78,12 @@ pub struct ServerReport {
     pub listen: String,
     /// The one drain deadline after SIGTERM.
     pub drain_timeout: String,
+    /// The Unix socket's path; every `unix_socket*` key `None` when it is off.
+    pub unix_socket: Option<String>,
+    /// Octal, as the TOML file writes it ("0660").
+    pub unix_socket_mode: Option<String>,
+    /// "NAME (gid G)"; `None` (with the socket on): the daemon's own group.
+    pub unix_socket_group: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -188,6 +194,15 @@ pub struct AuthReport {
     pub allow_unauthenticated: bool,
     pub tokens: Vec<TokenReport>,
     pub certificates: Vec<CertificateReport>,
+    /// Unix-socket peers by uid, in uid order.
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerReport {
+    pub uid: u32,
+    pub principal: String,
+    pub role: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -227,6 +242,9 @@ pub struct LimitsReport {
     pub max_feed_size: Option<SizeReport>,
     /// "config", "default" or "off".
     pub max_feed_size_from: &'static str,
+    pub max_buffered_size: Option<SizeReport>,
+    /// "config", "default" or "off".
+    pub max_buffered_size_from: &'static str,
     pub max_concurrent_runs_per_session: Option<u32>,
     pub max_run_timeout: Option<String>,
 }
@@ -279,6 +297,7 @@ struct FilePolicy {
 #[derive(Debug, Default, Deserialize)]
 struct FileLimits {
     max_feed_size: Option<String>,
+    max_buffered_size: Option<String>,
 }
 
 /// Where a key's value comes from, as the file writes it: absent or "" is the default.
@@ -417,6 +436,19 @@ impl ConfigReport {
             server: ServerReport {
                 listen: config.listen.to_string(),
                 drain_timeout: toml_duration(config.drain_timeout),
+                unix_socket: config
+                    .unix_socket
+                    .as_ref()
+                    .map(|socket| display(&socket.path)),
+                unix_socket_mode: config
+                    .unix_socket
+                    .as_ref()
+                    .map(|socket| format!("{:04o}", socket.mode)),
+                unix_socket_group: config
+                    .unix_socket
+                    .as_ref()
+                    .and_then(|socket| socket.group.as_ref())
+                    .map(|group| format!("{} (gid {})", group.name, group.gid)),
             },
             metrics: MetricsReport {
                 listen: config.metrics_listen.map(|address| address.to_string()),
@@ -532,6 +564,22 @@ impl ConfigReport {
                             .to_ascii_lowercase(),
                     })
                     .collect(),
+                peers: {
+                    let mut peers: Vec<PeerReport> = config
+                        .auth
+                        .peers()
+                        .map(|(uid, caller)| PeerReport {
+                            uid,
+                            principal: caller.principal.clone(),
+                            role: match caller.role {
+                                crate::auth::Role::Client => "client",
+                                crate::auth::Role::Operator => "operator",
+                            },
+                        })
+                        .collect();
+                    peers.sort_by_key(|peer| peer.uid);
+                    peers
+                },
             },
             tls: TlsReport {
                 cert: config.tls.as_ref().map(|tls| display(&tls.cert)),
@@ -552,6 +600,8 @@ impl ConfigReport {
                 max_feed_elements: config.limits.max_feed_elements,
                 max_feed_size: config.limits.max_feed_bytes.map(size),
                 max_feed_size_from: value_from(&file.limits.max_feed_size),
+                max_buffered_size: config.limits.max_buffered_bytes.map(size),
+                max_buffered_size_from: value_from(&file.limits.max_buffered_size),
                 max_concurrent_runs_per_session: config.limits.max_concurrent_runs_per_session,
                 max_run_timeout: config.limits.max_run_timeout.map(toml_duration),
             },
@@ -631,6 +681,22 @@ impl ConfigReport {
             vec![
                 line("server.listen", self.server.listen.clone()),
                 line("server.drain_timeout", self.server.drain_timeout.clone()),
+                line(
+                    "server.unix_socket",
+                    or_text(&self.server.unix_socket, "(off)"),
+                ),
+                line(
+                    "server.unix_socket_mode",
+                    or_text(&self.server.unix_socket_mode, "-"),
+                ),
+                line(
+                    "server.unix_socket_group",
+                    match (&self.server.unix_socket, &self.server.unix_socket_group) {
+                        (None, _) => "-".to_string(),
+                        (Some(_), None) => "(the daemon's own group)".to_string(),
+                        (Some(_), Some(group)) => group.clone(),
+                    },
+                ),
             ],
             vec![line(
                 "metrics.listen",
@@ -670,7 +736,10 @@ impl ConfigReport {
                 line("workers.start_wait", self.workers.start_wait.clone()),
                 line(
                     "workers.user",
-                    or_text(&self.workers.user, "(none: the daemon's user)"),
+                    or_text(
+                        &self.workers.user,
+                        "(none: the daemon's user; nobody if that is root)",
+                    ),
                 ),
                 line(
                     "workers.memory_enforcement",
@@ -786,10 +855,12 @@ impl ConfigReport {
         let mut auth_block = vec![
             line(
                 "auth",
-                if auth.tokens.is_empty() && auth.certificates.is_empty() {
+                if auth.tokens.is_empty() && auth.certificates.is_empty() && auth.peers.is_empty() {
                     "off (no credentials: every caller is the anonymous operator)".into()
                 } else {
-                    "every call needs a token or a client certificate".into()
+                    "every call needs a token, a client certificate, or (on the Unix socket) a \
+                     mapped uid"
+                        .into()
                 },
             ),
             line(
@@ -819,6 +890,18 @@ impl ConfigReport {
                 format!(
                     "{} ({}): client certificate SHA-256 {}",
                     certificate.principal, certificate.role, certificate.sha256
+                ),
+            ));
+        }
+        if auth.peers.is_empty() {
+            auth_block.push(line("auth.peers", "(none)".into()));
+        }
+        for (index, peer) in auth.peers.iter().enumerate() {
+            auth_block.push(line(
+                &format!("auth.peers[{index}]"),
+                format!(
+                    "{} ({}): Unix-socket peer uid {}",
+                    peer.principal, peer.role, peer.uid
                 ),
             ));
         }
@@ -862,6 +945,14 @@ impl ConfigReport {
                     "default" => format!("{}: default", size_text(&limits.max_feed_size, "")),
                     "off" => "(off)".to_string(),
                     _ => size_text(&limits.max_feed_size, "(none)"),
+                },
+            ),
+            line(
+                "limits.max_buffered_size",
+                match limits.max_buffered_size_from {
+                    "default" => format!("{}: default", size_text(&limits.max_buffered_size, "")),
+                    "off" => "(off)".to_string(),
+                    _ => size_text(&limits.max_buffered_size, "(none)"),
                 },
             ),
             line(
@@ -992,6 +1083,9 @@ mod tests {
             r#"
             [server]
             listen = "0.0.0.0:7000"
+            unix_socket = "/run/tfsd/tfsd.sock"
+            unix_socket_mode = "0600"
+            unix_socket_group = "root"
             [metrics]
             listen = "127.0.0.1:9999"
             [master]
@@ -1044,6 +1138,13 @@ mod tests {
             [[auth.certificates]]
             principal = "trainer"
             sha256 = "{certificate}"
+            [[auth.peers]]
+            uid = 1000
+            principal = "alice"
+            [[auth.peers]]
+            user = "root"
+            principal = "admin"
+            role = "operator"
             [tls]
             cert = "server.pem"
             key = "server.key"
@@ -1108,6 +1209,9 @@ mod tests {
         let at = |path: &str| dir.0.join(path).display().to_string();
 
         assert_eq!(json["server"]["listen"], "0.0.0.0:7000");
+        assert_eq!(json["server"]["unix_socket"], "/run/tfsd/tfsd.sock");
+        assert_eq!(json["server"]["unix_socket_mode"], "0600");
+        assert_eq!(json["server"]["unix_socket_group"], "root (gid 0)");
         assert_eq!(json["metrics"]["listen"], "127.0.0.1:9999");
         assert_eq!(json["master"]["listen"], serde_json::Value::Null);
         assert_eq!(json["workers"]["binary"], at("bin/tfsd-worker"));
@@ -1176,6 +1280,13 @@ mod tests {
                 {"principal": "trainer", "role": "client", "sha256": "ab".repeat(32)},
             ])
         );
+        assert_eq!(
+            auth["peers"],
+            serde_json::json!([
+                {"uid": 0, "principal": "admin", "role": "operator"},
+                {"uid": 1000, "principal": "alice", "role": "client"},
+            ])
+        );
 
         assert_eq!(json["tls"]["cert"], at("server.pem"));
         assert_eq!(json["tls"]["key"], at("server.key"));
@@ -1219,6 +1330,8 @@ mod tests {
             "limits.max_run_timeout                  1h\n",
             "state.checkpoint_interval  15m\n",
             "tls.client_ca  /etc/tfsd/clients-ca.pem\n",
+            "auth.peers[1]               alice (client): Unix-socket peer uid 1000\n",
+            "server.unix_socket_group  root (gid 0)\n",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }
@@ -1308,7 +1421,9 @@ mod tests {
         assert_eq!(policy["idle"]["action"], "close");
         assert_eq!(
             json["auth"],
-            serde_json::json!({"allow_unauthenticated": false, "tokens": [], "certificates": []})
+            serde_json::json!({
+                "allow_unauthenticated": false, "tokens": [], "certificates": [], "peers": []
+            })
         );
         assert_eq!(
             json["tls"],
@@ -1346,6 +1461,7 @@ mod tests {
             "limits.max_message_size                 2147483647 bytes (2.0 GiB)\n",
             "limits.max_sessions                     (none)\n",
             "limits.max_feed_size                    536870912 bytes (512 MiB): default\n",
+            "limits.max_buffered_size                1073741824 bytes (1024 MiB): default\n",
             "state.dir  (off: sessions last as long as the daemon)\n",
             "\nlog.filter  info\n",
         ] {
@@ -1408,7 +1524,7 @@ mod tests {
         for line in [
             enabled.as_str(),
             "sandbox.network         false (no sockets but AF_UNIX)\n",
-            "workers.user                   (none: the daemon's user)\n",
+            "workers.user                   (none: the daemon's user; nobody if that is root)\n",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }

@@ -48,17 +48,25 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-/// `HOST:PORT` or `http://HOST:PORT`, checked when the flag is parsed so that a typo is a
-/// usage error (exit 2) rather than a failed connection (exit 3).
+/// `HOST:PORT`, `http://HOST:PORT` or `unix:PATH` (the daemon's `server.unix_socket`),
+/// checked when the flag is parsed so that a typo is a usage error (exit 2) rather than a
+/// failed connection (exit 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DaemonAddress {
+pub enum DaemonAddress {
     /// `HOST:PORT`, as messages show it.
-    authority: String,
+    Tcp { authority: String },
+    /// The socket file's path.
+    Unix { path: String },
 }
 
 impl DaemonAddress {
+    /// What tonic's `Endpoint` takes: `http://HOST:PORT`, or `unix:PATH` (tonic connects to a
+    /// Unix socket for that form itself).
     fn uri(&self) -> String {
-        format!("http://{}", self.authority)
+        match self {
+            DaemonAddress::Tcp { authority } => format!("http://{authority}"),
+            DaemonAddress::Unix { path } => format!("unix:{path}"),
+        }
     }
 }
 
@@ -66,19 +74,32 @@ impl FromStr for DaemonAddress {
     type Err = String;
 
     fn from_str(text: &str) -> Result<DaemonAddress, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            // grpc's own spellings: unix:PATH and unix:///ABSOLUTE/PATH.
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(format!(
+                    "{text:?} names no socket: use unix:PATH, e.g. unix:/run/tfsd/tfsd.sock"
+                ));
+            }
+            return Ok(DaemonAddress::Unix {
+                path: path.to_string(),
+            });
+        }
         if text.starts_with("https://") {
             return Err("tfsd.v1 is served without TLS: use HOST:PORT or http://HOST:PORT".into());
         }
         let authority = text.strip_prefix("http://").unwrap_or(text);
         let authority = authority.strip_suffix('/').unwrap_or(authority);
-        let shape = "is not an address like 127.0.0.1:50051 or http://127.0.0.1:50051";
+        let shape = "is not an address like 127.0.0.1:50051, http://127.0.0.1:50051 or \
+                     unix:/run/tfsd/tfsd.sock";
         let Some((host, port)) = authority.rsplit_once(':') else {
             return Err(format!("{text:?} {shape} (the port is missing)"));
         };
         if host.is_empty() || authority.contains('/') || port.parse::<u16>().is_err() {
             return Err(format!("{text:?} {shape}"));
         }
-        let address = DaemonAddress {
+        let address = DaemonAddress::Tcp {
             authority: authority.to_string(),
         };
         Endpoint::from_shared(address.uri()).map_err(|_| format!("{text:?} {shape}"))?;
@@ -88,7 +109,10 @@ impl FromStr for DaemonAddress {
 
 impl fmt::Display for DaemonAddress {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(&self.authority)
+        match self {
+            DaemonAddress::Tcp { authority } => formatter.write_str(authority),
+            DaemonAddress::Unix { path } => write!(formatter, "unix:{path}"),
+        }
     }
 }
 
@@ -149,6 +173,9 @@ mod tests {
             ("http://127.0.0.1:50051", "127.0.0.1:50051"),
             ("http://localhost:7000/", "localhost:7000"),
             ("[::1]:50051", "[::1]:50051"),
+            ("unix:/run/tfsd/tfsd.sock", "unix:/run/tfsd/tfsd.sock"),
+            ("unix:///run/tfsd/tfsd.sock", "unix:/run/tfsd/tfsd.sock"),
+            ("unix:tfsd.sock", "unix:tfsd.sock"),
         ] {
             let address: DaemonAddress = text.parse().expect(text);
             assert_eq!(address.to_string(), shown);
@@ -164,10 +191,14 @@ mod tests {
             "127.0.0.1:70000",
             "http://h:1/path",
             "https://h:1",
+            "unix:",
+            "unix://",
         ] {
             let error = text.parse::<DaemonAddress>().expect_err(text);
             assert!(
-                error.contains("HOST:PORT") || error.contains("like"),
+                error.contains("HOST:PORT")
+                    || error.contains("like")
+                    || error.contains("unix:PATH"),
                 "{error}"
             );
         }

@@ -58,8 +58,8 @@ daemon ends the stream.";
 /// Where the daemon is and how to print: flags every operator command shares.
 #[derive(Debug, Clone, Args)]
 pub struct ClientOptions {
-    /// The daemon to talk to (operator commands; `serve` uses --listen): HOST:PORT or
-    /// http://HOST:PORT.
+    /// The daemon to talk to (operator commands; `serve` uses --listen): HOST:PORT,
+    /// http://HOST:PORT, or unix:PATH for its Unix socket (server.unix_socket).
     #[arg(
         long,
         global = true,

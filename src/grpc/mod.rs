@@ -66,8 +66,6 @@ impl Health {
     }
 }
 
-/// Serves tfsd.v1, health and reflection on `listener` until `shutdown` is cancelled, then
-/// lets in-flight calls end.
 /// What the tfsd.v1 listener needs besides the domain: who may call, how to encrypt, and
 /// the operator's limits.
 #[derive(Debug, Clone)]
@@ -95,12 +93,18 @@ fn tls_config(tls: &TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConf
     Ok(config)
 }
 
+/// Serves tfsd.v1, health and reflection on `listener` (and `unix_socket`) until `shutdown`
+/// is cancelled, then lets in-flight calls end.
+///
 /// `shutdown` starts the drain (event streams end, new sessions are refused with
-/// UNAVAILABLE); `stop_accepting`, cancelled once the drain is over, closes the listener. Until
-/// then a client connecting during the drain gets a clear UNAVAILABLE, not a connection
-/// accepted by the kernel's backlog and then dropped.
+/// UNAVAILABLE); `stop_accepting`, cancelled once the drain is over, closes the listeners.
+/// Until then a client connecting during the drain gets a clear UNAVAILABLE, not a connection
+/// accepted by the kernel's backlog and then dropped. `unix_socket` (`server.unix_socket`,
+/// bound by `crate::unix_socket::bind`) serves the same services beside TCP, with the peer's
+/// uid as a credential (`auth::Listener::UnixSocket`) and without TLS.
 pub async fn serve(
     listener: TcpListener,
+    unix_socket: Option<tokio::net::UnixListener>,
     manager: Arc<SessionManager>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -109,37 +113,65 @@ pub async fn serve(
     shutdown: CancellationToken,
     stop_accepting: CancellationToken,
 ) -> anyhow::Result<()> {
-    let max_message = options.limits.max_message_bytes;
-    let sessions = SessionServiceServer::new(session_service::SessionService::new(
-        manager,
-        options.limits.clone(),
-        shutdown.clone(),
-    ))
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
-    let sessions = tonic::service::interceptor::InterceptedService::new(
-        sessions,
-        crate::auth::interceptor(options.auth.clone()),
-    );
-    let (reflection_v1, reflection_v1alpha) = reflection(&[SESSION_SERVICE, HEALTH_SERVICE])?;
+    let services = |listener| {
+        let max_message = options.limits.max_message_bytes;
+        let sessions = SessionServiceServer::new(session_service::SessionService::new(
+            manager.clone(),
+            options.limits.clone(),
+            shutdown.clone(),
+        ))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let sessions = tonic::service::interceptor::InterceptedService::new(
+            sessions,
+            crate::auth::interceptor(options.auth.clone(), listener),
+        );
+        let (reflection_v1, reflection_v1alpha) = reflection(&[SESSION_SERVICE, HEALTH_SERVICE])?;
+        anyhow::Ok((
+            health_service.clone(),
+            reflection_v1,
+            reflection_v1alpha,
+            DecodeErrorsAreInvalidArgument::new(sessions),
+        ))
+    };
+    let (health, reflection_v1, reflection_v1alpha, sessions) =
+        services(crate::auth::Listener::Tcp)?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &options.tls {
         builder = builder
             .tls_config(tls_config(tls)?)
             .context("configure TLS for the tfsd.v1 listener")?;
     }
-    builder
-        .add_service(health_service)
+    let tcp = builder
+        .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(DecodeErrorsAreInvalidArgument::new(sessions))
+        .add_service(sessions)
         // TCP_NODELAY: a response written in two segments (headers, then data) must not wait
         // for the client's delayed ACK (Nagle): without it, concurrent callers saw 40 ms p99.
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop_accepting.clone().cancelled_owned(),
+        );
+    let Some(unix_socket) = unix_socket else {
+        tcp.await?;
+        return Ok(());
+    };
+    let (health, reflection_v1, reflection_v1alpha, sessions) =
+        services(crate::auth::Listener::UnixSocket)?;
+    let unix = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(sessions)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(unix_socket),
             stop_accepting.cancelled_owned(),
-        )
-        .await?;
+        );
+    tokio::try_join!(
+        async { tcp.await.context("the tfsd.v1 TCP listener failed") },
+        async { unix.await.context("the tfsd.v1 Unix socket failed") },
+    )?;
     Ok(())
 }
 

@@ -19,7 +19,10 @@ use tonic::Status;
 
 /// Answers kept for replay.
 pub const ANSWERS_KEPT: usize = 256;
-/// Bytes of answers kept for replay (one larger answer is kept until the next one arrives).
+/// Bytes of answers kept for replay. A single larger answer is not kept once delivered (a
+/// retry of it is refused with ABORTED): kept answers hold their share of the daemon's
+/// budget for tensors in transit (`worker::budget`), and a kept answer as large as that
+/// budget would hold every later fetch back.
 pub const ANSWER_BYTES_KEPT: usize = 64 << 20;
 /// Request ids remembered after their answers are dropped.
 pub const IDS_KEPT: usize = 65_536;
@@ -109,6 +112,14 @@ impl<T: Send + Sync + 'static> RecentRequests<T> {
 
     fn answered(&self, key: &Key, size: usize) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if size > ANSWER_BYTES_KEPT {
+            // Delivered to the callers waiting now, and not kept for later ones.
+            state.answers.retain(|(id, _)| id != key);
+            if let Some(slot) = state.slots.get_mut(key) {
+                *slot = None;
+            }
+            return;
+        }
         if let Some(entry) = state.answers.iter_mut().find(|(id, _)| id == key) {
             entry.1 = size;
             state.answer_bytes += size;
@@ -261,5 +272,22 @@ mod tests {
             .await
             .expect_err("dropped");
         assert_eq!(status.code(), tonic::Code::Aborted);
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_byte_bound_is_not_kept_once_delivered() {
+        let recent = Arc::new(RecentRequests::new(|size: &usize| *size));
+        recent.run("s-1", 1, async { 1 }).await.expect("small");
+        let big = recent
+            .run("s-1", 2, async { ANSWER_BYTES_KEPT + 1 })
+            .await
+            .expect("the first caller gets its answer");
+        assert_eq!(*big, ANSWER_BYTES_KEPT + 1);
+        let status = recent
+            .run("s-1", 2, async { 0 })
+            .await
+            .expect_err("not kept");
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert_eq!(*recent.run("s-1", 1, async { 0 }).await.expect("kept"), 1);
     }
 }

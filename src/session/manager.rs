@@ -561,6 +561,21 @@ impl SessionManager {
         let result = tokio::task::spawn_blocking(move || confined.confine_memory(hard_limit))
             .await
             .unwrap_or_else(|join| Err(std::io::Error::other(join)));
+        let result = match result {
+            // prlimit(2) of a worker running as another user needs CAP_SYS_RESOURCE, which
+            // containers drop by default: the worker sets its own (lowering needs no right).
+            Err(error)
+                if error.raw_os_error() == Some(libc::EPERM) && worker.uses_rlimit_backstop() =>
+            {
+                tokio::time::timeout(self.deadlines.call, worker.set_own_data_limit(hard_limit))
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Unavailable("no answer".to_string())))
+                    .map_err(|own| {
+                        std::io::Error::other(format!("{error}; the worker's own: {own}"))
+                    })
+            }
+            other => other,
+        };
         if let Err(error) = result {
             tracing::warn!(
                 worker_pid = worker.pid(),

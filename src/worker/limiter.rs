@@ -159,21 +159,12 @@ fn because(why: &str) -> String {
     }
 }
 
-/// Sets worker `pid`'s RLIMIT_DATA to its present private mappings plus `hard_limit` plus
-/// headroom (`None`: unlimited).
+/// Sets worker `pid`'s RLIMIT_DATA to `data_rlimit_for(pid, hard_limit)` with prlimit(2).
+/// EPERM where the worker runs as another user and the daemon lacks CAP_SYS_RESOURCE (a
+/// container's default): the worker then sets it on itself (`WorkerProcess::
+/// set_own_data_limit`).
 pub fn set_data_rlimit(pid: u32, hard_limit: Option<u64>) -> io::Result<()> {
-    let limit = match hard_limit {
-        Some(hard) => {
-            let mapped = data_mapped(pid)?;
-            mapped
-                .saturating_add(hard)
-                .saturating_add(rlimit_headroom())
-        }
-        None => libc::RLIM_INFINITY,
-    };
-    // The hard limit too, so that the session's own code cannot raise it again (a worker
-    // serves one session, whose limit does not change).
-    let limit = limit.min(current_hard(pid).unwrap_or(libc::RLIM_INFINITY));
+    let limit = data_rlimit_for(pid, hard_limit)?;
     let value = libc::rlimit {
         rlim_cur: limit,
         rlim_max: limit,
@@ -186,6 +177,23 @@ pub fn set_data_rlimit(pid: u32, hard_limit: Option<u64>) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The RLIMIT_DATA that holds worker `pid` to `hard_limit`: its present private mappings
+/// plus the limit plus headroom (`None`: unlimited), never above its present hard limit.
+pub fn data_rlimit_for(pid: u32, hard_limit: Option<u64>) -> io::Result<u64> {
+    let limit = match hard_limit {
+        Some(hard) => {
+            let mapped = data_mapped(pid)?;
+            mapped
+                .saturating_add(hard)
+                .saturating_add(rlimit_headroom())
+        }
+        None => libc::RLIM_INFINITY,
+    };
+    // The hard limit too, so that the session's own code cannot raise it again (a worker
+    // serves one session, whose limit does not change).
+    Ok(limit.min(current_hard(pid).unwrap_or(libc::RLIM_INFINITY)))
 }
 
 /// The process's RLIMIT_DATA hard limit now.

@@ -11,6 +11,7 @@
 //! the supervisor (`PR_SET_PDEATHSIG`, and the worker exits when its socket closes); dropping
 //! the last handle to a worker kills it.
 
+pub mod budget;
 pub mod cgroup;
 pub mod limiter;
 mod operations;

@@ -209,6 +209,16 @@ impl WorkerProcess {
 
     /// Graph: an empty graph and a new TensorFlow session. Python: Keras' and TensorFlow's
     /// global state cleared and garbage collected; the session's namespace is kept.
+    /// The rlimit backstop set by the worker on itself (`SetDataLimit`), for a worker the
+    /// supervisor may not prlimit: RLIMIT_DATA for `hard_limit`, computed from what it has
+    /// mapped now (`limiter::data_rlimit_for`).
+    pub async fn set_own_data_limit(&self, hard_limit: Option<u64>) -> Result<()> {
+        let bytes = super::limiter::data_rlimit_for(self.pid(), hard_limit)
+            .map_err(|error| Error::Protocol(format!("read worker pid {}: {error}", self.pid())))?;
+        self.expect_done(Kind::SetDataLimit(wire::SetDataLimit { bytes }))
+            .await
+    }
+
     pub async fn reset_graph(&self) -> Result<()> {
         self.expect_done(Kind::ResetGraph(wire::ResetGraph {}))
             .await

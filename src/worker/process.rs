@@ -11,16 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use prost::Message;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::Runtime;
+use super::budget::{self, BufferBudget};
 use super::cgroup::WorkerCgroup;
 use super::limiter::MemoryLimiter;
 use super::sandbox::{PreparedWorker, Sandbox};
@@ -53,6 +52,8 @@ pub struct WorkerSpec {
     pub limiter: Arc<MemoryLimiter>,
     /// The sandbox each worker starts in; `None` when it is off.
     pub sandbox: Option<Arc<Sandbox>>,
+    /// What the daemon may hold of large frames at once, shared by every worker.
+    pub budget: BufferBudget,
 }
 
 /// How a worker process ended, in words a user can act on.
@@ -327,12 +328,7 @@ impl WorkerProcess {
             .map_err(|error| start_error(error.to_string()))?;
         let stream = UnixStream::from_std(ours).map_err(|error| start_error(error.to_string()))?;
         let (read_half, write_half) = stream.into_split();
-        let codec = || {
-            LengthDelimitedCodec::builder()
-                .max_frame_length(MAX_FRAME_BYTES)
-                .new_codec()
-        };
-        let mut reader = FramedRead::new(read_half, codec());
+        let mut reader = BufReader::new(read_half);
 
         let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -357,7 +353,7 @@ impl WorkerProcess {
         let mut exit_for_start = exit_rx.clone();
         let ready = tokio::time::timeout(spec.start_timeout, async {
             tokio::select! {
-                frame = reader.next() => Ok(frame),
+                frame = next_frame(&mut reader, &spec.budget) => Ok(frame),
                 _ = exit_for_start.wait_for(Option::is_some) => Err(()),
             }
         })
@@ -366,8 +362,8 @@ impl WorkerProcess {
             let _ = tx.send(());
         };
         let ready = match ready {
-            Ok(Ok(Some(Ok(frame)))) => {
-                WorkerResponse::decode(frame.freeze())
+            Ok(Ok(Ok(Some(frame)))) => {
+                WorkerResponse::decode(frame)
                     .ok()
                     .and_then(|response| match response.result {
                         Some(worker_response::Result::Ready(ready)) => Some(ready),
@@ -398,7 +394,13 @@ impl WorkerProcess {
         };
 
         let kill = Arc::new(Mutex::new(Some(kill_tx)));
-        tokio::spawn(read_responses(reader, pending.clone(), pid, kill.clone()));
+        tokio::spawn(read_responses(
+            reader,
+            spec.budget.clone(),
+            pending.clone(),
+            pid,
+            kill.clone(),
+        ));
         tracing::debug!(worker_pid = pid, runtime = %spec.runtime, tensorflow = %ready.tensorflow_version, "worker ready");
         Ok(Arc::new(WorkerProcess {
             pid,
@@ -432,6 +434,11 @@ impl WorkerProcess {
         } else {
             Ok(())
         }
+    }
+
+    /// Whether its hard limit is held by the rlimit backstop.
+    pub fn uses_rlimit_backstop(&self) -> bool {
+        self.rlimit_backstop
     }
 
     /// The worker's scratch directory, the one place its sandbox lets it write.
@@ -546,7 +553,9 @@ impl WorkerProcess {
             )));
         }
         // The one copy of the payload on the way out: the frame is encoded straight into
-        // the buffer that is written to the socket.
+        // the buffer that is written to the socket. Not counted in the budget: the client's
+        // request is already decoded in full (tonic), and waiting for the budget here while
+        // a worker waits to hand over its answer could close a cycle.
         let mut frame = Vec::with_capacity(4 + length);
         frame.extend_from_slice(&(length as u32).to_be_bytes());
         request
@@ -755,17 +764,26 @@ async fn watch_exit(
 /// requests waiting on it then fail with its exit, and the session is restored, instead of
 /// waiting forever for answers that can no longer be read.
 async fn read_responses(
-    mut reader: FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>,
+    mut reader: BufReader<OwnedReadHalf>,
+    budget: BufferBudget,
     pending: Arc<Pending>,
     pid: u32,
     kill: Arc<Mutex<Option<oneshot::Sender<()>>>>,
 ) {
-    while let Some(frame) = reader.next().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            // A worker killed with frames unread resets the socket: that is its exit, which
-            // the exit watcher reports, not a broken stream.
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return,
+    loop {
+        let frame = match next_frame(&mut reader, &budget).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            // A worker killed with frames unread resets the socket, or ends it mid-frame:
+            // that is its exit, which the exit watcher reports, not a broken stream.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                return;
+            }
             Err(error) => {
                 tracing::error!(worker_pid = pid, %error, "unreadable stream from a worker: killing it");
                 if let Some(kill) = kill.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -774,7 +792,7 @@ async fn read_responses(
                 return;
             }
         };
-        let response = match WorkerResponse::decode(frame.freeze()) {
+        let response = match WorkerResponse::decode(frame) {
             Ok(response) => response,
             Err(error) => {
                 tracing::error!(%error, "undecodable frame from a worker");
@@ -809,6 +827,34 @@ async fn read_responses(
     }
 }
 
+/// Reads one frame (a 4-byte big-endian length, then the message), its buffer sized from
+/// the length. A large frame first reserves its size from the daemon's budget, before a byte
+/// of its body is read: until there is room the worker waits on a full socket. The
+/// reservation lives in the returned `Bytes` and every slice decoded from it. `None`: the
+/// worker closed the socket between frames.
+async fn next_frame(
+    reader: &mut BufReader<OwnedReadHalf>,
+    budget: &BufferBudget,
+) -> std::io::Result<Option<Bytes>> {
+    let mut header = [0u8; 4];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let length = u32::from_be_bytes(header) as usize;
+    if length > MAX_FRAME_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {length} bytes (at most {MAX_FRAME_BYTES})"),
+        ));
+    }
+    let reservation = budget.reserve(length).await;
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).await?;
+    Ok(Some(budget::hold(body, reservation)))
+}
+
 /// Forwards TensorFlow's stderr lines to the daemon's log, one event per line, tagged with
 /// the worker's pid and the session it serves (empty while it waits in the warm pool).
 async fn forward_stderr(
@@ -824,5 +870,67 @@ async fn forward_stderr(
             .clone()
             .unwrap_or_default();
         tracing::info!(target: "tfsd::worker_stderr", worker_pid = pid, %session_id, "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn frame(length: usize, fill: u8) -> Vec<u8> {
+        let mut frame = (length as u32).to_be_bytes().to_vec();
+        frame.resize(4 + length, fill);
+        frame
+    }
+
+    /// A worker's large answer is not read while the budget is held: the second frame waits
+    /// (its bytes stay in the socket) until every slice of the first is dropped.
+    #[tokio::test]
+    async fn a_large_frame_waits_for_the_budget_before_it_is_read() {
+        let (ours, mut worker) = UnixStream::pair().expect("socketpair");
+        let (read_half, _write_half) = ours.into_split();
+        let mut reader = BufReader::new(read_half);
+        let budget = BufferBudget::new(4 << 20);
+        let writer = tokio::spawn(async move {
+            worker.write_all(&frame(3 << 20, 1)).await.expect("first");
+            worker.write_all(&frame(3 << 20, 2)).await.expect("second");
+            worker.write_all(&frame(16, 3)).await.expect("small");
+            worker
+        });
+        let first = next_frame(&mut reader, &budget)
+            .await
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(first.len(), 3 << 20);
+        let kept = first.slice(0..8);
+        drop(first);
+        let second = {
+            let second = next_frame(&mut reader, &budget);
+            tokio::pin!(second);
+            for _ in 0..16 {
+                assert!(
+                    futures::poll!(second.as_mut()).is_pending(),
+                    "read while the first frame's slice holds the budget"
+                );
+                tokio::task::yield_now().await;
+            }
+            drop(kept);
+            second.await.expect("read").expect("a frame")
+        };
+        assert!(second.iter().all(|byte| *byte == 2));
+        // Small frames pass while the budget is held.
+        let small = next_frame(&mut reader, &budget)
+            .await
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(&small[..], &[3; 16]);
+        drop(writer.await.expect("writer"));
+        assert!(
+            next_frame(&mut reader, &budget)
+                .await
+                .expect("eof")
+                .is_none()
+        );
     }
 }

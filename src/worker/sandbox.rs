@@ -30,7 +30,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::config::{Config, SandboxMode};
 use landlock::{Abi, READ_EXECUTE, READ_WRITE, Ruleset};
@@ -68,14 +68,15 @@ struct Confinement {
     library_dir: Option<PathBuf>,
     seccomp: Option<Arc<Filter>>,
     max_open_files: libc::rlim_t,
-    /// The worker stays root: drop every capability (up to this one, the kernel's last).
+    /// A root daemon's workers: empty the bounding set (up to this capability, the
+    /// kernel's last) before the switch to the workers' user, the other sets after it.
     drop_capabilities: Option<u32>,
     scratch: ScratchRoot,
 }
 
 impl Confinement {
     /// "landlock ABI 7 (filesystem, tcp, scopes), seccomp (...), no_new_privs, ...".
-    fn describe(&self, user: Option<&WorkerUser>, root: bool) -> String {
+    fn describe(&self, user: Option<&WorkerUser>) -> String {
         let mut parts = Vec::new();
         match self.landlock {
             Some(abi) => {
@@ -108,10 +109,8 @@ impl Confinement {
         parts.push("core dumps off".to_string());
         parts.push(format!("{} files", self.max_open_files));
         parts.push(format!("scratch in {}", self.scratch.path().display()));
-        match user {
-            Some(user) => parts.push(format!("workers run as {} (uid {})", user.name, user.uid)),
-            None if root => parts.push("workers run as root (set workers.user)".to_string()),
-            None => {}
+        if let Some(user) = user {
+            parts.push(format!("workers run as {} (uid {})", user.name, user.uid));
         }
         parts.join(", ")
     }
@@ -133,15 +132,23 @@ impl Sandbox {
                 user.name,
                 user.name
             ),
-            user => user.clone(),
+            Some(user) => Some(user.clone()),
+            // Workers never run as root: a root daemon without workers.user runs them as
+            // nobody.
+            None if euid == 0 => Some(user::default_worker_user()?),
+            None => None,
         };
+        if let Some(user) = &user {
+            check_runtime_reachable(config, user)?;
+        }
         let settings = &config.sandbox;
         if settings.mode == SandboxMode::Off {
             let mut description = "off (sandbox.enabled = false)".to_string();
             if let Some(user) = &user {
-                description.push_str(&format!(", workers run as {}", user.name));
-            } else if euid == 0 {
-                description.push_str(", workers run as root (set workers.user)");
+                description.push_str(&format!(
+                    ", workers run as {} (uid {})",
+                    user.name, user.uid
+                ));
             }
             return Ok(Sandbox {
                 confinement: None,
@@ -222,7 +229,7 @@ impl Sandbox {
         }
         let hard_limit = current_open_files_hard_limit();
         let max_open_files = (settings.max_open_files as libc::rlim_t).min(hard_limit);
-        let drop_capabilities = (euid == 0 && user.is_none()).then(last_capability);
+        let drop_capabilities = (euid == 0).then(last_capability);
         let scratch = ScratchRoot::new(
             config.state.as_ref().map(|state| state.dir.as_path()),
             user.as_ref(),
@@ -239,7 +246,7 @@ impl Sandbox {
             drop_capabilities,
             scratch,
         };
-        let description = confinement.describe(user.as_ref(), euid == 0);
+        let description = confinement.describe(user.as_ref());
         Ok(Sandbox {
             confinement: Some(confinement),
             user,
@@ -336,7 +343,7 @@ pub struct PreparedWorker {
     user: Option<(u32, u32)>,
     /// RLIMIT_NOFILE; RLIMIT_CORE goes to 0 with it.
     rlimits: Option<libc::rlim_t>,
-    /// Drop capabilities 0..=this.
+    /// Drop capabilities 0..=this (see `Confinement::drop_capabilities`).
     drop_capabilities: Option<u32>,
     no_new_privs: bool,
     ruleset: Option<Ruleset>,
@@ -363,6 +370,9 @@ impl PreparedWorker {
         // SAFETY (the whole function): plain system calls on values prepared beforehand;
         // every pointer passed points into `self` or the stack.
         unsafe {
+            if let Some(last) = self.drop_capabilities {
+                drop_bounding_set(last)?;
+            }
             if let Some((uid, gid)) = self.user {
                 let parent = libc::getppid();
                 check(libc::setgroups(0, std::ptr::null()))?;
@@ -375,6 +385,9 @@ impl PreparedWorker {
                     libc::_exit(1);
                 }
             }
+            if self.drop_capabilities.is_some() {
+                clear_capability_sets()?;
+            }
             if let Some(open_files) = self.rlimits {
                 let core = libc::rlimit {
                     rlim_cur: 0,
@@ -386,9 +399,6 @@ impl PreparedWorker {
                     rlim_max: open_files,
                 };
                 check(libc::setrlimit(libc::RLIMIT_NOFILE, &files))?;
-            }
-            if let Some(last) = self.drop_capabilities {
-                drop_capabilities(last)?;
             }
             if self.no_new_privs {
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
@@ -415,9 +425,33 @@ fn check(result: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Empties the bounding set (so that no later exec regains a capability), the ambient set,
-/// and the effective, permitted and inheritable sets. Async-signal-safe.
-unsafe fn drop_capabilities(last: u32) -> io::Result<()> {
+/// Empties the bounding set, so that no later exec can regain a capability. Called before
+/// the switch to the workers' user, while CAP_SETPCAP is still held. Async-signal-safe.
+unsafe fn drop_bounding_set(last: u32) -> io::Result<()> {
+    // SAFETY: plain system calls.
+    unsafe {
+        // EINVAL: a capability this kernel does not know. EPERM: no CAP_SETPCAP (a
+        // container that dropped it): the bounding set stays, but with the permitted set
+        // emptied and no_new_privs, no exec can give a capability back.
+        for capability in 0..=last {
+            if libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0) < 0 {
+                let errno = *libc::__errno_location();
+                if errno == libc::EPERM {
+                    break;
+                }
+                if errno != libc::EINVAL {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Empties the ambient, effective, permitted and inheritable sets. Called after the switch
+/// to the workers' user, which empties the permitted and effective sets but keeps the
+/// inheritable one. Async-signal-safe.
+unsafe fn clear_capability_sets() -> io::Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -433,20 +467,6 @@ unsafe fn drop_capabilities(last: u32) -> io::Result<()> {
     // SAFETY: plain system calls; the capset pointers point at stack values of the layout
     // the kernel expects for version 3 (two data structs).
     unsafe {
-        // EINVAL: a capability this kernel does not know. EPERM: no CAP_SETPCAP (a
-        // container that dropped it): the bounding set stays, but with the permitted set
-        // emptied below and no_new_privs, no exec can give a capability back.
-        for capability in 0..=last {
-            if libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0) < 0 {
-                let errno = *libc::__errno_location();
-                if errno == libc::EPERM {
-                    break;
-                }
-                if errno != libc::EINVAL {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-        }
         check(libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -509,6 +529,44 @@ fn current_open_files_hard_limit() -> libc::rlim_t {
         return libc::rlim_t::MAX;
     }
     limit.rlim_max
+}
+
+/// The workers' user must be able to run what they run: the worker binary, its library
+/// directory, and the Python interpreter (through the environment's own directory and, a
+/// venv's interpreter being a link, the installation it runs). Refused at start-up with
+/// the path that stops it, instead of every worker failing to start.
+fn check_runtime_reachable(config: &Config, user: &WorkerUser) -> anyhow::Result<()> {
+    let mut programs = vec![("workers.binary", config.workers.binary.clone())];
+    if let Some(python) = &config.python {
+        programs.push(("python.interpreter", python.interpreter.clone()));
+    }
+    for (key, program) in &programs {
+        user::ensure_runnable(user, program).with_context(|| {
+            format!(
+                "{key} = {}: workers run as {} (uid {}){}",
+                program.display(),
+                user.name,
+                user.uid,
+                if config.workers.user.is_none() {
+                    ", the default for a daemon started as root: set workers.user to a user \
+                     who can run it, or install it where that user can"
+                } else {
+                    ""
+                }
+            )
+        })?;
+    }
+    if let Some(dir) = &config.workers.library_dir {
+        user::ensure_listable(user, dir).with_context(|| {
+            format!(
+                "workers.library_dir = {}: workers run as {} (uid {})",
+                dir.display(),
+                user.name,
+                user.uid
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Refuses a set of rules that would let a worker reach all of `/` or one of `secrets`.

@@ -30,6 +30,8 @@ pub struct Daemon {
     pub metrics_url: String,
     /// `HOST:PORT` of TensorFlow's MasterService.
     pub master_address: String,
+    /// `unix:PATH` of the Unix socket (`server.unix_socket`); empty when it is off.
+    pub unix_socket: String,
 }
 
 /// A fresh directory for one test's files (a config, a state directory), removed on drop.
@@ -138,6 +140,7 @@ impl Daemon {
         std::thread::spawn(move || {
             let mut metrics_url = String::new();
             let mut master_address = String::new();
+            let mut unix_socket = String::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(url) = line.strip_prefix("tfsd metrics on ") {
@@ -146,16 +149,20 @@ impl Daemon {
                 if let Some(address) = line.strip_prefix("tfsd master on ") {
                     master_address = address.to_string();
                 }
+                if let Some(address) = line.strip_prefix("tfsd socket on ") {
+                    unix_socket = address.to_string();
+                }
                 if let Some(address) = line.strip_prefix("tfsd listening on ") {
                     let _ = sender.send((
                         address.to_string(),
                         metrics_url.clone(),
                         master_address.clone(),
+                        unix_socket.clone(),
                     ));
                 }
             }
         });
-        let (address, metrics_url, master_address) = receiver
+        let (address, metrics_url, master_address, unix_socket) = receiver
             .recv_timeout(DEADLINE)
             .expect("tfsd did not say it listens");
         (
@@ -165,6 +172,7 @@ impl Daemon {
                 address,
                 metrics_url,
                 master_address,
+                unix_socket,
             },
             (),
         )

@@ -237,6 +237,7 @@ fn handle(runtime: &Runtime, kind: Option<Kind>) -> Result<Reply, Failure> {
             .run(run)
             .map(|outputs| Reply::Run(wire::RunResult { outputs })),
         Kind::ResetGraph(_) => runtime.reset_graph().map(|()| done()),
+        Kind::SetDataLimit(limit) => set_data_limit(limit.bytes).map(|()| done()),
         Kind::PurgeVariables(_) => runtime.purge_variables().map(|()| done()),
         Kind::ExportVariables(_) => runtime
             .export_variables()
@@ -263,3 +264,21 @@ fn handle(runtime: &Runtime, kind: Option<Kind>) -> Result<Reply, Failure> {
 
 /// TensorFlow's (and gRPC's) status code for an operation a runtime does not implement.
 const UNIMPLEMENTED: i32 = 12;
+
+/// RLIMIT_DATA, soft and hard, on this process (lowering needs no privilege; raising past
+/// the hard limit is refused, which keeps a session from lifting its own limit).
+fn set_data_limit(bytes: u64) -> Result<(), Failure> {
+    let value = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: setrlimit reads the struct passed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_DATA, &value) } == 0 {
+        Ok(())
+    } else {
+        Err(Failure::internal(format!(
+            "setrlimit(RLIMIT_DATA, {bytes}): {}",
+            std::io::Error::last_os_error()
+        )))
+    }
+}

@@ -1,7 +1,9 @@
 //! Scratch directories: one per worker (mode 0700, named `DAEMONPID-N`), the only place it
 //! may write, under a root that is `<state.dir>/scratch` or, without a state directory, a
 //! directory of this daemon's own in the system's temporary directory
-//! (`tfsd-scratch-PID`, removed at exit). What a daemon killed with SIGKILL left behind is
+//! (`tfsd-scratch-PID-1`, removed at exit). With `workers.user` (always, for a daemon
+//! started as root) the root is the temporary one even with a state directory: that
+//! directory is 0700, the daemon's alone. What a daemon killed with SIGKILL left behind is
 //! removed by the next one: directories named after a process that no longer runs.
 
 use std::fs::DirBuilder;
@@ -35,6 +37,10 @@ impl ScratchRoot {
         let mode = if user.is_some() { 0o711 } else { 0o700 };
         // With workers.user, not in the state directory: that one is 0700, the daemon's
         // alone, and must stay so.
+        if let Some(dir) = state_dir.filter(|_| user.is_some()) {
+            // A daemon that ran without a user may have left workers' directories there.
+            remove_stale_workers(&dir.join("scratch"));
+        }
         let (path, private) = match state_dir.filter(|_| user.is_none()) {
             Some(dir) => {
                 let path = dir.join("scratch");
@@ -49,7 +55,14 @@ impl ScratchRoot {
             None => {
                 let temp = std::env::temp_dir();
                 remove_stale_roots(&temp);
-                let path = temp.join(format!("{TEMP_ROOT_PREFIX}{}", std::process::id()));
+                // Numbered: one daemon has one sandbox, but the unit tests make many in one
+                // process, and each removes its own root when dropped.
+                static ROOTS: AtomicU64 = AtomicU64::new(1);
+                let path = temp.join(format!(
+                    "{TEMP_ROOT_PREFIX}{}-{}",
+                    std::process::id(),
+                    ROOTS.fetch_add(1, Ordering::Relaxed)
+                ));
                 make_private_root(&path)?;
                 (path, true)
             }
@@ -150,6 +163,7 @@ fn remove_stale_roots(temp: &Path) {
         let Some(pid) = name
             .to_str()
             .and_then(|name| name.strip_prefix(TEMP_ROOT_PREFIX))
+            .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
         else {
             continue;
@@ -198,28 +212,14 @@ fn process_exists(pid: u32) -> bool {
 /// Every directory from `/` to `path` must let `user` through (search permission), or the
 /// worker could not reach its own directory.
 fn ensure_traversable(path: &Path, user: &WorkerUser) -> anyhow::Result<()> {
-    for dir in path.ancestors() {
-        let metadata =
-            std::fs::metadata(dir).with_context(|| format!("inspect {}", dir.display()))?;
-        let mode = metadata.mode();
-        let allowed = if metadata.uid() == user.uid {
-            mode & 0o100 != 0
-        } else if metadata.gid() == user.gid {
-            mode & 0o010 != 0
-        } else {
-            mode & 0o001 != 0
-        };
-        if !allowed {
-            bail!(
-                "workers.user = {} cannot reach the scratch directory {}: {} is not \
-                 searchable by it (chmod o+x, or choose another state.dir)",
-                user.name,
-                path.display(),
-                dir.display()
-            );
-        }
-    }
-    Ok(())
+    super::user::ensure_traversable(user, &path.join("worker")).with_context(|| {
+        format!(
+            "workers.user = {} cannot reach the scratch directory {} (chmod o+x, or choose \
+             another state.dir)",
+            user.name,
+            path.display()
+        )
+    })
 }
 
 /// Removes a tree, even one whose directories the worker made unwritable (chmod 0500):

@@ -84,7 +84,10 @@ fn a_worker_reads_the_system_and_writes_only_its_scratch_directory() {
     let second = sandbox.prepare(cat).expect("prepare");
     let scratch = first.scratch_dir().expect("scratch").to_path_buf();
     let other = second.scratch_dir().expect("scratch").to_path_buf();
-    assert!(scratch.starts_with(state.0.join("scratch")), "{scratch:?}");
+    assert!(
+        scratch.starts_with(sandbox.scratch_root().expect("root")),
+        "{scratch:?}"
+    );
     assert_ne!(scratch, other);
     let mode = std::fs::metadata(&scratch).expect("scratch").permissions();
     assert_eq!(
@@ -267,13 +270,29 @@ fn workers_user_runs_the_worker_as_that_user() {
         return;
     }
     let state = TempDir::new("user");
+    // Unset, a root daemon's workers run as nobody: never as root.
     let sandbox = sandbox(&state.0, "");
     assert!(
         sandbox
             .describe()
-            .contains("workers run as root (set workers.user)"),
+            .contains("workers run as nobody (uid 65534)"),
         "{}",
         sandbox.describe()
+    );
+    let prepared = sandbox.prepare(Path::new("/usr/bin/id")).expect("prepare");
+    let output = run(&prepared, Path::new("/usr/bin/id"), &["-u"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "65534");
+    let sandbox_off = {
+        let text = format!(
+            "[workers]\nbinary = \"/bin/cat\"\n[sandbox]\nenabled = false\n[state]\ndir = \"{}\"\n",
+            state.0.display()
+        );
+        Sandbox::new(&Config::parse(&text, Path::new("/")).expect("config")).expect("sandbox")
+    };
+    assert!(
+        sandbox_off.describe().contains("workers run as nobody"),
+        "{}",
+        sandbox_off.describe()
     );
     let text = format!(
         "[workers]\nbinary = \"/bin/cat\"\nuser = \"nobody\"\n[state]\ndir = \"{}\"\n",
@@ -303,7 +322,7 @@ fn workers_user_runs_the_worker_as_that_user() {
 }
 
 #[test]
-fn a_root_worker_keeps_no_capability() {
+fn a_root_daemons_worker_keeps_no_capability() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return;
@@ -330,14 +349,27 @@ fn without_a_state_directory_the_scratch_root_is_private_and_goes_with_the_daemo
         Config::parse("[workers]\nbinary = \"/bin/cat\"\n", Path::new("/")).expect("config");
     let sandbox = Sandbox::new(&config).expect("sandbox");
     let root = sandbox.scratch_root().expect("root").to_path_buf();
-    assert_eq!(
-        root,
-        std::env::temp_dir().join(format!("tfsd-scratch-{}", std::process::id()))
+    let name = root
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .to_string();
+    assert_eq!(root.parent(), Some(std::env::temp_dir().as_path()));
+    assert!(
+        name.starts_with(&format!("tfsd-scratch-{}-", std::process::id())),
+        "{name}"
     );
     let mode = std::fs::metadata(&root).expect("root").permissions();
+    // SAFETY: geteuid has no preconditions.
+    let expected = if unsafe { libc::geteuid() } == 0 {
+        // Workers run as nobody: they must get through to their own directories.
+        0o711
+    } else {
+        0o700
+    };
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-        0o700
+        expected
     );
     let prepared = sandbox.prepare(Path::new("/bin/cat")).expect("prepare");
     assert!(prepared.scratch_dir().expect("dir").starts_with(&root));
@@ -449,4 +481,47 @@ fn a_grant_over_root_or_a_secret_refuses_to_start() {
     std::fs::create_dir_all(&beside).expect("bin");
     check_grants([rule(&beside), rule(Path::new("/usr"))].iter(), &secrets)
         .expect("neither covers a secret");
+}
+
+#[test]
+fn a_root_daemon_refuses_a_runtime_its_workers_user_cannot_reach() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let home = TempDir::new("private-home");
+    let private = home.0.join("private");
+    std::fs::create_dir(&private).expect("dir");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("mode");
+    let interpreter = private.join("python3");
+    std::os::unix::fs::symlink("/usr/bin/python3", &interpreter).expect("link");
+    let text = format!(
+        "[workers]\nbinary = \"/bin/cat\"\n[python]\ninterpreter = \"{}\"\n",
+        interpreter.display()
+    );
+    let config = Config::parse(&text, Path::new("/")).expect("config");
+    let error = format!(
+        "{:#}",
+        Sandbox::new(&config).expect_err("unreachable interpreter")
+    );
+    assert!(error.contains("python.interpreter"), "{error}");
+    assert!(error.contains("workers run as nobody"), "{error}");
+    assert!(error.contains("set workers.user"), "{error}");
+    assert!(
+        error.contains(&format!("{} is not searchable", private.display())),
+        "{error}"
+    );
+
+    // Readable by its owner only: refused by name too.
+    let binary = home.0.join("tfsd-worker");
+    std::fs::copy("/bin/cat", &binary).expect("copy");
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o700)).expect("mode");
+    let text = format!("[workers]\nbinary = \"{}\"\n", binary.display());
+    let config = Config::parse(&text, Path::new("/")).expect("config");
+    let error = format!(
+        "{:#}",
+        Sandbox::new(&config).expect_err("unreadable binary")
+    );
+    assert!(error.contains("cannot read and execute"), "{error}");
 }

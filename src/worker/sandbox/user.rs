@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::path::Path;
 
 use anyhow::{Context, bail};
 
@@ -41,6 +42,96 @@ pub fn resolve_worker_user(value: &toml::Value) -> anyhow::Result<WorkerUser> {
         );
     }
     Ok(user)
+}
+
+/// The user a root daemon's workers run as when `workers.user` is unset: `nobody`, the
+/// unprivileged account every Linux system has (uid 65534 where the name is missing).
+pub fn default_worker_user() -> anyhow::Result<WorkerUser> {
+    let found = match lookup_user(UserKey::Name("nobody"))? {
+        Some(user) => Some(user),
+        None => lookup_user(UserKey::Uid(NOBODY_UID))?,
+    };
+    let user = found.unwrap_or(WorkerUser {
+        name: "nobody".to_string(),
+        uid: NOBODY_UID,
+        gid: NOBODY_UID,
+    });
+    if user.uid == 0 {
+        bail!(
+            "the daemon runs as root, workers.user is unset, and this machine's `nobody` is \
+             root: set workers.user to an unprivileged user"
+        );
+    }
+    Ok(user)
+}
+
+/// The overflow uid the kernel and the distributions give `nobody`.
+const NOBODY_UID: u32 = 65534;
+
+/// Access a user has to a file by its mode bits alone, as the kernel checks them for a
+/// process without supplementary groups (which workers drop): owner, else primary group,
+/// else others. ACLs are not read: a path they open is reported unreachable, one they close
+/// fails at the worker's start instead.
+fn permits(user: &WorkerUser, metadata: &std::fs::Metadata, read: bool, execute: bool) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let shift = if metadata.uid() == user.uid {
+        6
+    } else if metadata.gid() == user.gid {
+        3
+    } else {
+        0
+    };
+    let bits = (metadata.mode() >> shift) & 0o7;
+    (!read || bits & 0o4 != 0) && (!execute || bits & 0o1 != 0)
+}
+
+/// Every directory above `path` lets `user` through (search permission).
+pub fn ensure_traversable(user: &WorkerUser, path: &Path) -> anyhow::Result<()> {
+    for dir in path.ancestors().skip(1) {
+        if dir.as_os_str().is_empty() {
+            continue;
+        }
+        let metadata =
+            std::fs::metadata(dir).with_context(|| format!("inspect {}", dir.display()))?;
+        if !permits(user, &metadata, false, true) {
+            bail!(
+                "{} cannot reach {}: {} is not searchable by it (mode {:o})",
+                user.name,
+                path.display(),
+                dir.display(),
+                std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o7777
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `user` can exec `program`: through the path as given (a venv's `bin/python`, whose
+/// environment is found next to it) and through where its links lead.
+pub fn ensure_runnable(user: &WorkerUser, program: &Path) -> anyhow::Result<()> {
+    ensure_traversable(user, program)?;
+    let target =
+        std::fs::canonicalize(program).with_context(|| format!("resolve {}", program.display()))?;
+    ensure_traversable(user, &target)?;
+    let metadata =
+        std::fs::metadata(&target).with_context(|| format!("inspect {}", target.display()))?;
+    if !permits(user, &metadata, true, true) {
+        bail!("{} cannot read and execute {}", user.name, target.display());
+    }
+    Ok(())
+}
+
+/// `user` can list and enter `dir` (a library directory).
+pub fn ensure_listable(user: &WorkerUser, dir: &Path) -> anyhow::Result<()> {
+    let target =
+        std::fs::canonicalize(dir).with_context(|| format!("resolve {}", dir.display()))?;
+    ensure_traversable(user, &target)?;
+    let metadata =
+        std::fs::metadata(&target).with_context(|| format!("inspect {}", target.display()))?;
+    if !permits(user, &metadata, true, true) {
+        bail!("{} cannot list {}", user.name, target.display());
+    }
+    Ok(())
 }
 
 enum UserKey<'a> {

@@ -43,6 +43,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
 ]
+# For a `unix:PATH` address: since grpcio 1.57 (grpc/grpc#33571) the default `:authority` is
+# the %-encoded socket path, which is no valid HTTP/2 authority, and the daemon's HTTP/2 layer
+# (Rust's h2) resets every such stream with PROTOCOL_ERROR (grpc/grpc#38142). "localhost" is
+# what grpc-go and Kubernetes send over Unix sockets.
+UNIX_SOCKET_CHANNEL_OPTIONS = [("grpc.default_authority", "localhost")]
 
 
 def _control():
@@ -305,8 +310,14 @@ def _memory(message) -> Memory:
 class Tfsd:
     """A connection to a tfsd daemon's tfsd.v1 API. Every call has a deadline (`timeout`).
 
-    `token` is sent as `authorization: Bearer TOKEN` (the daemon's `[[auth.tokens]]`);
-    `root_certificates` (PEM bytes) switches to TLS, for a daemon with `[tls]`."""
+    `address` is `HOST:PORT`, or `unix:PATH` for the daemon's Unix socket
+    (`server.unix_socket`, e.g. `unix:/run/tfsd/tfsd.sock`; grpcio connects to it itself).
+    There the daemon knows the caller's uid, which its `[[auth.peers]]` may map to a principal:
+    no token needed.
+
+    `token` is sent as `authorization: Bearer TOKEN` (the daemon's `[[auth.tokens]]`; it also
+    works on the Unix socket, where it decides over the uid); `root_certificates` (PEM bytes)
+    switches to TLS, for a daemon with `[tls]` (TCP only: the Unix socket is plaintext)."""
 
     def __init__(
         self,
@@ -316,12 +327,20 @@ class Tfsd:
         token: str | None = None,
         root_certificates: bytes | None = None,
     ):
+        if address.startswith("unix:") and root_certificates is not None:
+            raise ValueError(
+                f"{address!r} is tfsd's Unix socket, which is served without TLS: leave out "
+                "root_certificates (the kernel, not TLS, tells the daemon who connects there)"
+            )
         self.address = address
         self.timeout = timeout
         self._pb2 = _control()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         if root_certificates is None:
-            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            options = _CHANNEL_OPTIONS
+            if address.startswith("unix:"):
+                options = options + UNIX_SOCKET_CHANNEL_OPTIONS
+            self._channel = grpc.insecure_channel(address, options=options)
         else:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
@@ -816,8 +835,8 @@ def connect(
     token: str | None = None,
     root_certificates: bytes | None = None,
 ) -> Tfsd:
-    """A client of the tfsd.v1 API at `address` (HOST:PORT); see `Tfsd` for `token` and
-    `root_certificates`."""
+    """A client of the tfsd.v1 API at `address` (`HOST:PORT`, or `unix:PATH` for the daemon's
+    Unix socket); see `Tfsd` for `token` and `root_certificates`."""
     return Tfsd(address, timeout=timeout, token=token, root_certificates=root_certificates)
 
 

@@ -28,6 +28,7 @@ import gc
 import importlib
 import os
 import queue
+import resource
 import signal
 import socket
 import sys
@@ -316,6 +317,16 @@ class Worker:
         elif kind == "cancel":
             self.cancel(request.cancel.call_id)
             self.send(pb.WorkerResponse(id=request.id, done=pb.Done()))
+        elif kind == "set_data_limit":
+            # The session's hard limit as RLIMIT_DATA (soft and hard: the session's code
+            # cannot raise it again), where the supervisor may not set it for this process.
+            limit = request.set_data_limit.bytes
+            try:
+                resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+            except (OSError, ValueError) as error:
+                self.send_error(request.id, INTERNAL, f"setrlimit(RLIMIT_DATA, {limit}): {error}")
+            else:
+                self.send(pb.WorkerResponse(id=request.id, done=pb.Done()))
         elif kind in GRAPH_REQUESTS:
             self.send_error(
                 request.id,
