@@ -298,12 +298,12 @@ impl AuthConfig {
         }
         let Some(uid) = peer_uid else {
             return Err(Status::unauthenticated(
-                "the kernel did not report this connection's peer credentials: send                  `authorization: Bearer TOKEN` metadata",
+                "the kernel did not report this connection's peer credentials: send `authorization: Bearer TOKEN` metadata",
             ));
         };
         self.peers.get(&uid).cloned().ok_or_else(|| {
             Status::unauthenticated(format!(
-                "uid {uid} is not mapped to a principal ([[auth.peers]]): send                  `authorization: Bearer TOKEN` metadata, or ask the operator to map the uid"
+                "uid {uid} is not mapped to a principal ([[auth.peers]]): send `authorization: Bearer TOKEN` metadata, or ask the operator to map the uid"
             ))
         })
     }

@@ -36,12 +36,11 @@ pub use input::{
 /// (256 × 224 × 224 × 3 float32, 147 MiB) and costs a worker about 1 GiB at most.
 pub const DEFAULT_MAX_FEED_BYTES: u64 = 512 << 20;
 
-/// What the daemon itself may hold of tensors in transit at once, by default
-/// (`limits.max_buffered_size`, `worker::budget`): large request frames being written to
-/// workers and large answers read from them until their client's response is encoded. Three
-/// concurrent 381 MiB fetches took an unbounded daemon from 2 MiB to 1.2 GiB; 1 GiB lets two
-/// default-sized feeds (`DEFAULT_MAX_FEED_BYTES`) through at once and holds the rest back
-/// (their workers wait on a full socket), and a single larger tensor still goes, alone.
+/// What the daemon itself may hold at once of large answers from workers, by default
+/// (`limits.max_buffered_size`, `worker::budget`): from reading them until their client's
+/// response is encoded. Three concurrent 381 MiB fetches took an unbounded daemon from 2 MiB
+/// to 1.2 GiB; 1 GiB lets two such fetches through at once and holds the rest back (their
+/// workers wait on a full socket), and a single larger answer still goes, alone.
 pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, Default, Deserialize)]

@@ -19,7 +19,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -34,11 +34,12 @@ pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// The temporary name the socket is bound under before it is renamed into place: in the same
 /// directory (a rename cannot cross file systems), unique per daemon.
 fn temporary_name(pid: u32) -> String {
-    format!(".tfsd-{pid}.sock.new")
+    format!(".tfsd-{pid}.bind")
 }
 
-/// The longest temporary name (`pid_max` is at most 4194304: 7 digits).
-const MAX_TEMPORARY_NAME_BYTES: usize = ".tfsd-4194304.sock.new".len();
+/// The longest temporary path below the socket's directory (`pid_max` is at most 4194304:
+/// 7 digits).
+const MAX_TEMPORARY_NAME_BYTES: usize = ".tfsd-4194304.bind/s".len();
 
 /// `server.unix_socket*`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,19 +322,33 @@ pub fn bind(config: &UnixSocketConfig) -> anyhow::Result<(tokio::net::UnixListen
         );
     }
     check_existing(path)?;
-    let temporary = directory.join(temporary_name(std::process::id()));
+    // Bound inside a directory of the daemon's own (0700), so that nobody can connect to it
+    // while it still has the umask's mode, and nobody can swap it for a link before its mode
+    // and group are set through its path; then renamed into place.
+    let private = directory.join(temporary_name(std::process::id()));
     // A leftover of an earlier daemon with the same pid (a container restarts as pid 1).
-    if std::fs::symlink_metadata(&temporary).is_ok_and(|metadata| metadata.file_type().is_socket())
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if std::fs::symlink_metadata(&private)
+        .is_ok_and(|metadata| metadata.file_type().is_dir() && metadata.uid() == euid)
     {
-        let _ = std::fs::remove_file(&temporary);
+        let _ = std::fs::remove_dir_all(&private);
     }
-    let listener = std::os::unix::net::UnixListener::bind(&temporary)
-        .with_context(|| format!("server.unix_socket: bind {}", temporary.display()))?;
-    let placed = place(config, &temporary);
-    if placed.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    let file = placed?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| {
+            format!(
+                "server.unix_socket: make the private directory {} to bind in",
+                private.display()
+            )
+        })?;
+    let temporary = private.join("s");
+    let bound = std::os::unix::net::UnixListener::bind(&temporary)
+        .with_context(|| format!("server.unix_socket: bind {}", temporary.display()))
+        .and_then(|listener| place(config, &temporary).map(|file| (listener, file)));
+    let _ = std::fs::remove_dir_all(&private);
+    let (listener, file) = bound?;
     listener
         .set_nonblocking(true)
         .context("server.unix_socket: make the socket non-blocking")?;

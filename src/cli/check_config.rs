@@ -1461,7 +1461,7 @@ mod tests {
             "limits.max_message_size                 2147483647 bytes (2.0 GiB)\n",
             "limits.max_sessions                     (none)\n",
             "limits.max_feed_size                    536870912 bytes (512 MiB): default\n",
-            "limits.max_buffered_size                1073741824 bytes (1024 MiB): default\n",
+            "limits.max_buffered_size                1073741824 bytes (1 GiB): default\n",
             "state.dir  (off: sessions last as long as the daemon)\n",
             "\nlog.filter  info\n",
         ] {

@@ -37,6 +37,11 @@ pub struct RecentRequests<T> {
     state: Mutex<State<T>>,
     /// The size of an answer, for the byte bound.
     size: fn(&T) -> usize,
+    /// Makes an answer that is kept independent of the buffers it was decoded from: a
+    /// fetched tensor is a slice of its worker's frame, which holds the daemon's budget for
+    /// tensors in transit (`worker::budget`) while any slice of it lives. Kept answers are
+    /// bounded here, not there.
+    detach: fn(T) -> T,
 }
 
 #[derive(Debug)]
@@ -52,6 +57,11 @@ struct State<T> {
 
 impl<T: Send + Sync + 'static> RecentRequests<T> {
     pub fn new(size: fn(&T) -> usize) -> RecentRequests<T> {
+        RecentRequests::detaching(size, |answer| answer)
+    }
+
+    /// `new`, for answers that may hold slices of a worker's frame (see `detach`).
+    pub fn detaching(size: fn(&T) -> usize, detach: fn(T) -> T) -> RecentRequests<T> {
         RecentRequests {
             state: Mutex::new(State {
                 slots: HashMap::new(),
@@ -60,6 +70,7 @@ impl<T: Send + Sync + 'static> RecentRequests<T> {
                 answer_bytes: 0,
             }),
             size,
+            detach,
         }
     }
 
@@ -94,7 +105,7 @@ impl<T: Send + Sync + 'static> RecentRequests<T> {
                     state.remember(key.clone(), slot.clone());
                     let recent = self.clone();
                     tokio::spawn(async move {
-                        let answer = Arc::new(work.await);
+                        let answer = Arc::new((recent.detach)(work.await));
                         let size = (recent.size)(&answer);
                         let _ = sender.send(Some(answer));
                         recent.answered(&key, size);

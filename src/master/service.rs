@@ -29,6 +29,36 @@ use crate::session::{PartialRunSpec, RunSpec, SessionManager};
 type Answer<T> = Result<T, Status>;
 
 /// The size of an answer, for the de-duplication cache's byte bound.
+/// A tensor whose content is a slice of a worker's frame, copied out of it (see
+/// `RecentRequests::detaching`). Small answers came in frames the budget does not count.
+fn detach_tensor(tensor: &mut tf::TensorProto) {
+    if !tensor.tensor_content.is_empty() {
+        tensor.tensor_content = bytes::Bytes::copy_from_slice(&tensor.tensor_content);
+    }
+}
+
+fn detach_run_step(mut answer: Answer<tf::RunStepResponse>) -> Answer<tf::RunStepResponse> {
+    if let Ok(response) = &mut answer
+        && response.encoded_len() >= crate::worker::budget::SMALL_FRAME_BYTES
+    {
+        for named in &mut response.tensor {
+            named.tensor.iter_mut().for_each(detach_tensor);
+        }
+    }
+    answer
+}
+
+fn detach_run_callable(
+    mut answer: Answer<tf::RunCallableResponse>,
+) -> Answer<tf::RunCallableResponse> {
+    if let Ok(response) = &mut answer
+        && response.encoded_len() >= crate::worker::budget::SMALL_FRAME_BYTES
+    {
+        response.fetch.iter_mut().for_each(detach_tensor);
+    }
+    answer
+}
+
 fn answer_size<T: Message>(answer: &Answer<T>) -> usize {
     match answer {
         Ok(message) => message.encoded_len(),
@@ -61,10 +91,10 @@ impl Master {
             sessions,
             limits,
             access,
-            run_steps: Arc::new(RecentRequests::new(answer_size)),
+            run_steps: Arc::new(RecentRequests::detaching(answer_size, detach_run_step)),
             partial_run_setups: Arc::new(RecentRequests::new(answer_size)),
             make_callables: Arc::new(RecentRequests::new(answer_size)),
-            run_callables: Arc::new(RecentRequests::new(answer_size)),
+            run_callables: Arc::new(RecentRequests::detaching(answer_size, detach_run_callable)),
         })
     }
 

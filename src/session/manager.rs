@@ -565,7 +565,9 @@ impl SessionManager {
             // prlimit(2) of a worker running as another user needs CAP_SYS_RESOURCE, which
             // containers drop by default: the worker sets its own (lowering needs no right).
             Err(error)
-                if error.raw_os_error() == Some(libc::EPERM) && worker.uses_rlimit_backstop() =>
+                if error.raw_os_error() == Some(libc::EPERM)
+                    && worker.uses_rlimit_backstop()
+                    && hard_limit.is_some() =>
             {
                 tokio::time::timeout(self.deadlines.call, worker.set_own_data_limit(hard_limit))
                     .await

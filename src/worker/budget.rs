@@ -1,4 +1,4 @@
-//! The byte budget for tensors the daemon itself holds (`limits.max_buffered_bytes`).
+//! The byte budget for tensors the daemon itself holds (`limits.max_buffered_size`).
 //!
 //! Between a worker and a client every large payload sits in the supervisor's memory for a
 //! while: a request frame being written to a worker, a response frame read from one and
@@ -16,8 +16,9 @@
 //! frame larger than the whole budget waits until the budget is entirely free and then goes
 //! alone. Small frames (every control call, small steps) never touch the semaphore.
 //! Nothing that waits for the budget holds any of it, so waits cannot form a cycle; what
-//! keeps answers for longer bounds them itself (the MasterService's replay cache keeps at
-//! most 64 MiB, `master::dedup`).
+//! keeps answers for longer copies them out of the frame (the MasterService's replay cache,
+//! `master::dedup`, bounded there). A worker that stops sending in the middle of a frame is
+//! killed (`process::next_frame`), so a reservation never waits on a silent worker.
 //!
 //! Not covered: requests. A client's request is decoded in full by tonic before tfsd sees
 //! it (bounded per request by `limits.max_message_size`), and its frame to the worker is a

@@ -207,8 +207,6 @@ impl WorkerProcess {
         }
     }
 
-    /// Graph: an empty graph and a new TensorFlow session. Python: Keras' and TensorFlow's
-    /// global state cleared and garbage collected; the session's namespace is kept.
     /// The rlimit backstop set by the worker on itself (`SetDataLimit`), for a worker the
     /// supervisor may not prlimit: RLIMIT_DATA for `hard_limit`, computed from what it has
     /// mapped now (`limiter::data_rlimit_for`).
@@ -219,6 +217,8 @@ impl WorkerProcess {
             .await
     }
 
+    /// Graph: an empty graph and a new TensorFlow session. Python: Keras' and TensorFlow's
+    /// global state cleared and garbage collected; the session's namespace is kept.
     pub async fn reset_graph(&self) -> Result<()> {
         self.expect_done(Kind::ResetGraph(wire::ResetGraph {}))
             .await

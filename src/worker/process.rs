@@ -31,6 +31,9 @@ use crate::proto::tfsd::worker::v1::{
 
 /// The fd number the worker finds its end of the socketpair on.
 pub const WORKER_FD: i32 = 3;
+/// How long a worker may pause in the middle of a frame before it counts as hung (see
+/// `next_frame`). Between frames it may be silent as long as it likes.
+const FRAME_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame either side accepts: big tensors travel in one frame.
 const MAX_FRAME_BYTES: usize = 2 << 30;
 
@@ -851,7 +854,27 @@ async fn next_frame(
     }
     let reservation = budget.reserve(length).await;
     let mut body = vec![0; length];
-    reader.read_exact(&mut body).await?;
+    // The reservation is held from here: a worker that stops sending mid-frame (stopped,
+    // or session code writing to the socket itself) would hold it, and with it every
+    // other worker's large answers, for good. A frame's bytes come at memory speed: a
+    // pause this long means the worker is no longer sending, and it is killed.
+    let mut filled = 0;
+    while filled < length {
+        match tokio::time::timeout(FRAME_STALL_TIMEOUT, reader.read(&mut body[filled..])).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(read)) => filled += read,
+            Ok(Err(error)) => return Err(error),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "stopped sending a frame of {length} bytes for {FRAME_STALL_TIMEOUT:?} \
+                         after {filled} bytes"
+                    ),
+                ));
+            }
+        }
+    }
     Ok(Some(budget::hold(body, reservation)))
 }
 

@@ -52,6 +52,11 @@ pub struct Sandbox {
     confinement: Option<Confinement>,
     /// Switch to this user in the child (the daemon runs as root and workers.user is set).
     user: Option<WorkerUser>,
+    /// Every worker, sandbox on or off, root daemon or not: empty the bounding set (up to
+    /// this capability, the kernel's last) before the switch to the workers' user, the
+    /// other sets after it, so that no worker holds or inherits a capability (a daemon
+    /// given ambient capabilities by systemd passes them on otherwise).
+    last_capability: u32,
     description: String,
 }
 
@@ -68,9 +73,6 @@ struct Confinement {
     library_dir: Option<PathBuf>,
     seccomp: Option<Arc<Filter>>,
     max_open_files: libc::rlim_t,
-    /// A root daemon's workers: empty the bounding set (up to this capability, the
-    /// kernel's last) before the switch to the workers' user, the other sets after it.
-    drop_capabilities: Option<u32>,
     scratch: ScratchRoot,
 }
 
@@ -103,9 +105,7 @@ impl Confinement {
             (None, _) => "no seccomp on this architecture".to_string(),
         });
         parts.push("no_new_privs".to_string());
-        if self.drop_capabilities.is_some() {
-            parts.push("capabilities dropped".to_string());
-        }
+        parts.push("capabilities dropped".to_string());
         parts.push("core dumps off".to_string());
         parts.push(format!("{} files", self.max_open_files));
         parts.push(format!("scratch in {}", self.scratch.path().display()));
@@ -143,7 +143,7 @@ impl Sandbox {
         }
         let settings = &config.sandbox;
         if settings.mode == SandboxMode::Off {
-            let mut description = "off (sandbox.enabled = false)".to_string();
+            let mut description = "off (sandbox.enabled = false), capabilities dropped".to_string();
             if let Some(user) = &user {
                 description.push_str(&format!(
                     ", workers run as {} (uid {})",
@@ -153,6 +153,7 @@ impl Sandbox {
             return Ok(Sandbox {
                 confinement: None,
                 user,
+                last_capability: last_capability(),
                 description,
             });
         }
@@ -229,7 +230,6 @@ impl Sandbox {
         }
         let hard_limit = current_open_files_hard_limit();
         let max_open_files = (settings.max_open_files as libc::rlim_t).min(hard_limit);
-        let drop_capabilities = (euid == 0).then(last_capability);
         let scratch = ScratchRoot::new(
             config.state.as_ref().map(|state| state.dir.as_path()),
             user.as_ref(),
@@ -243,13 +243,13 @@ impl Sandbox {
             library_dir,
             seccomp,
             max_open_files,
-            drop_capabilities,
             scratch,
         };
         let description = confinement.describe(user.as_ref());
         Ok(Sandbox {
             confinement: Some(confinement),
             user,
+            last_capability: last_capability(),
             description,
         })
     }
@@ -274,7 +274,7 @@ impl Sandbox {
             env: Vec::new(),
             user: self.user.as_ref().map(|user| (user.uid, user.gid)),
             rlimits: None,
-            drop_capabilities: None,
+            drop_capabilities: Some(self.last_capability),
             no_new_privs: false,
             ruleset: None,
             working_dir: None,
@@ -293,7 +293,6 @@ impl Sandbox {
             .map(|key| (key.to_string(), text.clone()))
             .collect();
         prepared.rlimits = Some(confinement.max_open_files);
-        prepared.drop_capabilities = confinement.drop_capabilities;
         prepared.no_new_privs = true;
         if let Some(abi) = confinement.landlock {
             let mut ruleset = Ruleset::new(abi, confinement.network)?;
@@ -343,7 +342,7 @@ pub struct PreparedWorker {
     user: Option<(u32, u32)>,
     /// RLIMIT_NOFILE; RLIMIT_CORE goes to 0 with it.
     rlimits: Option<libc::rlim_t>,
-    /// Drop capabilities 0..=this (see `Confinement::drop_capabilities`).
+    /// Drop capabilities 0..=this (see `Sandbox::last_capability`).
     drop_capabilities: Option<u32>,
     no_new_privs: bool,
     ruleset: Option<Ruleset>,

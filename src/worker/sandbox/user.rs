@@ -47,10 +47,12 @@ pub fn resolve_worker_user(value: &toml::Value) -> anyhow::Result<WorkerUser> {
 /// The user a root daemon's workers run as when `workers.user` is unset: `nobody`, the
 /// unprivileged account every Linux system has (uid 65534 where the name is missing).
 pub fn default_worker_user() -> anyhow::Result<WorkerUser> {
-    let found = match lookup_user(UserKey::Name("nobody"))? {
-        Some(user) => Some(user),
-        None => lookup_user(UserKey::Uid(NOBODY_UID))?,
-    };
+    // Some NSS modules answer "not found" with an errno (ENOENT, ESRCH, EPERM...): any
+    // failure counts as not found here, and the overflow uid is the fallback.
+    let found = lookup_user(UserKey::Name("nobody"))
+        .ok()
+        .flatten()
+        .or_else(|| lookup_user(UserKey::Uid(NOBODY_UID)).ok().flatten());
     let user = found.unwrap_or(WorkerUser {
         name: "nobody".to_string(),
         uid: NOBODY_UID,
@@ -62,6 +64,13 @@ pub fn default_worker_user() -> anyhow::Result<WorkerUser> {
              root: set workers.user to an unprivileged user"
         );
     }
+    tracing::warn!(
+        "workers.user is unset and the daemon runs as root: workers run as {} (uid {}), \
+         which other services of this host may share; set workers.user to a user of \
+         tfsd's own",
+        user.name,
+        user.uid
+    );
     Ok(user)
 }
 

@@ -321,9 +321,12 @@ class Worker:
             # The session's hard limit as RLIMIT_DATA (soft and hard: the session's code
             # cannot raise it again), where the supervisor may not set it for this process.
             limit = request.set_data_limit.bytes
+            if limit >= 2**63 - 1:
+                # The supervisor's "unlimited" (u64::MAX) does not fit Python's rlim_t.
+                limit = resource.RLIM_INFINITY
             try:
                 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, OverflowError) as error:
                 self.send_error(request.id, INTERNAL, f"setrlimit(RLIMIT_DATA, {limit}): {error}")
             else:
                 self.send(pb.WorkerResponse(id=request.id, done=pb.Done()))
