@@ -97,16 +97,31 @@ class Daemon:
             env=env,
             text=True,
         )
+        self.log = os.path.join(directory, "tfsd.log")
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.process.stdout], daemon=True).start()
         started = time.monotonic()
         while True:
-            line = lines.get(timeout=max(0.1, DEADLINE - (time.monotonic() - started)))
+            if time.monotonic() - started > DEADLINE:
+                self.stop()
+                raise RuntimeError(f"tfsd did not start within {DEADLINE} s: {self.log_tail()}")
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"tfsd exited with {self.process.returncode}: {self.log_tail()}")
+                continue
             if line.startswith("tfsd listening on "):
                 self.address = line.split()[-1]
                 break
         self.channel = grpc.insecure_channel(self.address)
-        self.log = os.path.join(directory, "tfsd.log")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log) as file:
+                return "".join(file.readlines()[-lines:])
+        except OSError as error:
+            return f"(no log: {error})"
 
     def unary(self, method: str, request, response):
         call = self.channel.unary_unary(
@@ -188,7 +203,33 @@ def main() -> int:
     }
     failures: list[str] = []
     directory = tempfile.mkdtemp(prefix="tfsd-device-check-")
-    daemon = Daemon(args.tfsd, args.python, preload, directory)
+    # A daemon started as root runs its workers as nobody, who must import the worker
+    # package and the framework from where they are: say so now rather than after the
+    # pool's retries.
+    if os.geteuid() == 0:
+        probe = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", args.python, "-c",
+             f"import tfsd_worker, {preload}"],
+            capture_output=True, text=True, env=dict(os.environ), timeout=DEADLINE,
+        )
+        if probe.returncode != 0:
+            failures.append(
+                "running as root, tfsd runs its workers as nobody, who cannot import "
+                f"tfsd_worker and {preload} with PYTHONPATH={os.environ.get('PYTHONPATH', '')}: "
+                f"{probe.stderr.strip()[-500:]} (put the repository where every user can read "
+                "it, or run the check as an unprivileged user)"
+            )
+    if not failures:
+        try:
+            daemon = Daemon(args.tfsd, args.python, preload, directory)
+        except Exception as error:  # noqa: BLE001 - reported in the JSON line
+            failures.append(f"{type(error).__name__}: {error}")
+    if failures:
+        figures["elapsed_s"] = round(time.monotonic() - began, 1)
+        figures["failures"] = failures
+        figures["ok"] = False
+        print(json.dumps(figures), flush=True)
+        return 1
     try:
         status = daemon.unary("GetDaemonStatus", pb.GetDaemonStatusRequest(), pb.DaemonStatus)
         figures["tfsd_gpu"] = status.gpu
@@ -289,6 +330,7 @@ def main() -> int:
         figures["ok"] = not failures
         if failures:
             figures["log"] = daemon.log
+            figures["log_tail"] = daemon.log_tail()
         print(json.dumps(figures), flush=True)
     return 0 if not failures else 1
 

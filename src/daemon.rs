@@ -195,7 +195,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for warning in config.gpu.missing_devices(gpus.device_count()) {
         tracing::warn!("{warning}");
     }
-    manager.attach_gpus(Arc::new(gpus), config.gpu.clone());
+    let python_env = config.python.as_ref().map(|python| {
+        let mut env = config.workers.env.clone();
+        env.extend(python.env.clone());
+        env
+    });
+    manager.attach_gpus(
+        Arc::new(gpus),
+        config.gpu.with_inherited(
+            &config.workers.env,
+            &python_env.unwrap_or_default(),
+            std::env::var(crate::gpu::placement::CUDA_VISIBLE_DEVICES).ok(),
+        ),
+    );
     if let (Some(store), Some(state)) = (store, &config.state) {
         manager.attach_store(store);
         let restored = manager.restore_from_store().await;

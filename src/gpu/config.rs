@@ -38,6 +38,12 @@ pub struct GpuConfig {
     pub memory_growth: bool,
     /// `TF_GPU_ALLOCATOR` for every worker; `None`: TensorFlow's default (BFC).
     pub allocator: Option<String>,
+    /// The `CUDA_VISIBLE_DEVICES` a pool placed at "all" passes on to its workers (the
+    /// daemon's own environment, or `workers.env` / `python.env`), graph then Python: there
+    /// a session's device indices would name devices the operator did not hand over, so
+    /// such requests are refused. Filled in at start-up (`with_inherited`), not read from
+    /// `[gpu]`.
+    pub inherited: [Option<String>; 2],
 }
 
 fn placement(key: &str, value: Option<toml::Value>) -> anyhow::Result<Placement> {
@@ -83,7 +89,34 @@ impl GpuConfig {
             python: placement("gpu.python_devices", raw.python_devices)?,
             memory_growth: raw.memory_growth.unwrap_or(DEFAULT_MEMORY_GROWTH),
             allocator,
+            inherited: [None, None],
         })
+    }
+
+    /// This config with the `CUDA_VISIBLE_DEVICES` each pool's workers inherit where the
+    /// pool does not set one itself (see `inherited`).
+    pub fn with_inherited(
+        &self,
+        graph_env: &BTreeMap<String, String>,
+        python_env: &BTreeMap<String, String>,
+        daemon: Option<String>,
+    ) -> GpuConfig {
+        let inherited = |placement: &Placement, env: &BTreeMap<String, String>| {
+            (*placement == Placement::All)
+                .then(|| {
+                    env.get(CUDA_VISIBLE_DEVICES)
+                        .cloned()
+                        .or_else(|| daemon.clone())
+                })
+                .flatten()
+        };
+        GpuConfig {
+            inherited: [
+                inherited(&self.graph, graph_env),
+                inherited(&self.python, python_env),
+            ],
+            ..self.clone()
+        }
     }
 
     /// One warning per pool whose configured devices this host (`host_devices` devices per

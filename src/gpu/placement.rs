@@ -83,6 +83,7 @@ pub fn resolve(
     request: &GpuRequest,
     pool: &Placement,
     pool_key: &str,
+    inherited: Option<&str>,
     host_devices: u32,
     host: &str,
 ) -> Result<Placement, PlacementError> {
@@ -93,6 +94,17 @@ pub fn resolve(
     };
     if devices.is_empty() {
         return Ok(pool.clone());
+    }
+    // The pool's workers see what an inherited CUDA_VISIBLE_DEVICES leaves them: indices
+    // chosen here would replace it and reach devices the operator kept back.
+    if let (Placement::All, Some(inherited)) = (pool, inherited) {
+        return Err(PlacementError::Unavailable(format!(
+            "the session asks for {} but {pool_key} = \"all\" passes on \
+             CUDA_VISIBLE_DEVICES={}, which tfsd does not replace: set {pool_key} to a list of \
+             devices to let sessions choose among them",
+            gpu_list(devices),
+            crate::error::quoted(inherited)
+        )));
     }
     let mut seen = std::collections::BTreeSet::new();
     if let Some(twice) = devices.iter().find(|d| !seen.insert(**d)) {
@@ -181,11 +193,11 @@ mod tests {
     fn any_takes_the_pools_placement_and_none_hides_every_gpu() {
         let pool = Placement::Devices(vec![1]);
         assert_eq!(
-            resolve(&GpuRequest::Any, &pool, "gpu.graph_devices", 2, HOST),
+            resolve(&GpuRequest::Any, &pool, "gpu.graph_devices", None, 2, HOST),
             Ok(pool.clone())
         );
         assert_eq!(
-            resolve(&devices(&[]), &pool, "gpu.graph_devices", 2, HOST),
+            resolve(&devices(&[]), &pool, "gpu.graph_devices", None, 2, HOST),
             Ok(pool.clone())
         );
         assert_eq!(
@@ -193,6 +205,7 @@ mod tests {
                 &GpuRequest::None,
                 &pool,
                 "gpu.graph_devices",
+                None,
                 0,
                 "no NVIDIA driver"
             ),
@@ -206,6 +219,7 @@ mod tests {
             &devices(&[0]),
             &Placement::All,
             "gpu.graph_devices",
+            None,
             0,
             "no NVIDIA driver (libnvidia-ml.so.1 could not be loaded)",
         )
@@ -222,6 +236,7 @@ mod tests {
             &devices(&[1, 3, 4]),
             &Placement::All,
             "gpu.graph_devices",
+            None,
             2,
             HOST,
         )
@@ -238,8 +253,8 @@ mod tests {
     #[test]
     fn devices_the_pool_does_not_allow_are_refused_naming_the_key() {
         let pool = Placement::Devices(vec![0]);
-        let error =
-            resolve(&devices(&[1]), &pool, "gpu.python_devices", 2, HOST).expect_err("not allowed");
+        let error = resolve(&devices(&[1]), &pool, "gpu.python_devices", None, 2, HOST)
+            .expect_err("not allowed");
         assert_eq!(
             error,
             PlacementError::Unavailable(
@@ -248,11 +263,11 @@ mod tests {
             )
         );
         assert_eq!(
-            resolve(&devices(&[0]), &pool, "gpu.python_devices", 2, HOST),
+            resolve(&devices(&[0]), &pool, "gpu.python_devices", None, 2, HOST),
             Ok(Placement::Devices(vec![0]))
         );
         assert!(matches!(
-            resolve(&devices(&[1, 1]), &Placement::All, "gpu.graph_devices", 2, HOST),
+            resolve(&devices(&[1, 1]), &Placement::All, "gpu.graph_devices", None, 2, HOST),
             Err(PlacementError::Invalid(message)) if message.contains("GPU 1 twice")
         ));
     }
@@ -270,5 +285,53 @@ mod tests {
             BTreeMap::from([(CUDA_VISIBLE_DEVICES.to_string(), "-1".to_string())])
         );
         assert!(env_override(&Placement::All, &Placement::All).is_empty());
+    }
+
+    #[test]
+    fn a_pool_that_passes_on_an_inherited_cuda_visible_devices_refuses_device_indices() {
+        let error = resolve(
+            &devices(&[0]),
+            &Placement::All,
+            "gpu.python_devices",
+            Some("2,3"),
+            4,
+            HOST,
+        )
+        .expect_err("indices would escape the inherited restriction");
+        let PlacementError::Unavailable(message) = error else {
+            panic!("{error:?}")
+        };
+        assert!(
+            message.contains("CUDA_VISIBLE_DEVICES=\"2,3\""),
+            "{message}"
+        );
+        assert!(
+            message.contains("set gpu.python_devices to a list"),
+            "{message}"
+        );
+        // Any and None stay fine: they replace nothing the operator set.
+        assert_eq!(
+            resolve(
+                &GpuRequest::Any,
+                &Placement::All,
+                "gpu.python_devices",
+                Some("2,3"),
+                4,
+                HOST
+            ),
+            Ok(Placement::All)
+        );
+        // A pool with its own list is what the config promises.
+        assert_eq!(
+            resolve(
+                &devices(&[1]),
+                &Placement::Devices(vec![0, 1]),
+                "gpu.python_devices",
+                Some("2,3"),
+                4,
+                HOST
+            ),
+            Ok(Placement::Devices(vec![1]))
+        );
     }
 }

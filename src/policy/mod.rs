@@ -438,8 +438,23 @@ fn decide_session(
         ));
     }
 
-    // The GPU hard limit, always enforced too.
-    if let Some(action) = gpu::hard_limit(sample) {
+    // The GPU hard limit, always enforced too. A fresh worker can be over it from the start
+    // (a framework's per-device context, GPU tensors carried over by a preserving recycle):
+    // recycling it again would go on forever, so after `max_actions` actions within the
+    // window the session is closed, which is the one way left to hold the limit.
+    if let Some(mut action) = gpu::hard_limit(sample) {
+        if history.actions.len() >= config.max_actions
+            && !matches!(action.kind, ActionKind::KillAndRestore)
+        {
+            action.kind = ActionKind::Close;
+            action.reason = format!(
+                "{}; {} automatic actions within {:?} did not bring it under the limit (a \
+                 fresh worker is over it from the start): closing the session",
+                action.reason,
+                history.actions.len(),
+                config.action_window
+            );
+        }
         return Some(action);
     }
 

@@ -1148,3 +1148,40 @@ mod runner {
             .expect("the runner panicked");
     }
 }
+
+#[test]
+fn a_session_whose_fresh_workers_stay_over_the_gpu_hard_limit_is_closed_not_recycled_forever() {
+    let config = gpu_config();
+    let sample = on_gpu("a", 10, &[(0, 9)]);
+    let mut state = PolicyState::default();
+    let now = Instant::now();
+    // Every recycle lands in a worker that is over the limit again.
+    for tick_number in 0..config.max_actions {
+        let actions = tick(
+            &observe(vec![sample.clone()]),
+            &config,
+            &mut state,
+            now + Duration::from_secs(tick_number as u64),
+        );
+        assert_eq!(
+            kinds(&actions),
+            [ActionKind::Recycle {
+                preserve_variables: false
+            }],
+            "tick {tick_number}"
+        );
+    }
+    let actions = tick(
+        &observe(vec![sample]),
+        &config,
+        &mut state,
+        now + Duration::from_secs(config.max_actions as u64),
+    );
+    assert_eq!(kinds(&actions), [ActionKind::Close]);
+    assert_eq!(actions[0].trigger, Trigger::GpuHardLimit);
+    assert!(
+        actions[0].reason.contains("closing the session"),
+        "{}",
+        actions[0].reason
+    );
+}

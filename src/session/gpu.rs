@@ -52,15 +52,15 @@ impl SessionManager {
             Some((gpus, config)) => (gpus.device_count(), gpus.description(), config),
             None => (0, "GPUs not detected", &default_config),
         };
-        let (pool, key) = match runtime {
-            Runtime::Graph => (&config.graph, "gpu.graph_devices"),
-            Runtime::Python => (&config.python, "gpu.python_devices"),
+        let (pool, key, inherited) = match runtime {
+            Runtime::Graph => (&config.graph, "gpu.graph_devices", &config.inherited[0]),
+            Runtime::Python => (&config.python, "gpu.python_devices", &config.inherited[1]),
         };
-        let placement =
-            placement::resolve(request, pool, key, count, host).map_err(|error| match error {
-                PlacementError::Invalid(message) => Error::InvalidArgument(message),
-                PlacementError::Unavailable(message) => Error::FailedPrecondition(message),
-            })?;
+        let placement = placement::resolve(request, pool, key, inherited.as_deref(), count, host)
+            .map_err(|error| match error {
+            PlacementError::Invalid(message) => Error::InvalidArgument(message),
+            PlacementError::Unavailable(message) => Error::FailedPrecondition(message),
+        })?;
         Ok(SessionGpus {
             env: placement::env_override(&placement, pool),
             placement,

@@ -57,13 +57,25 @@ impl ScratchRoot {
                 remove_stale_roots(&temp);
                 // Numbered: one daemon has one sandbox, but the unit tests make many in one
                 // process, and each removes its own root when dropped.
+                // A name another user took first (the temporary directory is everyone's)
+                // is passed over, not a reason to refuse to start.
                 static ROOTS: AtomicU64 = AtomicU64::new(1);
-                let path = temp.join(format!(
-                    "{TEMP_ROOT_PREFIX}{}-{}",
-                    std::process::id(),
-                    ROOTS.fetch_add(1, Ordering::Relaxed)
-                ));
-                make_private_root(&path)?;
+                let mut attempts = 0;
+                let path = loop {
+                    let path = temp.join(format!(
+                        "{TEMP_ROOT_PREFIX}{}-{}",
+                        std::process::id(),
+                        ROOTS.fetch_add(1, Ordering::Relaxed)
+                    ));
+                    match make_private_root(&path) {
+                        Ok(()) => break path,
+                        Err(error) if attempts < 16 => {
+                            tracing::warn!("{error:#}; trying another name");
+                            attempts += 1;
+                        }
+                        Err(error) => return Err(error),
+                    }
+                };
                 (path, true)
             }
         };
@@ -140,7 +152,7 @@ fn make_private_root(path: &Path) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if !metadata.is_dir() || metadata.uid() != unsafe { libc::geteuid() } {
         bail!(
-            "{} exists and is not a directory of this user's: remove it, or set state.dir",
+            "{} exists and is not a directory of this user's",
             path.display()
         );
     }
