@@ -16,14 +16,17 @@ Environment:
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
 import queue
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -223,10 +226,19 @@ def daemon():
 def python_config(path: Path, interpreter: str | None = None) -> Path:
     """A config file (at `path`) that turns Python sessions on: `[python]` with the test
     interpreter, one warm worker, TensorFlow and Keras preloaded. Workers may read the
-    directory `shared` beside it (the worker sandbox keeps them out of the rest)."""
+    directory `shared` beside it (the worker sandbox keeps them out of the rest): a link to a
+    directory in the system's temporary directory, since a root daemon's workers run as
+    nobody, who cannot pass pytest's own directories (0700). Pass workers
+    `(dir / "shared").resolve()`-based paths."""
     interpreter = interpreter or os.environ.get("TFSD_TEST_PYTHON") or sys.executable
-    shared = path.parent / "shared"
-    shared.mkdir(exist_ok=True)
+    link = path.parent / "shared"
+    if link.is_symlink():
+        shared = link.resolve()
+    else:
+        shared = Path(tempfile.mkdtemp(prefix="tfsd-test-shared-"))
+        shared.chmod(0o755)
+        atexit.register(shutil.rmtree, shared, True)
+        link.symlink_to(shared)
     path.write_text(
         "[python]\n"
         f"interpreter = {json.dumps(interpreter)}\n"

@@ -173,7 +173,7 @@ def test_output_streams_while_the_call_runs(tfsd, tmp_path, monkeypatch):
     """The remote function prints, then waits for the client: the client must see the print
     before the call ends."""
     # In the directory the daemon's workers may read (conftest.python_config).
-    fifo = tmp_path / "shared" / "go"
+    fifo = (tmp_path / "shared").resolve() / "go"
     os.mkfifo(fifo)
     recorder = _Recorder("waiting\n")
     monkeypatch.setattr(sys, "stdout", recorder)
