@@ -74,8 +74,10 @@ def print_then_wait(fifo: str, deadline_s: float) -> str:
     """Prints, then waits (at most `deadline_s`) for the client to write to `fifo`."""
     import select
 
-    print("waiting", flush=True)
+    # Open first: the client writes once it sees the print, and a FIFO nobody has open for
+    # reading refuses that write (ENXIO).
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    print("waiting", flush=True)
     try:
         ready, _, _ = select.select([fd], [], [], deadline_s)
         if not ready:
